@@ -1,0 +1,60 @@
+"""The command line: `aetherd serve [flags]`. Bad settings exit 2 with one line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from aetherd import __version__
+from aetherd.errors import SettingsError
+from aetherd.settings import Settings, env_name, field_names, flag_name, load_settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; one flag per setting, generated from the Settings model."""
+    parser = argparse.ArgumentParser(prog="aetherd", description="The aetherd workspace daemon.")
+    parser.add_argument("--version", action="version", version=f"aetherd {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the daemon")
+    serve.add_argument(
+        "--settings",
+        type=Path,
+        default=None,
+        help="YAML settings file (env AETHERD_SETTINGS; default /etc/aetherd/aetherd.yaml if present)",
+    )
+    for name in field_names():
+        info = Settings.model_fields[name]
+        serve.add_argument(
+            flag_name(name),
+            dest=name,
+            default=None,
+            metavar=name.split("_")[-1].upper(),
+            help=f"{info.description} (env {env_name(name)})",
+        )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `aetherd` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "serve":
+        parser.print_help(sys.stderr)
+        return 2
+    flags = {name: getattr(args, name) for name in field_names()}
+    try:
+        settings = load_settings(flags, settings_file=args.settings)
+        from aetherd.logs import setup_logging
+
+        setup_logging(settings.log_format, settings.log_level)
+        from aetherd.app import serve
+
+        asyncio.run(serve(settings))
+    except SettingsError as exc:
+        print(f"aetherd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0

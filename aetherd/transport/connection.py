@@ -1,0 +1,211 @@
+"""One WebSocket connection: a bounded send queue, one writer task, keepalive and write timeout.
+
+The handler task is the only reader. Everything else queues frames with `send()`,
+which never blocks; the writer task drains the queue, then pulls from registered
+outbound streams round-robin (flow-controlled sources such as terminal output).
+A supervisor task sends pings, drops a peer that stops answering them, and aborts
+a write that has been blocked longer than the write timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import WSCloseCode, web
+
+from aetherd.protocol.context import OutboundStream
+from aetherd.protocol.frames import dumps
+from aetherd.settings import Settings
+
+log = logging.getLogger("aetherd.connection")
+
+# Close codes beyond aiohttp's enum, from RFC 6455 section 7.4.1.
+CLOSE_POLICY = 1008
+
+
+class Connection:
+    """A connected client. Implements `aetherd.protocol.Peer`."""
+
+    def __init__(self, ws: web.WebSocketResponse, settings: Settings, conn_id: str) -> None:
+        self.id = conn_id
+        self._ws = ws
+        self._settings = settings
+        self._queue: deque[str] = deque()
+        self._queued_bytes = 0
+        self._streams: list[OutboundStream] = []
+        self._rr = 0
+        self._wake = asyncio.Event()
+        self._cleanups: list[Callable[[], Any]] = []
+        self._closed = False
+        self._drop_reason: str | None = None
+        self.last_pong = time.monotonic()
+        self._write_started: float | None = None
+        self.frames_sent = 0
+        self.bytes_sent = 0
+
+    # -- Peer interface ---------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closing or closed."""
+        return self._closed
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes waiting in the send queue."""
+        return self._queued_bytes
+
+    def send(self, frame: dict[str, Any] | str) -> None:
+        """Queue a frame. A peer whose queue overflows is dropped, never allowed to grow."""
+        if self._closed or self._drop_reason:
+            return
+        text = frame if isinstance(frame, str) else dumps(frame)
+        if (
+            len(self._queue) >= self._settings.send_queue_frames
+            or self._queued_bytes + len(text) > self._settings.send_queue_bytes
+        ):
+            self._drop_reason = "send queue overflow"
+            self._wake.set()
+            return
+        self._queue.append(text)
+        self._queued_bytes += len(text)
+        self._wake.set()
+
+    def add_cleanup(self, func: Callable[[], Any]) -> None:
+        """Run `func` (sync or async) when the connection ends."""
+        self._cleanups.append(func)
+
+    def add_stream(self, stream: OutboundStream) -> Callable[[], None]:
+        """Let the writer pull frames from `stream`; returns its remover."""
+        self._streams.append(stream)
+        self._wake.set()
+
+        def remove() -> None:
+            if stream in self._streams:
+                self._streams.remove(stream)
+
+        return remove
+
+    def wake(self) -> None:
+        """Tell the writer a stream has data."""
+        self._wake.set()
+
+    # -- Tasks ------------------------------------------------------------------------
+    def _next_frame(self) -> str | None:
+        if self._queue:
+            text = self._queue.popleft()
+            self._queued_bytes -= len(text)
+            return text
+        count = len(self._streams)
+        for _ in range(count):
+            stream = self._streams[self._rr % count]
+            self._rr += 1
+            text = stream.pull()
+            if text is not None:
+                return text
+        return None
+
+    async def run_writer(self) -> None:
+        """Drain the queue and the streams until the connection closes."""
+        ws = self._ws
+        while not self._closed:
+            await self._wake.wait()
+            self._wake.clear()
+            while not self._closed:
+                if self._drop_reason:
+                    await self.close(CLOSE_POLICY, self._drop_reason)
+                    return
+                text = self._next_frame()
+                if text is None:
+                    break
+                self._write_started = time.monotonic()
+                try:
+                    await ws.send_str(text)
+                except UnicodeEncodeError:
+                    # A lone surrogate (e.g. an undecodable file name) must not kill the writer.
+                    log.warning("frame with unencodable text replaced")
+                    await ws.send_str(text.encode("utf-8", "replace").decode("utf-8"))
+                except (ConnectionError, RuntimeError):
+                    self._closed = True
+                    return
+                finally:
+                    self._write_started = None
+                self.frames_sent += 1
+                self.bytes_sent += len(text)
+                # send_str on loopback rarely yields; without this one busy stream
+                # would starve every other task on the loop.
+                await asyncio.sleep(0)
+
+    async def supervise(self) -> None:
+        """Ping on schedule, drop a peer without pongs, abort writes that block too long."""
+        settings = self._settings
+        tick = max(
+            0.01,
+            min(1.0, settings.ping_interval, settings.pong_timeout / 4, settings.write_timeout / 4),
+        )
+        next_ping = time.monotonic() + settings.ping_interval
+        while not self._closed:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if (
+                self._write_started is not None
+                and now - self._write_started > settings.write_timeout
+            ):
+                log.warning(
+                    "client stopped reading; dropping it",
+                    extra={"writeTimeout": settings.write_timeout},
+                )
+                self.abort()
+                return
+            if now - self.last_pong > settings.pong_timeout:
+                log.info("no pong; closing", extra={"pongTimeout": settings.pong_timeout})
+                await self.close(WSCloseCode.GOING_AWAY, "pong timeout")
+                return
+            if now >= next_ping:
+                next_ping = now + settings.ping_interval
+                try:
+                    await self._ws.ping()
+                except (ConnectionError, RuntimeError):
+                    self.abort()
+                    return
+
+    # -- Closing ----------------------------------------------------------------------
+    def abort(self) -> None:
+        """Drop the TCP connection at once (for a peer that no longer reads)."""
+        self._closed = True
+        self._wake.set()
+        writer = getattr(self._ws, "_writer", None)
+        transport = getattr(writer, "transport", None)
+        if transport is not None:
+            transport.abort()
+
+    async def close(self, code: int = WSCloseCode.GOING_AWAY, message: str = "") -> None:
+        """Close with `code`; abort the transport if the peer does not complete the close."""
+        self._closed = True
+        self._wake.set()
+        if self._ws.closed:
+            return
+        try:
+            await asyncio.wait_for(self._ws.close(code=code, message=message.encode()), timeout=2.0)
+        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+            self.abort()
+
+    async def run_cleanups(self) -> None:
+        """Run every registered cleanup once; one failing does not stop the rest."""
+        self._closed = True
+        cleanups, self._cleanups = self._cleanups, []
+        for func in reversed(cleanups):
+            try:
+                result = func()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("connection cleanup failed")
+        self._streams.clear()
+        self._queue.clear()
+        self._queued_bytes = 0

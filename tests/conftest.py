@@ -1,0 +1,120 @@
+"""Shared fixtures: settings in a temporary workspace, a real daemon on loopback, clients."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from aetherd.app import create_app
+from aetherd.logs import AccessLogger
+from aetherd.protocol import Daemon
+from aetherd.settings import Settings
+from aetherd.transport.auth import setup_tokens
+from aetherd.transport.routes import DAEMON
+from tests.support import WsClient, connect
+
+TOKEN = "test-token-0123456789"
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    """An empty workspace root."""
+    root = tmp_path / "workspace"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, workspace: Path) -> Callable[..., Settings]:
+    """Settings for a test daemon: temporary root and data dir, a known token."""
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": 0,
+            "workspace_id": "ws-test",
+            "root": workspace,
+            "data_dir": tmp_path / "data",
+            "token": TOKEN,
+            "log_format": "text",
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@dataclass
+class RunningDaemon:
+    """A daemon served by a real aiohttp server on 127.0.0.1."""
+
+    server: TestServer
+    app: web.Application
+    settings: Settings
+    token: str | None
+
+    @property
+    def daemon(self) -> Daemon:
+        """The daemon's shared state."""
+        return self.app[DAEMON]
+
+    def url(self, path: str) -> str:
+        """An http:// URL on the test server."""
+        return str(self.server.make_url(path))
+
+    @property
+    def ws_url(self) -> str:
+        """The workspace WebSocket URL."""
+        return self.url(f"/workspaces/{self.settings.workspace_id}/ws")
+
+    async def connect(self, token: str | None = "default", **kwargs: Any) -> WsClient:
+        """A WebSocket client authenticated with `?token=` (the test token by default)."""
+        return await connect(self.ws_url, self.token if token == "default" else token, **kwargs)
+
+
+@pytest.fixture
+async def start_daemon(
+    make_settings: Callable[..., Settings],
+) -> AsyncIterator[Callable[..., Any]]:
+    """Start daemons with setting overrides; all are stopped at teardown."""
+    servers: list[TestServer] = []
+    clients: list[WsClient] = []
+
+    async def start(**overrides: Any) -> RunningDaemon:
+        settings = make_settings(**overrides)
+        tokens = setup_tokens(settings)
+        app = create_app(settings, tokens)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server(
+            access_log_class=AccessLogger, access_log=logging.getLogger("aetherd.access")
+        )
+        servers.append(server)
+        running = RunningDaemon(server, app, settings, tokens.tokens[0] if tokens.tokens else None)
+        original = running.connect
+
+        async def tracked(*args: Any, **kwargs: Any) -> WsClient:
+            client = await original(*args, **kwargs)
+            clients.append(client)
+            return client
+
+        running.connect = tracked  # type: ignore[method-assign]
+        return running
+
+    yield start
+    for client in clients:
+        await client.close()
+    for server in reversed(servers):
+        await server.close()
+
+
+@pytest.fixture
+async def daemon(start_daemon: Callable[..., Any]) -> RunningDaemon:
+    """One daemon with default test settings."""
+    return await start_daemon()

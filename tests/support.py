@@ -1,0 +1,168 @@
+"""Test helpers: a WebSocket client that waits for markers, and a raw WebSocket for abuse."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import struct
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+DEFAULT_TIMEOUT = 10.0
+
+
+class WsClient:
+    """A real WebSocket client that keeps frames it was not waiting for.
+
+    `expect(pred)` reads until a frame matches, bounded by a timeout, and keeps the
+    others in a backlog for later `expect` calls, so tests never depend on the order
+    of unrelated pushes.
+    """
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, session: aiohttp.ClientSession) -> None:
+        self.ws = ws
+        self.session = session
+        self.backlog: list[dict[str, Any]] = []
+
+    async def send(self, frame: dict[str, Any] | str) -> None:
+        """Send one frame (a dict is JSON-encoded)."""
+        await self.ws.send_str(frame if isinstance(frame, str) else json.dumps(frame))
+
+    async def _read(self, timeout: float) -> dict[str, Any]:
+        msg = await self.ws.receive(timeout=timeout)
+        if msg.type is aiohttp.WSMsgType.TEXT:
+            return json.loads(msg.data)
+        raise ConnectionError(f"socket ended: {msg.type!r} {msg.data!r} {msg.extra!r}")
+
+    async def expect(
+        self, pred: Callable[[dict[str, Any]], bool], timeout: float = DEFAULT_TIMEOUT
+    ) -> dict[str, Any]:
+        """The first frame (backlog first) for which `pred` is true."""
+        for index, frame in enumerate(self.backlog):
+            if pred(frame):
+                return self.backlog.pop(index)
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"no matching frame within {timeout}s; backlog={self.backlog[-5:]}"
+                )
+            frame = await self._read(remaining)
+            if pred(frame):
+                return frame
+            self.backlog.append(frame)
+            if len(self.backlog) > 100_000:
+                raise AssertionError("backlog overflow while waiting")
+
+    async def expect_type(
+        self, channel: str, type_: str, timeout: float = DEFAULT_TIMEOUT, **fields: Any
+    ) -> dict[str, Any]:
+        """The first frame of `channel`/`type_` whose fields include `fields`."""
+        return await self.expect(
+            lambda f: (
+                f.get("channel") == channel
+                and f.get("type") == type_
+                and all(f.get(k) == v for k, v in fields.items())
+            ),
+            timeout,
+        )
+
+    async def request(
+        self, channel: str, type_: str, timeout: float = DEFAULT_TIMEOUT, **fields: Any
+    ) -> dict[str, Any]:
+        """Send a frame with a fresh requestId and return its reply."""
+        request_id = uuid.uuid4().hex
+        await self.send({"channel": channel, "type": type_, "requestId": request_id, **fields})
+        return await self.expect(lambda f: f.get("requestId") == request_id, timeout)
+
+    async def close(self) -> None:
+        """Close the socket and its session."""
+        await self.ws.close()
+        await self.session.close()
+
+
+async def connect(url: str, token: str | None = None, **kwargs: Any) -> WsClient:
+    """Open a WebSocket to `url`, passing `token` as `?token=` when given."""
+    session = aiohttp.ClientSession()
+    params = {"token": token} if token is not None else None
+    try:
+        ws = await session.ws_connect(url, params=params, **kwargs)
+    except BaseException:
+        await session.close()
+        raise
+    return WsClient(ws, session)
+
+
+class RawWebSocket:
+    """A hand-rolled WebSocket client on a plain socket: it can stop reading entirely."""
+
+    def __init__(self, host: str, port: int, path: str) -> None:
+        self.sock = socket.create_connection((host, port), timeout=5)
+        key = base64.b64encode(os.urandom(16)).decode()
+        request = (
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        self.sock.sendall(request.encode())
+        head = b""
+        deadline = time.monotonic() + 5
+        while b"\r\n\r\n" not in head and time.monotonic() < deadline:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+        self.status_line = head.split(b"\r\n", 1)[0].decode()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+    def send_text(self, text: str) -> None:
+        """Send one masked text frame."""
+        payload = text.encode()
+        header = bytearray([0x81])
+        length = len(payload)
+        if length < 126:
+            header.append(0x80 | length)
+        elif length < 65536:
+            header.append(0x80 | 126)
+            header += struct.pack("!H", length)
+        else:
+            header.append(0x80 | 127)
+            header += struct.pack("!Q", length)
+        mask = os.urandom(4)
+        header += mask
+        repeated = (mask * (length // 4 + 1))[:length]
+        masked = (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(
+            length, "big"
+        )
+        self.sock.sendall(bytes(header) + masked)
+
+    def send_many(self, text: str, count: int) -> int:
+        """Send `text` up to `count` times (blocking; run it in a thread); stop when dropped."""
+        for sent in range(count):
+            try:
+                self.send_text(text)
+            except OSError:
+                return sent
+        return count
+
+    def close(self) -> None:
+        """Drop the socket."""
+        self.sock.close()
+
+
+async def wait_for(
+    predicate: Callable[[], bool], timeout: float = DEFAULT_TIMEOUT, interval: float = 0.02
+) -> None:
+    """Poll `predicate` until true, bounded by `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)

@@ -1,0 +1,183 @@
+"""The installed command: `aetherd serve` as a real process, its errors, and SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.support import connect
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def aetherd_command() -> list[str]:
+    """The installed console script when present, else `python -m aetherd`."""
+    script = shutil.which("aetherd", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-m", "aetherd"]
+
+
+def child_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AETHERD_")}
+    # Run this checkout's code, even through an installed console script.
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["XDG_DATA_HOME"] = str(tmp_path / "xdg")
+    env.update(extra)
+    return env
+
+
+def run_cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*aetherd_command(), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        env=child_env(tmp_path, **env),
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["serve", "--root", "/no/such/dir"], "does not exist"),
+        (["serve", "--port", "-1"], "invalid setting port"),
+        (["serve", "--token-file", "/no/such/token"], "cannot read"),
+        (["serve", "--preview-url-template", "http://{bad}"], "unknown placeholder"),
+    ],
+)
+def test_bad_settings_exit_nonzero_with_one_line(tmp_path: Path, args, fragment):
+    result = run_cli(tmp_path, *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0] and lines[0].startswith("aetherd: error:")
+
+
+def test_port_in_use(tmp_path: Path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli(tmp_path, "serve", "--port", str(port), "--data-dir", str(tmp_path / "d"))
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unreadable_token_file(tmp_path: Path):
+    if os.geteuid() == 0:
+        token_dir = tmp_path / "tok"
+        token_dir.mkdir()
+        result = run_cli(tmp_path, "serve", "--token-file", str(token_dir))  # a directory
+    else:
+        token_file = tmp_path / "tok"
+        token_file.write_text("x")
+        token_file.chmod(0)
+        result = run_cli(tmp_path, "serve", "--token-file", str(token_file))
+    assert result.returncode == 2 and "cannot read" in result.stderr
+
+
+def test_version_and_help(tmp_path: Path):
+    result = run_cli(tmp_path, "--version")
+    assert result.returncode == 0 and result.stdout.startswith("aetherd ")
+    result = run_cli(tmp_path, "serve", "--help")
+    for flag in (
+        "--host",
+        "--port",
+        "--workspace-id",
+        "--root",
+        "--data-dir",
+        "--token",
+        "--token-file",
+        "--preview-url-template",
+        "--ping-interval",
+        "--pong-timeout",
+        "--write-timeout",
+        "--port-scan-interval",
+        "--log-format",
+    ):
+        assert flag in result.stdout
+
+
+async def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "daemon exited early"
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    raise TimeoutError("daemon never became ready")
+
+
+def _read_port(proc: subprocess.Popen, timeout: float = 20) -> tuple[int, list[str]]:
+    """Read JSON log lines from stderr until the `listening` line gives the port."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        entry = json.loads(line)
+        if entry["msg"].startswith("listening on"):
+            return entry["port"], lines
+    raise TimeoutError(f"no listening line; got {lines}")
+
+
+@pytest.mark.slow
+async def test_serve_with_embedded_defaults_then_sigterm(tmp_path: Path):
+    """`aetherd serve` from a bare directory: generated token, readyz, connect, SIGTERM → exit 0."""
+    workdir = tmp_path / "project"
+    workdir.mkdir()
+    proc = subprocess.Popen(  # noqa: ASYNC220 (a long-lived child, read from threads)
+        [*aetherd_command(), "serve", "--port", "0"],
+        cwd=workdir,
+        env=child_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        port, log_lines = await asyncio.to_thread(_read_port, proc)
+        connect_line = await asyncio.to_thread(proc.stdout.readline)
+        assert connect_line.startswith("aetherd: connect with ws://127.0.0.1:")
+        token_path = tmp_path / "xdg" / "aetherd" / "token"
+        token = token_path.read_text().strip()
+        assert f"/workspaces/local/ws?token={token}" in connect_line
+        await _wait_ready(port, proc)
+        client = await connect(f"http://127.0.0.1:{port}/workspaces/local/ws", token)
+        try:
+            reply = await client.request("activity", "user_activity")
+            assert reply["success"] is True
+            proc.send_signal(signal.SIGTERM)
+            msg = await client.ws.receive(timeout=10)
+            assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1001
+        finally:
+            await client.close()
+        code = await asyncio.to_thread(proc.wait, 10)  # the contract: down within 10 s
+        assert code == 0
+        rest = proc.stderr.read()
+        everything = "".join(log_lines) + rest
+        assert token not in everything  # the token went to stdout once, never to the log
+        assert '"msg": "stopped"' in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        for stream in (proc.stdout, proc.stderr):
+            stream.close()
