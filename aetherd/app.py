@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from aiohttp import WSCloseCode, web
 
-from aetherd import __version__
+from aetherd import __version__, systemd
 from aetherd.channels import CHANNELS
 from aetherd.errors import SettingsError
 from aetherd.logs import AccessLogger
@@ -109,7 +109,14 @@ def _bind(settings: Settings) -> socket.socket:
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Run the daemon until SIGTERM/SIGINT (or `stop`), then shut down gracefully."""
     tokens = setup_tokens(settings)
-    sock = _bind(settings)
+    activated = systemd.listen_fds()
+    if activated:
+        sock = activated[0]
+        for extra in activated[1:]:
+            extra.close()
+        log.info("using the socket passed by socket activation")
+    else:
+        sock = _bind(settings)
     host, port = sock.getsockname()[:2]
     app = create_app(settings, tokens)
     runner = web.AppRunner(
@@ -123,6 +130,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    watchdog: asyncio.Task[None] | None = None
     try:
         await runner.setup()
         site = web.SockSite(runner, sock, shutdown_timeout=settings.shutdown_timeout)
@@ -146,10 +154,17 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             )
         elif not settings.token and not settings.token_file:
             log.info("token is in %s", settings.token_path)
+        systemd.notify(f"READY=1\nSTATUS=serving workspace {settings.workspace_id} on port {port}")
+        interval = systemd.watchdog_interval()
+        if interval is not None:
+            watchdog = asyncio.create_task(systemd.watchdog_loop(interval), name="sd-watchdog")
         await stop.wait()
         log.info("shutting down")
+        systemd.notify("STOPPING=1")
         await close_sockets(app)
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         await runner.cleanup()

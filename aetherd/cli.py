@@ -17,6 +17,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aetherd", description="The aetherd workspace daemon.")
     parser.add_argument("--version", action="version", version=f"aetherd {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser(
+        "init",
+        help="run as a container's PID 1: start `aetherd serve ARGS`, reap orphans, forward signals",
+        add_help=False,
+    )
     serve = commands.add_parser("serve", help="run the daemon")
     serve.add_argument(
         "--settings",
@@ -38,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `aetherd` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "init":
+        from aetherd.init import main as init_main
+
+        return init_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command != "serve":
