@@ -105,6 +105,7 @@ class Settings(BaseModel):
     # -- Config channel (issue: config) ---------------------------------------------------
 
     # -- Operations: metrics, systemd, idle action (issue: operations) --------------------
+    metrics_enabled: bool = Field(True, description="Serve GET /metrics (Prometheus, no auth)")
 
     @field_validator("root")
     @classmethod

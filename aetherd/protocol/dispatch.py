@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 from pydantic import ValidationError
@@ -38,21 +39,42 @@ class Dispatcher:
         self.peer = peer
         self._slots = asyncio.Semaphore(daemon.settings.max_inflight_requests)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._metrics = daemon.services.metrics
 
     def reject(self, err: AetherError, raw: dict[str, Any] | None = None) -> None:
         """Send an error frame (no requestId to reply to)."""
+        self._metrics.error(err.code.value)
         self.peer.send(error_frame(err, make_ref(raw) if raw else None))
+
+    def fail(
+        self,
+        channel: str,
+        type_: str,
+        request_id: str | None,
+        err: AetherError,
+        raw: dict[str, Any],
+    ) -> None:
+        """Report `err`: a failed reply when there is a requestId, else an error frame."""
+        if request_id is None:
+            self.reject(err, raw)
+            return
+        self._metrics.error(err.code.value)
+        self.peer.send(error_reply(channel, type_, request_id, err))
 
     async def handle_text(self, text: str) -> None:
         """Parse, validate and run one text frame. Never raises."""
         try:
             raw = json.loads(text)
         except (ValueError, RecursionError) as exc:
+            self._metrics.frame_in("unknown", len(text))
             self.reject(AetherError(ErrorCode.INVALID_JSON, f"malformed JSON: {exc}"))
             return
         if not isinstance(raw, dict):
+            self._metrics.frame_in("unknown", len(text))
             self.reject(AetherError(ErrorCode.INVALID_MESSAGE, "a frame must be a JSON object"))
             return
+        channel = raw.get("channel")
+        self._metrics.frame_in(channel if isinstance(channel, str) else "unknown", len(text))
         await self.handle_frame(raw)
 
     async def handle_frame(self, raw: dict[str, Any]) -> None:
@@ -83,10 +105,7 @@ class Dispatcher:
         channel_name, type_ = raw["channel"], raw["type"]
 
         def fail(err: AetherError) -> None:
-            if request_id is not None:
-                self.peer.send(error_reply(channel_name, type_, request_id, err))
-            else:
-                self.reject(err, raw)
+            self.fail(channel_name, type_, request_id, err, raw)
 
         channel = self.daemon.registry.channel(channel_name)
         if channel is None:
@@ -134,24 +153,23 @@ class Dispatcher:
 
     async def _run(self, handler: Handler, ctx: Context, msg: Any, raw: dict[str, Any]) -> None:
         request_id = ctx.request_id
+        started = time.perf_counter()
         try:
             data = await handler.func(ctx, msg)
         except AetherError as err:
-            if request_id is not None:
-                self.peer.send(error_reply(handler.channel, handler.type, request_id, err))
-            else:
-                self.reject(err, raw)
+            self.fail(handler.channel, handler.type, request_id, err, raw)
             return
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("handler %s/%s failed", handler.channel, handler.type)
             err = AetherError(ErrorCode.INTERNAL_ERROR, "internal error; see the daemon log")
-            if request_id is not None:
-                self.peer.send(error_reply(handler.channel, handler.type, request_id, err))
-            else:
-                self.reject(err, raw)
+            self.fail(handler.channel, handler.type, request_id, err, raw)
             return
+        finally:
+            self._metrics.request_seconds.labels(handler.channel).observe(
+                time.perf_counter() - started
+            )
         if request_id is not None:
             self.peer.send(success_reply(handler.channel, handler.type, request_id, data))
 

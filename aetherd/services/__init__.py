@@ -11,6 +11,7 @@ import asyncio
 import logging
 from typing import Any, TypeVar
 
+from aetherd.metrics import Metrics
 from aetherd.services.activity import ActivityTracker
 from aetherd.services.jail import Jail
 from aetherd.settings import Settings
@@ -26,12 +27,16 @@ class Services:
         self.settings = settings
         self._lifecycle: list[Any] = []
         self._started: list[Any] = []
+        self.metrics = Metrics()
         self.activity = ActivityTracker()
         self.jail = Jail(settings.root)
+        self.metrics.add_source(self.activity)
 
     def add(self, service: S) -> S:
-        """Register `service` for start/stop, and return it."""
+        """Register `service` for start/stop (and its `metrics()`, if any); return it."""
         self._lifecycle.append(service)
+        if callable(getattr(service, "metrics", None)):
+            self.metrics.add_source(service)
         return service
 
     async def start(self) -> None:

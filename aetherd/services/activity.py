@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+from aetherd.metrics import Sample
 
 
 class ActivityTracker:
@@ -44,3 +46,8 @@ class ActivityTracker:
             return 0.0
         since = max(self.last_activity_at, self._last_busy_at)
         return max(0.0, self._clock() - since)
+
+    def metrics(self) -> Iterator[Sample]:
+        """Connections and idleness, read at scrape time."""
+        yield Sample("aetherd_connections", "Open WebSocket connections", self.connections)
+        yield Sample("aetherd_idle_seconds", "Seconds without user activity", self.idle_seconds())

@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, web
 
+from aetherd.metrics import Metrics
 from aetherd.protocol.context import OutboundStream
 from aetherd.protocol.frames import dumps
 from aetherd.settings import Settings
@@ -32,8 +33,15 @@ CLOSE_POLICY = 1008
 class Connection:
     """A connected client. Implements `aetherd.protocol.Peer`."""
 
-    def __init__(self, ws: web.WebSocketResponse, settings: Settings, conn_id: str) -> None:
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        settings: Settings,
+        conn_id: str,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.id = conn_id
+        self._metrics = metrics or Metrics()
         self._ws = ws
         self._settings = settings
         self._queue: deque[str] = deque()
@@ -118,6 +126,7 @@ class Connection:
             self._wake.clear()
             while not self._closed:
                 if self._drop_reason:
+                    self._metrics.connections_dropped.labels("send_queue_overflow").inc()
                     await self.close(CLOSE_POLICY, self._drop_reason)
                     return
                 text = self._next_frame()
@@ -137,6 +146,7 @@ class Connection:
                     self._write_started = None
                 self.frames_sent += 1
                 self.bytes_sent += len(text)
+                self._metrics.frame_out(text)
                 # send_str on loopback rarely yields; without this one busy stream
                 # would starve every other task on the loop.
                 await asyncio.sleep(0)
@@ -164,6 +174,7 @@ class Connection:
                 return
             if now - self.last_pong > settings.pong_timeout:
                 log.info("no pong; closing", extra={"pongTimeout": settings.pong_timeout})
+                self._metrics.connections_dropped.labels("pong_timeout").inc()
                 await self.close(WSCloseCode.GOING_AWAY, "pong timeout")
                 return
             if now >= next_ping:

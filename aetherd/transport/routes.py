@@ -15,6 +15,7 @@ from aiohttp import WSMsgType, web
 from aetherd import __version__
 from aetherd.errors import AetherError, ErrorCode
 from aetherd.logs import connection_id
+from aetherd.metrics import CONTENT_TYPE
 from aetherd.protocol.context import Context, Daemon
 from aetherd.protocol.dispatch import Dispatcher
 from aetherd.transport.auth import Authenticator, extract_token
@@ -76,6 +77,15 @@ def info_payload(daemon: Daemon) -> dict[str, Any]:
     }
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition (no auth; `--metrics-enabled false` turns it off)."""
+    daemon = request.app[DAEMON]
+    if not daemon.settings.metrics_enabled:
+        return json_error(404, "Metrics are disabled")
+    body = await asyncio.to_thread(daemon.services.metrics.render)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
 async def info(request: web.Request) -> web.Response:
     """Workspace status for the control plane (authenticated)."""
     denied = check_access(request)
@@ -106,7 +116,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
 
     conn_id = f"c{_conn_prefix}-{next(_conn_counter)}"
-    conn = Connection(ws, settings, conn_id)
+    metrics = daemon.services.metrics
+    metrics.connections_opened.inc()
+    conn = Connection(ws, settings, conn_id, metrics)
     token = connection_id.set(conn_id)
     dispatcher = Dispatcher(daemon, conn)
     activity = daemon.services.activity
@@ -176,5 +188,6 @@ def add_routes(app: web.Application) -> None:
     """Register the transport's routes on `app`."""
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/workspaces/{workspace_id}/ws", websocket)
     app.router.add_get("/workspaces/{workspace_id}/info", info)

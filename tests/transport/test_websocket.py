@@ -224,3 +224,30 @@ async def test_shutdown_closes_sockets_with_1001(start_daemon):
     msg = await client.ws.receive(timeout=10)
     assert msg.type is aiohttp.WSMsgType.CLOSE
     assert msg.data == 1001
+
+
+async def test_metrics_count_frames_errors_and_connections(daemon):
+    client = await daemon.connect()
+    await client.request("activity", "user_activity")
+    await client.send("{nope")
+    await client.expect_type("error", "error")
+    await client.request("terminal", "no_such_type")
+    async with aiohttp.ClientSession() as session, session.get(daemon.url("/metrics")) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = await resp.text()
+    lines = set(text.splitlines())
+    assert "aetherd_connections 1.0" in lines
+    assert "aetherd_connections_opened_total 1.0" in lines
+    assert 'aetherd_frames_total{channel="activity",direction="in"} 1.0' in lines
+    assert 'aetherd_frames_total{channel="activity",direction="out"} 1.0' in lines
+    assert 'aetherd_frames_total{channel="unknown",direction="in"} 1.0' in lines
+    assert 'aetherd_errors_total{code="INVALID_JSON"} 1.0' in lines
+    assert 'aetherd_errors_total{code="UNKNOWN_TYPE"} 1.0' in lines
+    assert TOKEN not in text
+
+
+async def test_metrics_can_be_disabled(start_daemon):
+    running = await start_daemon(metrics_enabled=False)
+    async with aiohttp.ClientSession() as session, session.get(running.url("/metrics")) as resp:
+        assert resp.status == 404
