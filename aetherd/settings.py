@@ -106,6 +106,10 @@ class Settings(BaseModel):
 
     # -- Operations: metrics, systemd, idle action (issue: operations) --------------------
     metrics_enabled: bool = Field(True, description="Serve GET /metrics (Prometheus, no auth)")
+    idle_action: str | None = Field(
+        None, description="Shell command run once the workspace has been idle idle_action_after s"
+    )
+    idle_action_after: float = Field(600.0, gt=0, description="Idle seconds before idle_action")
 
     @field_validator("root")
     @classmethod

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from aetherd.metrics import Metrics
 from aetherd.services.activity import ActivityTracker
+from aetherd.services.idle import IdleAction
 from aetherd.services.jail import Jail
 from aetherd.settings import Settings
 
@@ -90,5 +91,15 @@ def build_services(settings: Settings) -> Services:
     # -- agent (transcript store, agent runner) --
 
     # -- operations (metrics, notify) --
+    if settings.idle_action:
+        services.idle = services.add(
+            IdleAction(
+                services.activity,
+                settings.idle_action,
+                settings.idle_action_after,
+                str(settings.root),
+                services.running_tasks,
+            )
+        )
 
     return services
