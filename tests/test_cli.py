@@ -144,7 +144,7 @@ async def test_serve_with_embedded_defaults_then_sigterm(tmp_path: Path):
     """`aetherd serve` from a bare directory: generated token, readyz, connect, SIGTERM → exit 0."""
     workdir = tmp_path / "project"
     workdir.mkdir()
-    proc = subprocess.Popen(  # noqa: ASYNC220 (a long-lived child, read from threads)
+    proc = subprocess.Popen(
         [*aetherd_command(), "serve", "--port", "0"],
         cwd=workdir,
         env=child_env(tmp_path),

@@ -1,0 +1,263 @@
+"""Two daemons behind real nginx, configured exactly as docs/operations.md shows."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.support import connect
+from tests.test_cli import REPO, child_env
+
+pytestmark = pytest.mark.slow
+WAIT = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def documented_nginx_config() -> str:
+    """The ```nginx block of docs/operations.md."""
+    text = (REPO / "docs" / "operations.md").read_text()
+    match = re.search(r"```nginx\n(.*?)```", text, re.DOTALL)
+    assert match, "docs/operations.md has no nginx block"
+    return match.group(1)
+
+
+@dataclass
+class DaemonProcess:
+    workspace_id: str
+    token: str
+    port: int
+    root: Path
+    data_dir: Path
+    tmp: Path
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "aetherd",
+                "serve",
+                "--port",
+                str(self.port),
+                "--workspace-id",
+                self.workspace_id,
+                "--token",
+                self.token,
+                "--root",
+                str(self.root),
+                "--data-dir",
+                str(self.data_dir),
+            ],
+            env=child_env(self.tmp),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(WAIT)
+
+    async def wait_ready(self) -> None:
+        deadline = time.monotonic() + WAIT
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                assert self.proc is not None and self.proc.poll() is None, "daemon exited"
+                try:
+                    async with session.get(f"http://127.0.0.1:{self.port}/readyz") as resp:
+                        if resp.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise TimeoutError(f"{self.workspace_id} never became ready")
+
+
+@dataclass
+class Proxy:
+    port: int
+    a: DaemonProcess
+    b: DaemonProcess
+    prefix: Path
+
+    def url(self, path: str, scheme: str = "http") -> str:
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+
+@pytest.fixture
+def nginx_binary() -> Iterator[str]:
+    binary = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None
+    )
+    assert binary, "nginx is required (Debian package nginx; .ci/run installs it)"
+    yield binary
+
+
+@pytest.fixture
+async def proxy(tmp_path: Path, nginx_binary: str) -> AsyncIterator[Proxy]:
+    daemons = []
+    for name in ("a", "b"):
+        root = tmp_path / f"root-{name}"
+        root.mkdir()
+        daemons.append(
+            DaemonProcess(
+                f"ws-{name}",
+                f"token-{name}-0123456789",
+                free_port(),
+                root,
+                tmp_path / f"data-{name}",
+                tmp_path,
+            )
+        )
+    for daemon in daemons:
+        daemon.start()
+    prefix = tmp_path / "nginx"
+    prefix.mkdir()
+    port = free_port()
+    config = (
+        documented_nginx_config()
+        .replace("NGINX_PREFIX", str(prefix))
+        .replace("LISTEN_ADDRESS", f"127.0.0.1:{port}")
+        .replace("WORKSPACE_A", "ws-a")
+        .replace("UPSTREAM_A", f"127.0.0.1:{daemons[0].port}")
+        .replace("WORKSPACE_B", "ws-b")
+        .replace("UPSTREAM_B", f"127.0.0.1:{daemons[1].port}")
+    )
+    if os.geteuid() == 0:
+        # As root, workers would drop to `nobody`, who cannot reach pytest's 0700 tmp dirs.
+        config = "user root;\n" + config
+    conf = prefix / "nginx.conf"
+    conf.write_text(config)
+    nginx = subprocess.Popen(
+        [
+            nginx_binary,
+            "-p",
+            str(prefix),
+            "-e",
+            str(prefix / "error.log"),
+            "-c",
+            str(conf),
+            "-g",
+            "daemon off;",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        for daemon in daemons:
+            await daemon.wait_ready()
+        deadline = time.monotonic() + WAIT
+        while True:
+            assert nginx.poll() is None, nginx.stderr.read().decode()
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "nginx never listened"
+                await asyncio.sleep(0.05)
+        yield Proxy(port, daemons[0], daemons[1], prefix)
+    finally:
+        nginx.send_signal(signal.SIGQUIT)
+        try:
+            nginx.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            nginx.kill()
+            nginx.wait(5)
+        nginx.stderr.close()
+        for daemon in daemons:
+            if daemon.proc is not None and daemon.proc.poll() is None:
+                daemon.stop()
+
+
+async def _get_json(url: str, **kwargs) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as session, session.get(url, **kwargs) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+async def test_each_workspace_id_reaches_its_own_daemon(proxy: Proxy):
+    for daemon in (proxy.a, proxy.b):
+        status, body = await _get_json(
+            proxy.url(f"/workspaces/{daemon.workspace_id}/info"), params={"token": daemon.token}
+        )
+        assert status == 200 and body["workspaceId"] == daemon.workspace_id
+    # A's token is not B's.
+    status, body = await _get_json(
+        proxy.url("/workspaces/ws-b/info"), params={"token": proxy.a.token}
+    )
+    assert status == 401 and body == {"error": "Unauthorized"}
+    status, body = await _get_json(
+        proxy.url("/workspaces/ws-nope/info"), params={"token": proxy.a.token}
+    )
+    assert status == 404 and body == {"error": "Workspace not found"}
+    # The access log never holds a token.
+    log = (proxy.prefix / "access.log").read_text()
+    assert "/workspaces/ws-b/info" in log and "token-" not in log
+
+
+async def test_websocket_auth_and_subprotocol_pass_through(proxy: Proxy):
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(
+            proxy.url("/workspaces/ws-a/ws", "ws"), protocols=("Bearer", proxy.a.token)
+        )
+        try:
+            assert ws.protocol == "Bearer"  # the 101 selected the scheme word, through nginx
+            await ws.send_json({"channel": "activity", "type": "user_activity", "requestId": "1"})
+            reply = await ws.receive_json(timeout=WAIT)
+            assert reply["requestId"] == "1" and reply["success"] is True
+        finally:
+            await ws.close()
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await session.ws_connect(
+                proxy.url("/workspaces/ws-a/ws", "ws"), protocols=("Bearer", "bad")
+            )
+        assert info.value.status == 401
+
+
+async def test_a_daemon_restart_is_survived_by_reconnecting(proxy: Proxy):
+    url = proxy.url("/workspaces/ws-a/ws", "ws")
+    client = await connect(url, proxy.a.token)
+    try:
+        assert (await client.request("activity", "user_activity"))["success"] is True
+        proxy.a.proc.send_signal(signal.SIGTERM)
+        msg = await client.ws.receive(timeout=WAIT)
+        assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1001
+    finally:
+        await client.close()
+    assert proxy.a.proc.wait(WAIT) == 0
+    proxy.a.start()
+    # Reconnect with bounded retries, as a client would (nginx answers 502 meanwhile).
+    deadline = time.monotonic() + WAIT
+    while True:
+        try:
+            client = await connect(url, proxy.a.token)
+            break
+        except aiohttp.WSServerHandshakeError as exc:
+            assert exc.status == 502 and time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+    try:
+        assert (await client.request("activity", "user_activity"))["success"] is True
+    finally:
+        await client.close()
+    # The other workspace never noticed.
+    status, _ = await _get_json(proxy.url("/workspaces/ws-b/info"), params={"token": proxy.b.token})
+    assert status == 200
