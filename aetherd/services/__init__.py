@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from aetherd.services.activity import ActivityTracker
 from aetherd.services.jail import Jail
+from aetherd.services.ports import PortScanner
 from aetherd.settings import Settings
 
 log = logging.getLogger("aetherd.services")
@@ -21,6 +22,8 @@ S = TypeVar("S")
 
 class Services:
     """The daemon's services, built from its settings."""
+
+    ports: PortScanner
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -81,6 +84,7 @@ def build_services(settings: Settings) -> Services:
     # -- terminal (PTY sessions) --
 
     # -- ports (port scanner) --
+    services.ports = services.add(PortScanner(settings))
 
     # -- agent (transcript store, agent runner) --
 
