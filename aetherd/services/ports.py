@@ -500,7 +500,7 @@ class PortScanner:
         that refreshes a stale state emits no events).
         """
         self._demand += 1
-        if self._loop_task is None or self._loop_task.done():
+        if self._started and (self._loop_task is None or self._loop_task.done()):
             self._loop_task = asyncio.get_running_loop().create_task(
                 self._run(), name="ports-scanner"
             )
@@ -563,6 +563,7 @@ class PortScanner:
     # -- scanning ---------------------------------------------------------------------
     async def _run(self) -> None:
         interval = self.settings.port_scan_interval
+        failing = False
         while True:
             await asyncio.sleep(interval)
             try:
@@ -570,7 +571,14 @@ class PortScanner:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("port scan failed")
+                # Logged once per run of failures, not twice a second.
+                if not failing:
+                    log.exception("port scan failed; retrying every %s s", interval)
+                failing = True
+            else:
+                if failing:
+                    log.info("port scan works again")
+                failing = False
 
     async def scan(self) -> None:
         """Scan once now and emit the changes (none when refreshing a stale state)."""
@@ -583,7 +591,7 @@ class PortScanner:
             tracked: dict[int, _Tracked] = {}
             for port, (inodes, addresses) in grouped.items():
                 old = previous.get(port)
-                if old is not None and old.inodes & inodes:
+                if old is not None and (old.inodes & inodes or not inodes):
                     tracked[port] = replace(old, inodes=inodes, addresses=addresses)
                 else:
                     tracked[port] = _Tracked(port, inodes, addresses)
@@ -718,6 +726,9 @@ class PortScanner:
         )
         pids = sorted({pid for holders in owners.values() for pid in holders})
         if not pids:
+            await self.scan()
+            if port not in self._visible():
+                raise AetherError(ErrorCode.NOT_FOUND, f"no listening port {port}", port=port)
             raise AetherError(
                 ErrorCode.PERMISSION_DENIED,
                 f"cannot tell which process listens on port {port}",

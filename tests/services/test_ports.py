@@ -601,3 +601,31 @@ def test_port_ignore_setting_rejects_bad_ports(make_settings: Any) -> None:
     with pytest.raises(ValueError):
         make_settings(port_ignore="eighty")
     assert make_settings(port_ignore=[8080]).port_ignore == (8080,)
+
+
+async def test_kill_of_a_port_that_closed_since_the_last_scan_is_not_found(
+    children: list[Child], scanner_factory: Callable[..., Any], make_settings: Any
+) -> None:
+    child = await start_listener("127.0.0.1")
+    children.append(child)
+    # A scan interval long enough that no periodic scan runs during the test.
+    scanner: PortScanner = await scanner_factory(make_settings(port_scan_interval=600))
+    release = scanner.hold()
+    try:
+        assert child.port in {info.port for info in await scanner.snapshot()}
+        await child.stop()
+        assert scanner.get(child.port) is not None  # not rescanned yet
+        with pytest.raises(AetherError) as err:
+            await scanner.kill(child.port)
+        assert err.value.code is ErrorCode.NOT_FOUND
+        assert closed(scanner, child.port)  # the rescan told subscribers
+    finally:
+        release()
+
+
+async def test_no_scanning_after_stop(scanner_factory: Callable[..., Any]) -> None:
+    scanner: PortScanner = await scanner_factory()
+    await scanner.stop()
+    release = scanner.hold()
+    assert scanner._loop_task is None
+    release()
