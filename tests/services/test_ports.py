@@ -56,11 +56,16 @@ if "dual" in opts:
     t.bind(("::", bound))
     t.listen(16)
     keep.append(t)
+for _ in range(int(opts.get("many", 0))):
+    m = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    m.bind(("127.0.0.1", 0))
+    m.listen(1)
+    keep.append(m)
 for _ in range(int(opts.get("fork", 0))):
     if os.fork() == 0:
         sys.stdin.buffer.read()
         os._exit(0)
-print(bound, flush=True)
+print(bound, *[k.getsockname()[1] for k in keep[1:]], flush=True)
 sys.stdin.buffer.read()
 """
 
@@ -68,9 +73,12 @@ sys.stdin.buffer.read()
 class Child:
     """A listener child process (its own session, so its forks go with it)."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, port: int) -> None:
+    def __init__(
+        self, proc: asyncio.subprocess.Process, port: int, extra: tuple[int, ...] = ()
+    ) -> None:
         self.proc = proc
         self.port = port
+        self.extra = extra  # the other ports it listens on ("dual", "many=N")
 
     @property
     def pid(self) -> int:
@@ -103,7 +111,8 @@ async def start_listener(host: str, port: int = 0, family: str = "4", flags: str
     if not line:
         await proc.wait()
         raise RuntimeError(f"listener on {host} failed to start")
-    return Child(proc, int(line))
+    first, *extra = (int(word) for word in line.split())
+    return Child(proc, first, tuple(extra))
 
 
 async def start_http_server(host: str = "127.0.0.1") -> Child:
@@ -239,6 +248,21 @@ async def test_netlink_and_proc_agree_on_real_listeners(children: list[Child]) -
     }
     assert {(p, a) for p, a, _ in from_netlink if p in ours} == expected
     assert {x for x in from_netlink if x[0] in ours} == {x for x in from_proc if x[0] in ours}
+
+
+async def test_netlink_dump_spanning_many_datagrams(children: list[Child]) -> None:
+    child = await start_listener("127.0.0.1", flags="many=600")
+    children.append(child)
+    ours = {child.port, *child.extra}
+    assert len(ours) == 601
+    netlink = NetlinkListeners()
+    try:
+        from_netlink = {(x.port, x.inode) for x in netlink.read() if x.port in ours}
+    finally:
+        netlink.close()
+    from_proc = {(x.port, x.inode) for x in read_proc_listeners() if x.port in ours}
+    assert {port for port, _ in from_netlink} == ours
+    assert from_netlink == from_proc
 
 
 # -- process attribution ----------------------------------------------------------------
@@ -629,3 +653,39 @@ async def test_no_scanning_after_stop(scanner_factory: Callable[..., Any]) -> No
     release = scanner.hold()
     assert scanner._loop_task is None
     release()
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+async def test_start_and_stop_leave_no_fd_or_task_behind(
+    children: list[Child], make_settings: Any
+) -> None:
+    child = await start_listener("127.0.0.1", flags="ignore-term")
+    children.append(child)
+    before_fds = open_fds()
+    before_tasks = len(asyncio.all_tasks())
+    scanner = PortScanner(make_settings(port_scan_interval=0.05, port_kill_grace=600))
+    await scanner.start()
+    assert scanner.source == "netlink"
+    release = scanner.hold()
+    await scanner.snapshot()
+    await scanner.kill(child.port)  # leaves a pending SIGKILL escalation
+    await scanner.stop()
+    release()
+    assert open_fds() <= before_fds
+    assert len(asyncio.all_tasks()) == before_tasks
+    assert child.proc.returncode is None  # stop cancelled the escalation, it sent nothing
+
+
+async def test_tracked_ports_are_bounded(
+    children: list[Child], scanner_factory: Callable[..., Any], make_settings: Any
+) -> None:
+    child = await start_listener("127.0.0.1", flags="many=5")
+    children.append(child)
+    scanner: PortScanner = await scanner_factory(make_settings(port_max_tracked=3))
+    ports = await scanner.snapshot()
+    assert 1 <= len(ports) <= 3
+    assert len(scanner._tracked) == 3
+    assert len({child.port, *child.extra} - set(scanner._tracked)) >= 3  # 6 listening
