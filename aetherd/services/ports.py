@@ -591,7 +591,7 @@ class PortScanner:
             tracked: dict[int, _Tracked] = {}
             for port, (inodes, addresses) in grouped.items():
                 old = previous.get(port)
-                if old is not None and (old.inodes & inodes or not inodes):
+                if old is not None and self._same_owner(old, inodes):
                     tracked[port] = replace(old, inodes=inodes, addresses=addresses)
                 else:
                     tracked[port] = _Tracked(port, inodes, addresses)
@@ -609,6 +609,21 @@ class PortScanner:
             self.scans += 1
             if not silent:
                 self._emit_diff(before, self._visible())
+
+    def _same_owner(self, old: _Tracked, inodes: frozenset[int]) -> bool:
+        """Whether `old`'s owner still stands for a port now held by `inodes`.
+
+        Same sockets: yes. Sockets partly replaced (a SO_REUSEPORT worker restarted):
+        yes while the old owner lives. Sockets all replaced (a restarted server): no.
+        """
+        if old.inodes == inodes or not inodes:
+            return True
+        if not old.inodes & inodes:
+            return False
+        if old.own:
+            return True
+        pid = old.owner.pid
+        return pid is not None and process_identity(pid, self.proc_root) is not None
 
     async def _read_listeners(self) -> list[Listener]:
         if self._netlink is not None:

@@ -689,3 +689,28 @@ async def test_tracked_ports_are_bounded(
     assert 1 <= len(ports) <= 3
     assert len(scanner._tracked) == 3
     assert len({child.port, *child.extra} - set(scanner._tracked)) >= 3  # 6 listening
+
+
+async def test_reuseport_owner_exit_moves_the_port_to_the_survivor(
+    children: list[Child], scanner_factory: Callable[..., Any]
+) -> None:
+    first = await start_listener("127.0.0.1", flags="reuseport")
+    children.append(first)
+    second = await start_listener("127.0.0.1", port=first.port, flags="reuseport")
+    children.append(second)
+    scanner: PortScanner = await scanner_factory()
+    release = scanner.hold()
+    try:
+        info = next(i for i in await scanner.snapshot() if i.port == first.port)
+        owner, survivor = (first, second) if info.pid == first.pid else (second, first)
+        await owner.stop()
+        await wait_for(
+            lambda: (
+                (event := opened(scanner, first.port)) is not None
+                and event.info is not None
+                and event.info.pid == survivor.pid
+            )
+        )
+        assert not closed(scanner, first.port)
+    finally:
+        release()
