@@ -99,6 +99,38 @@ class Settings(BaseModel):
     # -- Files channel and watcher (issue: files) -----------------------------------------
 
     # -- Ports channel (issue: ports) -----------------------------------------------------
+    port_kill_grace: float = Field(
+        5.0, gt=0, description="Seconds between SIGTERM and SIGKILL when a port is killed"
+    )
+    port_ignore: tuple[int, ...] = Field(
+        (), description="More ports never reported, comma-separated (22, 2222, 3001 always are)"
+    )
+    port_scan_source: Literal["auto", "netlink", "proc"] = Field(
+        "auto", description="Listening sockets from netlink sock_diag or /proc/net/tcp"
+    )
+    port_max_tracked: int = Field(
+        1024, ge=1, description="Listening ports tracked at most (the lowest numbers win)"
+    )
+    port_command_max_length: int = Field(
+        4096, ge=16, description="Characters of a port's command line reported at most"
+    )
+
+    @field_validator("port_ignore", mode="before")
+    @classmethod
+    def _port_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part for part in value.replace(",", " ").split() if part)
+        if isinstance(value, int):
+            return (value,)
+        return value
+
+    @field_validator("port_ignore")
+    @classmethod
+    def _ports_in_range(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        for port in value:
+            if not 1 <= port <= 65535:
+                raise ValueError(f"port {port} is out of range 1-65535")
+        return value
 
     # -- Agent channel (issue: agent) -----------------------------------------------------
 

@@ -15,6 +15,7 @@ from aetherd.metrics import Metrics
 from aetherd.services.activity import ActivityTracker
 from aetherd.services.idle import IdleAction
 from aetherd.services.jail import Jail
+from aetherd.services.ports import PortScanner
 from aetherd.settings import Settings
 
 log = logging.getLogger("aetherd.services")
@@ -23,6 +24,8 @@ S = TypeVar("S")
 
 class Services:
     """The daemon's services, built from its settings."""
+
+    ports: PortScanner
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -87,6 +90,7 @@ def build_services(settings: Settings) -> Services:
     # -- terminal (PTY sessions) --
 
     # -- ports (port scanner) --
+    services.ports = services.add(PortScanner(settings))
 
     # -- agent (transcript store, agent runner) --
 

@@ -74,14 +74,23 @@ async def test_frame_of_exactly_one_mib_is_accepted(daemon):
     assert reply["success"] is True
 
 
+async def _next_control(client) -> aiohttp.WSMessage:
+    """The next non-text message; text frames pushed on connect (ports/open...) are skipped."""
+    for _ in range(1000):
+        msg = await client.ws.receive(timeout=5)
+        if msg.type is not aiohttp.WSMsgType.TEXT:
+            return msg
+    raise AssertionError("no control frame among 1000 text frames")
+
+
 async def test_server_pings_and_drops_a_client_that_never_pongs(start_daemon):
     running = await start_daemon(ping_interval=0.1, pong_timeout=0.6)
     client = await running.connect(autoping=False)
-    msg = await client.ws.receive(timeout=5)
+    msg = await _next_control(client)
     assert msg.type is aiohttp.WSMsgType.PING
     # Never answer: the server must close within pong_timeout (plus a tick).
     for _ in range(200):
-        msg = await client.ws.receive(timeout=5)
+        msg = await _next_control(client)
         if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
             break
         assert msg.type is aiohttp.WSMsgType.PING
@@ -96,7 +105,7 @@ async def test_a_client_that_pongs_stays_connected(start_daemon):
     client = await running.connect(autoping=False)
     pings = 0
     while pings < 12:  # 12 pings span well over twice the pong timeout
-        msg = await client.ws.receive(timeout=5)
+        msg = await _next_control(client)
         assert msg.type is aiohttp.WSMsgType.PING, msg
         pings += 1
         await client.ws.pong(msg.data)
