@@ -215,22 +215,16 @@ async def test_each_workspace_id_reaches_its_own_daemon(proxy: Proxy):
 
 
 async def test_websocket_auth_and_subprotocol_pass_through(proxy: Proxy):
-    async with aiohttp.ClientSession() as session:
-        ws = await session.ws_connect(
-            proxy.url("/workspaces/ws-a/ws", "ws"), protocols=("Bearer", proxy.a.token)
-        )
-        try:
-            assert ws.protocol == "Bearer"  # the 101 selected the scheme word, through nginx
-            await ws.send_json({"channel": "activity", "type": "user_activity", "requestId": "1"})
-            reply = await ws.receive_json(timeout=WAIT)
-            assert reply["requestId"] == "1" and reply["success"] is True
-        finally:
-            await ws.close()
-        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
-            await session.ws_connect(
-                proxy.url("/workspaces/ws-a/ws", "ws"), protocols=("Bearer", "bad")
-            )
-        assert info.value.status == 401
+    url = proxy.url("/workspaces/ws-a/ws", "ws")
+    client = await connect(url, None, protocols=("Bearer", proxy.a.token))
+    try:
+        assert client.ws.protocol == "Bearer"  # the 101 selected the scheme word, through nginx
+        assert (await client.request("activity", "user_activity"))["success"] is True
+    finally:
+        await client.close()
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await connect(url, None, protocols=("Bearer", "bad"))
+    assert info.value.status == 401
 
 
 async def test_a_daemon_restart_is_survived_by_reconnecting(proxy: Proxy):
