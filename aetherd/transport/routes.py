@@ -17,6 +17,7 @@ from aetherd.errors import AetherError, ErrorCode
 from aetherd.logs import connection_id
 from aetherd.protocol.context import Context, Daemon
 from aetherd.protocol.dispatch import Dispatcher
+from aetherd.transport import config_http
 from aetherd.transport.auth import Authenticator, extract_token
 from aetherd.transport.connection import Connection
 
@@ -178,3 +179,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/workspaces/{workspace_id}/ws", websocket)
     app.router.add_get("/workspaces/{workspace_id}/info", info)
+    config_http.add_routes(app)
