@@ -27,6 +27,7 @@ import logging
 import os
 import stat as stat_mod
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,40 @@ LEGACY_KEYS = ("setup", "setup_on_boot", "terminals")
 _RELEVANT_EVENTS = frozenset({"created", "deleted", "modified", "moved", "closed"})
 # A burst of events longer than this many debounce periods is read anyway.
 _MAX_DEBOUNCE_EXTENSIONS = 20
+# Bound on one watchdog control call (schedule, unschedule, stop): they join threads
+# without a timeout, so they run in a daemon thread the loop waits on this long at most.
+_WATCH_CONTROL_TIMEOUT = 5.0
+
+
+async def _in_daemon_thread(func: Callable[[], Any], timeout: float) -> Any:
+    """Run `func` in a daemon thread and wait at most `timeout` for it.
+
+    Unlike `asyncio.to_thread`, a call that never returns cannot hold up the default
+    executor's shutdown (and with it the daemon's exit).
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if future.done():
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    def run() -> None:
+        try:
+            result = func()
+        except BaseException as exc:  # handed to the awaiting task
+            ok, value = False, exc
+        else:
+            ok, value = True, result
+        with contextlib.suppress(RuntimeError):  # the loop is already closed
+            loop.call_soon_threadsafe(settle, ok, value)
+
+    threading.Thread(target=run, name="aetherd-config-watch", daemon=True).start()
+    return await asyncio.wait_for(asyncio.shield(future), timeout)
 
 
 # -- The model --------------------------------------------------------------------------
@@ -515,7 +550,7 @@ class ConfigStore:
     async def reload(self) -> bool:
         """Re-read the file now; True when its version changed (then `changed` is emitted)."""
         async with self._lock:
-            self._place_watches()
+            await self._update_watches()
             disk = await asyncio.to_thread(self._read_disk)
             self._signature = disk.signature
             new_version = version_of(disk.data)
@@ -551,7 +586,7 @@ class ConfigStore:
         self._observer.daemon = True
         self._observer.start()
         async with self._lock:
-            self._place_watches()
+            await self._update_watches()
             disk = await asyncio.to_thread(self._read_disk)
             self._signature = disk.signature
             parsed = await self._parse_disk(disk)
@@ -586,8 +621,15 @@ class ConfigStore:
         observer, self._observer = self._observer, None
         self._watches.clear()
         if observer is not None:
-            observer.stop()
-            await asyncio.to_thread(observer.join, 5.0)
+
+            def stop_observer() -> None:
+                observer.stop()
+                observer.join(_WATCH_CONTROL_TIMEOUT)
+
+            try:
+                await _in_daemon_thread(stop_observer, _WATCH_CONTROL_TIMEOUT * 2)
+            except asyncio.TimeoutError:
+                log.warning("the config watcher did not stop in time; left to exit with us")
 
     # -- internals -------------------------------------------------------------------
     def _wire(self, disk: _DiskRead) -> str:
@@ -736,9 +778,17 @@ class ConfigStore:
             dirs.add(directory)
         return dirs
 
+    async def _update_watches(self) -> None:
+        """Move the watches where they belong, off the event loop and bounded in time."""
+        try:
+            await _in_daemon_thread(self._place_watches, _WATCH_CONTROL_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.warning("placing the config watch timed out; the poll still runs")
+
     def _place_watches(self) -> None:
         """Watch each file's directory, or its nearest existing ancestor (non-recursive)."""
-        if self._observer is None:
+        observer = self._observer
+        if observer is None:
             return
         desired = self._desired_watch_dirs()
         for directory in list(self._watches):
@@ -751,12 +801,12 @@ class ConfigStore:
             if directory not in desired or not same:
                 # A directory that was deleted (and maybe recreated) has a dead watch.
                 with contextlib.suppress(Exception):
-                    self._observer.unschedule(watch)
+                    observer.unschedule(watch)
                 del self._watches[directory]
         for directory in desired - set(self._watches):
             try:
                 st = os.stat(directory)
-                watch = self._observer.schedule(
+                watch = observer.schedule(
                     _EventForwarder(self._on_paths), directory, recursive=False
                 )
             except OSError as exc:

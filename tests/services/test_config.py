@@ -398,3 +398,20 @@ async def test_validate_touches_nothing(store_factory, workspace):
     result = await store.validate("terminals:\n  - name: a\n")
     assert result["valid"] is False and result["errors"][0]["line"] == 2
     assert not config_file(workspace).exists()
+
+
+async def test_editor_save_is_debounced_into_one_change(store_factory, workspace):
+    path = config_file(workspace)
+    write(path, "setup: one\n")
+    store = await store_factory(config_debounce=1.0)
+    rec = Recorder(store)
+    await store.start()
+    # The file is missing for a moment between the rename and the new write; read
+    # without a debounce, that moment would be reported as a change to the defaults.
+    os.rename(path, path.with_name("config.yaml~"))
+    await asyncio.sleep(0.02)
+    path.write_text("setup: two\n")
+    event = await rec.next()
+    assert event.config.setup == "two"
+    assert store.reloads == 1
+    assert rec.configs == [WorkspaceConfig(setup="one"), WorkspaceConfig(setup="two")]
