@@ -113,6 +113,7 @@ class BootRunner:
         self._pending: WorkspaceConfig | None = None
         self._changed = asyncio.Event()
         self._unsubscribe: Any = None
+        self._stopping = False
         self._main: asyncio.Task[None] | None = None
 
     # -- public API ------------------------------------------------------------------
@@ -122,6 +123,7 @@ class BootRunner:
 
     async def start(self) -> None:
         """Follow the config: run the setups, then start and supervise the terminals."""
+        self._stopping = False
         self._unsubscribe = self.store.subscribe(self._on_config)
         self._main = asyncio.create_task(self._run(), name="boot-runner")
 
@@ -130,9 +132,11 @@ class BootRunner:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        self._stopping = True  # checked by the loop too, should a cancellation be lost
+        self._changed.set()
         if self._main is not None:
             self._main.cancel()
-            await asyncio.gather(self._main, return_exceptions=True)
+            await asyncio.wait({self._main}, timeout=self.settings.shutdown_timeout)
             self._main = None
         await asyncio.gather(
             *(self._stop_terminal(name) for name in list(self._terminals)),
@@ -149,9 +153,11 @@ class BootRunner:
         config = self._pending or self.store.current
         await self._run_setups(config)
         self.booted = True
-        while True:
+        while not self._stopping:
             await self._changed.wait()
             self._changed.clear()
+            if self._stopping:
+                return
             config = self._pending or self.store.current
             try:
                 await self._reconcile(config)
@@ -261,7 +267,7 @@ class BootRunner:
         if running is None:
             return
         running.task.cancel()
-        await asyncio.gather(running.task, return_exceptions=True)
+        await asyncio.wait({running.task}, timeout=self.settings.shutdown_timeout)
         if running.key:
             try:
                 await self.launcher.stop(running.status.session_id)

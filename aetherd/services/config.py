@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import inspect
 import json
@@ -58,6 +59,9 @@ LEGACY_KEYS = ("setup", "setup_on_boot", "terminals")
 _RELEVANT_EVENTS = frozenset({"created", "deleted", "modified", "moved", "closed"})
 # A burst of events longer than this many debounce periods is read anyway.
 _MAX_DEBOUNCE_EXTENSIONS = 20
+# A document of more nodes than this, once aliases are expanded, is refused before
+# validation ("billion laughs": a 1 KiB file can name a billion nodes).
+MAX_EXPANDED_NODES = 1_000_000
 # Bound on one watchdog control call (schedule, unschedule, stop): they join threads
 # without a timeout, so they run in a daemon thread the loop waits on this long at most.
 _WATCH_CONTROL_TIMEOUT = 5.0
@@ -91,7 +95,22 @@ async def _in_daemon_thread(func: Callable[[], Any], timeout: float) -> Any:
             loop.call_soon_threadsafe(settle, ok, value)
 
     threading.Thread(target=run, name="aetherd-config-watch", daemon=True).start()
-    return await asyncio.wait_for(asyncio.shield(future), timeout)
+    # asyncio.wait, not wait_for: on Python 3.10/3.11, wait_for swallows a cancellation
+    # that arrives as the inner future completes (gh-86296), and stop() would then hang.
+    done, _ = await asyncio.wait({future}, timeout=timeout)
+    if not done:
+        raise asyncio.TimeoutError
+    return future.result()
+
+
+async def _wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """True if `event` is set within `timeout` (cancellation-safe, unlike wait_for on 3.10/3.11)."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        done, _ = await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
+    return bool(done)
 
 
 # -- The model --------------------------------------------------------------------------
@@ -309,14 +328,91 @@ def _compose(text: str) -> tuple[Any, Any]:
     return node, data
 
 
+def _children(node: Any) -> list[Any]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _structure_problems(root: Any) -> list[dict[str, Any]]:
+    """Recursive aliases, alias bombs and duplicate keys, found on the node graph."""
+    sizes: dict[int, int] = {}
+    visiting: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        if finished:
+            visiting.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in _children(node))
+            if sizes[id(node)] > MAX_EXPANDED_NODES:
+                message = f"the document expands to more than {MAX_EXPANDED_NODES} values"
+                return [_error([], message, root)]
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in visiting:
+            mark = node.start_mark
+            return [
+                {
+                    "loc": [],
+                    "line": mark.line + 1,
+                    "column": mark.column + 1,
+                    "message": "recursive alias",
+                }
+            ]
+        visiting.add(id(node))
+        stack.append((node, True))
+        stack.extend((child, False) for child in _children(node) if id(child) not in sizes)
+    errors: list[dict[str, Any]] = []
+    seen_nodes: set[int] = set()
+    walk: list[tuple[Any, list[Any]]] = [(root, [])]
+    while walk:
+        node, loc = walk.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys: set[str] = set()
+            for key, value in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else None
+                if name is not None and name != "<<":
+                    if name in keys:
+                        mark = key.start_mark
+                        errors.append(
+                            {
+                                "loc": [*loc, name],
+                                "line": mark.line + 1,
+                                "column": mark.column + 1,
+                                "message": f"duplicate key {name!r}",
+                            }
+                        )
+                    keys.add(name)
+                walk.append((value, [*loc, name if name is not None else "?"]))
+        elif isinstance(node, yaml.SequenceNode):
+            walk.extend((item, [*loc, index]) for index, item in enumerate(node.value))
+    errors.sort(key=lambda e: e["line"])
+    return errors
+
+
 def parse_yaml(text: str, *, max_terminals: int = 64) -> Parsed:
     """Parse and validate YAML config text; errors point at YAML lines."""
+    loader = yaml.SafeLoader(text)
     try:
-        node, data = _compose(text)
+        node = loader.get_single_node()
+        if node is not None:
+            # Before construction: merge keys (`<<`) are flattened into the nodes then.
+            problems = _structure_problems(node)
+            if problems:
+                return Parsed(None, problems)
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         return Parsed(None, [_yaml_problem(exc)])
     except (ValueError, RecursionError) as exc:  # e.g. a huge integer, absurd nesting
         return Parsed(None, [{"loc": [], "line": None, "column": None, "message": str(exc)}])
+    finally:
+        loader.dispose()
     return validate_data(data, node, max_terminals=max_terminals)
 
 
@@ -425,6 +521,7 @@ class ConfigStore:
         self._watches: dict[str, tuple[Any, tuple[int, int]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
+        self._stopping = False
         self.reloads = 0  # disk reads that found a new version (for tests and metrics)
 
     # -- public API ------------------------------------------------------------------
@@ -581,6 +678,7 @@ class ConfigStore:
     async def start(self) -> None:
         """Load the file, start watching it, and give subscribers the effective config."""
         self._loop = asyncio.get_running_loop()
+        self._stopping = False
         self._kick = asyncio.Event()
         self._observer = Observer()
         self._observer.daemon = True
@@ -614,9 +712,19 @@ class ConfigStore:
     async def stop(self) -> None:
         """Stop watching. Subscribers are kept (they belong to their owners)."""
         self._started = False
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._stopping = True  # the loops also check this, should a cancellation be lost
+        if self._kick is not None:
+            self._kick.set()
+        tasks = list(self._tasks)
+        for _ in range(3):
+            for task in tasks:
+                task.cancel()
+            _, pending = await asyncio.wait(tasks, timeout=1.0) if tasks else (set(), set())
+            tasks = list(pending)
+            if not tasks:
+                break
+        for task in tasks:
+            log.warning("config task %s did not stop", task.get_name())
         self._tasks.clear()
         observer, self._observer = self._observer, None
         self._watches.clear()
@@ -751,9 +859,15 @@ class ConfigStore:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            code = ErrorCode.NO_SPACE if exc.errno == 28 else ErrorCode.PERMISSION_DENIED
-            if exc.errno not in (13, 1, 28):
-                code = ErrorCode.INTERNAL_ERROR
+            code = {
+                errno.ENOSPC: ErrorCode.NO_SPACE,
+                errno.EDQUOT: ErrorCode.NO_SPACE,
+                errno.EACCES: ErrorCode.PERMISSION_DENIED,
+                errno.EPERM: ErrorCode.PERMISSION_DENIED,
+                errno.EROFS: ErrorCode.PERMISSION_DENIED,
+                errno.EISDIR: ErrorCode.IS_DIRECTORY,
+                errno.ENOTDIR: ErrorCode.NOT_DIRECTORY,
+            }.get(exc.errno or 0, ErrorCode.INTERNAL_ERROR)
             raise AetherError(code, f"cannot write the config: {exc.strerror}") from None
         dir_fd = os.open(target.parent, os.O_RDONLY)
         try:
@@ -830,22 +944,22 @@ class ConfigStore:
     async def _debounce_loop(self) -> None:
         assert self._kick is not None
         kick = self._kick
-        while True:
+        while not self._stopping:
             await kick.wait()
             for _ in range(_MAX_DEBOUNCE_EXTENSIONS):
                 kick.clear()
-                try:
-                    await asyncio.wait_for(kick.wait(), self.settings.config_debounce)
-                except asyncio.TimeoutError:
+                if self._stopping or not await _wait_event(kick, self.settings.config_debounce):
                     break
             kick.clear()
+            if self._stopping:
+                return
             try:
                 await self.reload()
             except Exception:
                 log.exception("re-reading the config failed")
 
     async def _poll_loop(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.settings.config_poll_interval)
             try:
                 signature = await asyncio.to_thread(self._stat_signature)

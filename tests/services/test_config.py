@@ -110,6 +110,27 @@ def test_non_mapping_and_duplicates_are_errors():
     ]
 
 
+def test_duplicate_keys_are_errors_not_silently_last():
+    parsed = parse_yaml("setup: a\nenv:\n  A: '1'\n  A: '2'\nsetup: b\n")
+    assert parsed.errors == [
+        {"loc": ["env", "A"], "line": 4, "column": 3, "message": "duplicate key 'A'"},
+        {"loc": ["setup"], "line": 5, "column": 1, "message": "duplicate key 'setup'"},
+    ]
+
+
+def test_alias_bombs_and_recursive_aliases_are_refused():
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for level in range(1, 8):
+        refs = ", ".join([f"*a{level - 1}"] * 10)
+        lines.append(f"a{level}: &a{level} [{refs}]")
+    bomb = parse_yaml("\n".join(lines) + "\n")  # 10**8 values once expanded
+    assert bomb.errors[0]["message"] == "the document expands to more than 1000000 values"
+    assert parse_yaml("a: &a [*a]\n").errors[0]["message"] == "recursive alias"
+    # Aliases of reasonable size still work, merge keys included.
+    merged = parse_yaml("terminals:\n  - &t {name: a, command: run}\n  - <<: *t\n    name: b\n")
+    assert merged.valid and [t.command for t in merged.config.terminals] == ["run", "run"]
+
+
 def test_full_model_and_env_scalars():
     text = (
         "setup: npm ci\nsetup_on_boot: echo hi\n" + WEB + "ports:\n  3000: {label: Web, "
@@ -415,3 +436,28 @@ async def test_editor_save_is_debounced_into_one_change(store_factory, workspace
     assert event.config.setup == "two"
     assert store.reloads == 1
     assert rec.configs == [WorkspaceConfig(setup="one"), WorkspaceConfig(setup="two")]
+
+
+async def test_stop_leaves_no_watcher_threads(store_factory, workspace):
+    import threading
+
+    from watchdog.utils import BaseThread
+
+    before = {t for t in threading.enumerate() if isinstance(t, BaseThread)}
+    store = await store_factory()
+    await store.start()
+    write(config_file(workspace), "setup: x\n")
+    await Recorder(store).next()
+    assert {t for t in threading.enumerate() if isinstance(t, BaseThread)} - before
+    await store.stop()
+    assert {t for t in threading.enumerate() if isinstance(t, BaseThread)} - before == set()
+
+
+async def test_set_onto_a_directory_is_refused(store_factory, workspace):
+    config_file(workspace).mkdir(parents=True)
+    store = await store_factory()
+    await store.start()
+    with pytest.raises(AetherError) as info:
+        await store.set(raw="setup: x\n")
+    assert info.value.code is ErrorCode.IS_DIRECTORY
+    assert not list(config_file(workspace).parent.glob(".config.yaml.*"))
