@@ -52,7 +52,6 @@ from aetherd.settings import Settings
 
 log = logging.getLogger("aetherd.config")
 
-SCHEMA_ID = "https://aetherd.local/config.schema.json"
 LEGACY_KEYS = ("setup", "setup_on_boot", "terminals")
 # Events that say the file (or a directory on its way) changed; opened/closed-no-write
 # are our own reads and would otherwise make the watcher re-read forever.
@@ -151,7 +150,11 @@ class TerminalSpec(_Strict):
     )
     command: str = Field(min_length=1, description="Shell command to run")
     cwd: str | None = Field(None, description="Working directory, relative to the workspace root")
-    env: EnvMap = Field(default_factory=dict, description="Extra environment variables")
+    env: EnvMap = Field(
+        default_factory=dict,
+        description="Extra environment variables",
+        json_schema_extra={"additionalProperties": False},
+    )
     port: PortNumber | None = Field(
         None, description="Port the command serves; exported as PORT unless env sets it"
     )
@@ -198,7 +201,9 @@ class WorkspaceConfig(_Strict):
         json_schema_extra={"propertyNames": {"pattern": "^[0-9]{1,5}$"}},
     )
     env: EnvMap = Field(
-        default_factory=dict, description="Added to every terminal and agent command"
+        default_factory=dict,
+        description="Added to every terminal and agent command",
+        json_schema_extra={"additionalProperties": False},
     )
     agent: AgentSpec = Field(default_factory=AgentSpec)
     files: FilesSpec = Field(default_factory=FilesSpec)
@@ -207,7 +212,7 @@ class WorkspaceConfig(_Strict):
 def config_schema() -> dict[str, Any]:
     """The JSON Schema of the config file, generated from the model."""
     schema = WorkspaceConfig.model_json_schema()
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID, **schema}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
 def schema_text() -> str:

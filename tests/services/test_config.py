@@ -19,6 +19,7 @@ from aetherd.services.config import (
     parse_legacy,
     parse_yaml,
     schema_text,
+    validate_data,
     version_of,
 )
 
@@ -169,6 +170,31 @@ def test_committed_schema_equals_the_generated_one():
         "agent",
         "files",
     }
+
+
+def test_schema_accepts_a_full_config_and_rejects_typos():
+    import jsonschema
+    import yaml
+
+    schema = json.loads(schema_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    full = yaml.safe_load(
+        "setup: npm ci\nsetup_on_boot: make\nterminals:\n  - {name: web, command: x, cwd: app,"
+        " env: {A: 1}, port: 3000, autostart: false, restart: on-failure}\n"
+        "ports:\n  '3000': {label: Web, visibility: public, ignore: false}\nenv: {B: 'x'}\n"
+        "agent: {provider: p, model: m, permission_mode: ask}\nfiles: {ignore: [dist]}\n"
+    )
+    assert list(validator.iter_errors(full)) == []
+    assert parse_yaml(yaml.safe_dump(full)).valid
+    for bad in (
+        {"terminal": []},
+        {"terminals": [{"name": "a", "command": "x", "restart": "sometimes"}]},
+        {"ports": {"web": {}}},
+        {"env": {"bad-name": "x"}},
+        {"agent": {"modle": "x"}},
+    ):
+        assert list(validator.iter_errors(bad)), bad
+        assert not validate_data(bad).valid, bad
 
 
 # -- loading ---------------------------------------------------------------------------
