@@ -108,6 +108,11 @@ async def test_validate(start_daemon, workspace):
     assert bad["success"] is True and bad["data"]["valid"] is False
     assert bad["data"]["errors"][0]["loc"] == ["files", "ignore"]
     assert bad["data"]["errors"][0]["line"] == 2
+    obj = await client.request("config", "validate", config={"terminals": [{"name": "a"}]})
+    assert obj["data"]["errors"][0]["loc"] == ["terminals", 0, "command"]
+    assert obj["data"]["errors"][0]["line"] is None
+    neither = await client.request("config", "validate")
+    assert neither["success"] is False and neither["code"] == "INVALID_MESSAGE"
     assert not config_file(workspace).exists()
 
 
