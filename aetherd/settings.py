@@ -135,6 +135,31 @@ class Settings(BaseModel):
     # -- Agent channel (issue: agent) -----------------------------------------------------
 
     # -- Config channel (issue: config) ---------------------------------------------------
+    config_path: Path = Field(
+        Path(".aether/config.yaml"),
+        description="Workspace config file, relative to the root",
+    )
+    config_legacy_path: Path = Field(
+        Path(".aether/environment.json"),
+        description="Older JSON config read when the YAML file does not exist, relative to the root",
+    )
+    config_debounce: float = Field(
+        0.15, gt=0, description="Quiet seconds after a config file event before it is re-read"
+    )
+    config_poll_interval: float = Field(
+        5.0, ge=0, description="Seconds between safety stat checks of the config file (0: off)"
+    )
+    config_max_bytes: int = Field(MiB, ge=1024, description="Largest config file accepted")
+    config_max_terminals: int = Field(64, ge=1, description="Most terminals a config may declare")
+    boot_restart_delay: float = Field(
+        1.0, gt=0, description="First delay before restarting a boot terminal (doubles each time)"
+    )
+    boot_restart_max_delay: float = Field(
+        60.0, gt=0, description="Longest delay between restarts of a boot terminal"
+    )
+    boot_restart_reset: float = Field(
+        30.0, gt=0, description="A boot terminal that ran this long starts its backoff afresh"
+    )
 
     # -- Operations: metrics, systemd, idle action (issue: operations) --------------------
     metrics_enabled: bool = Field(True, description="Serve GET /metrics (Prometheus, no auth)")
@@ -157,6 +182,13 @@ class Settings(BaseModel):
     @classmethod
     def _data_dir_absolute(cls, value: Path) -> Path:
         return value.expanduser().absolute()
+
+    @field_validator("config_path", "config_legacy_path")
+    @classmethod
+    def _relative_inside_root(cls, value: Path) -> Path:
+        if value.is_absolute() or ".." in value.parts or not value.parts:
+            raise ValueError("must be a path relative to the workspace root, without '..'")
+        return value
 
     @field_validator("token")
     @classmethod

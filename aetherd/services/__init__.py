@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from aetherd.metrics import Metrics
 from aetherd.services.activity import ActivityTracker
+from aetherd.services.config import ConfigStore
 from aetherd.services.idle import IdleAction
 from aetherd.services.jail import Jail
 from aetherd.services.ports import PortScanner
@@ -26,6 +27,7 @@ class Services:
     """The daemon's services, built from its settings."""
 
     ports: PortScanner
+    config: ConfigStore
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -84,6 +86,10 @@ def build_services(settings: Settings) -> Services:
     # Start order matters: later services may read earlier ones; stop runs in reverse.
 
     # -- config (the workspace config store) --
+    services.config = services.add(ConfigStore(settings, services.jail))
+    # The BootRunner (aetherd.services.boot) needs a TerminalLauncher; it is added once
+    # the terminal manager exists, after it so it starts later and stops earlier:
+    #   services.boot = services.add(BootRunner(settings, services.config, launcher, services.jail))
 
     # -- files (file system operations, watcher) --
 

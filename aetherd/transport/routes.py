@@ -18,6 +18,7 @@ from aetherd.logs import connection_id
 from aetherd.metrics import CONTENT_TYPE
 from aetherd.protocol.context import Context, Daemon
 from aetherd.protocol.dispatch import Dispatcher
+from aetherd.transport import config_http
 from aetherd.transport.auth import Authenticator, extract_token
 from aetherd.transport.connection import Connection
 
@@ -191,3 +192,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/workspaces/{workspace_id}/ws", websocket)
     app.router.add_get("/workspaces/{workspace_id}/info", info)
+    config_http.add_routes(app)
