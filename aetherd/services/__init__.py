@@ -83,6 +83,15 @@ def build_services(settings: Settings) -> Services:
     # -- ports (port scanner) --
 
     # -- agent (transcript store, agent runner) --
+    from aetherd.agent.runner import AgentRunner
+    from aetherd.services.transcript import TranscriptStore
+
+    services.transcript = services.add(
+        TranscriptStore(
+            settings.data_dir / "agent.sqlite3", commit_batch=settings.agent_commit_batch
+        )
+    )
+    services.agent = services.add(AgentRunner(settings, services.jail, services.transcript))
 
     # -- operations (metrics, notify) --
 

@@ -17,6 +17,15 @@ from tests.support import RawWebSocket, wait_for
 CHANNELS = ["terminal", "files", "agent", "ports", "config"]
 
 
+async def _receive_non_text(ws, timeout=5.0, skip=100):
+    """The next control/close message, skipping text frames pushed on connect."""
+    for _ in range(skip):
+        msg = await ws.receive(timeout=timeout)
+        if msg.type is not aiohttp.WSMsgType.TEXT:
+            return msg
+    raise AssertionError("only text frames arrived")
+
+
 async def test_every_frame_error_keeps_the_socket_usable(daemon):
     client = await daemon.connect()
     cases = [
@@ -59,7 +68,7 @@ async def test_unknown_type_on_each_channel(daemon, channel):
 async def test_oversize_frame_closes_with_1009(daemon):
     client = await daemon.connect()
     await client.send("x" * (1024 * 1024 + 1))
-    msg = await client.ws.receive(timeout=10)
+    msg = await _receive_non_text(client.ws, timeout=10)
     assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
     assert client.ws.close_code == 1009
 
@@ -77,11 +86,11 @@ async def test_frame_of_exactly_one_mib_is_accepted(daemon):
 async def test_server_pings_and_drops_a_client_that_never_pongs(start_daemon):
     running = await start_daemon(ping_interval=0.1, pong_timeout=0.6)
     client = await running.connect(autoping=False)
-    msg = await client.ws.receive(timeout=5)
+    msg = await _receive_non_text(client.ws)
     assert msg.type is aiohttp.WSMsgType.PING
     # Never answer: the server must close within pong_timeout (plus a tick).
     for _ in range(200):
-        msg = await client.ws.receive(timeout=5)
+        msg = await _receive_non_text(client.ws)
         if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
             break
         assert msg.type is aiohttp.WSMsgType.PING
@@ -96,7 +105,7 @@ async def test_a_client_that_pongs_stays_connected(start_daemon):
     client = await running.connect(autoping=False)
     pings = 0
     while pings < 12:  # 12 pings span well over twice the pong timeout
-        msg = await client.ws.receive(timeout=5)
+        msg = await _receive_non_text(client.ws)
         assert msg.type is aiohttp.WSMsgType.PING, msg
         pings += 1
         await client.ws.pong(msg.data)
@@ -221,6 +230,6 @@ async def test_shutdown_closes_sockets_with_1001(start_daemon):
     running = await start_daemon()
     client = await running.connect()
     await close_sockets(running.app)
-    msg = await client.ws.receive(timeout=10)
+    msg = await _receive_non_text(client.ws, timeout=10)
     assert msg.type is aiohttp.WSMsgType.CLOSE
     assert msg.data == 1001
