@@ -77,7 +77,8 @@ def _destructive_argv(argv: list[str], depth: int) -> str | None:
             for a in flags
         )
         targets = [a for a in args if not a.startswith("-")]
-        if recursive and any(not _is_temp(t) for t in targets):
+        # No target at all (`xargs rm -rf`): the targets come from elsewhere; ask.
+        if recursive and (not targets or any(not _is_temp(t) for t in targets)):
             return "recursive delete outside a temporary folder"
         return None
     if name == "git":
