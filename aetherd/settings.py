@@ -136,6 +136,11 @@ class Settings(BaseModel):
     agent_tool_max_results: int = Field(
         500, ge=1, description="Entries returned by list_files, glob and grep"
     )
+    agent_context_tasks: int = Field(
+        10,
+        ge=0,
+        description="Earlier tasks (prompt and final answer) given to the model as context",
+    )
     agent_max_queued: int = Field(32, ge=1, description="Queued tasks before prompt is refused")
     agent_retry_attempts: int = Field(4, ge=0, description="Retries of a 429/5xx provider reply")
     agent_retry_base_delay: float = Field(1.0, ge=0, description="First retry delay (doubles)")

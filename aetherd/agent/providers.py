@@ -412,8 +412,12 @@ async def openai_stream(
         ],
         "stream": True,
         "stream_options": {"include_usage": True},
-        "max_tokens": config.max_tokens,
     }
+    # api.openai.com's newer models refuse `max_tokens`; compatible servers know only it.
+    if "api.openai.com" in config.base_url:
+        body["max_completion_tokens"] = config.max_tokens
+    else:
+        body["max_tokens"] = config.max_tokens
     headers = {
         "authorization": f"Bearer {config.api_key}",
         "content-type": "application/json",

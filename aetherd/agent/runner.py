@@ -41,6 +41,7 @@ log = logging.getLogger("aetherd.agent")
 
 PROVIDERS = ("anthropic", "openai", "openrouter")
 MAX_TASK_ID = 128
+CONTEXT_TEXT_MAX = 8192  # characters of an earlier task's prompt/answer carried as context
 SYSTEM_PROMPT = (
     "You are a coding agent working inside a developer's workspace. The workspace root "
     "is `/` for the file tools and the working directory of `bash`. Read the code before "
@@ -485,7 +486,8 @@ class AgentRunner:
     async def _loop(self, job: Job) -> None:
         assert self._session is not None
         config = self.provider_config(job.provider, job.model)
-        conversation: list[dict[str, Any]] = [{"role": "user", "text": job.prompt}]
+        conversation = await self._context()
+        conversation.append({"role": "user", "text": job.prompt})
         for _turn in range(self.settings.agent_max_turns):
             message_ids: dict[tuple[str, int], str] = {}
             end = None
@@ -508,6 +510,8 @@ class AgentRunner:
             conversation.append({"role": "assistant", "blocks": end.blocks})
             calls = [b for b in end.blocks if b["type"] == "tool_call"]
             if not calls:
+                final = "".join(b["text"] for b in end.blocks if b["type"] == "text")
+                await self.store.update_task(job.task_id, final_text=final[:CONTEXT_TEXT_MAX])
                 return
             results = [await self._call_tool(job, call) for call in calls]
             conversation.append({"role": "tool", "results": results})
@@ -515,6 +519,19 @@ class AgentRunner:
             ErrorCode.LIMIT_EXCEEDED,
             f"the turn limit ({self.settings.agent_max_turns} model calls) was reached",
         )
+
+    async def _context(self) -> list[dict[str, Any]]:
+        """Earlier tasks as user/assistant pairs, so a follow-up prompt has its context."""
+        out: list[dict[str, Any]] = []
+        for task in await self.store.recent_tasks(self.settings.agent_context_tasks):
+            answer = task["final_text"]
+            if not answer:
+                answer = f"(that task ended {task['status']}" + (
+                    f": {task['error']})" if task["error"] else ")"
+                )
+            out.append({"role": "user", "text": task["prompt"][:CONTEXT_TEXT_MAX]})
+            out.append({"role": "assistant", "blocks": [{"type": "text", "text": answer}]})
+        return out
 
     async def _wait_for_person(
         self, job: Job, table: dict[str, Pending], key: str, call_id: str, event: dict[str, Any]

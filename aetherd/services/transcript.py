@@ -35,7 +35,7 @@ from aetherd.errors import AetherError, ErrorCode
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Migrations: MIGRATIONS[n] brings the schema from version n to n + 1.
 MIGRATIONS: list[str] = [
@@ -62,6 +62,10 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX events_task ON events(task_id, seq);
     CREATE TABLE agent_settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+    # 2: what a finished task answered last, carried into later tasks as context.
+    """
+    ALTER TABLE tasks ADD COLUMN final_text TEXT;
     """,
 ]
 
@@ -281,6 +285,7 @@ class TranscriptStore:
             "input_tokens",
             "output_tokens",
             "error",
+            "final_text",
         }
         unknown = set(fields) - allowed
         if unknown:
@@ -308,6 +313,21 @@ class TranscriptStore:
             return dict(zip([d[0] for d in cur.description], row, strict=True))
 
         return await self._call(run)
+
+    async def recent_tasks(self, limit: int) -> list[dict[str, Any]]:
+        """The last `limit` finished tasks, oldest first: task_id, prompt, status, final_text, error."""
+
+        def run() -> list[dict[str, Any]]:
+            assert self._conn is not None
+            rows = self._conn.execute(
+                "SELECT task_id, prompt, status, final_text, error FROM tasks "
+                "WHERE finished_at IS NOT NULL ORDER BY finished_at DESC, rowid DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+            keys = ("task_id", "prompt", "status", "final_text", "error")
+            return [dict(zip(keys, row, strict=True)) for row in reversed(rows)]
+
+        return await self._call(run) if limit > 0 else []
 
     async def tasks_with_status(self, statuses: tuple[str, ...]) -> list[str]:
         """Ids of tasks whose status is one of `statuses`, oldest first."""

@@ -454,7 +454,7 @@ async def test_abort_kills_a_long_bash_command(start_daemon, anthropic, workspac
 async def test_prompts_queue_and_run_one_at_a_time(start_daemon, anthropic):
     gate = asyncio.Event()
     anthropic.add(Turn(text=["first"], pause_after=3, gate=gate), Turn(text=["second"]))
-    running = await start_agent(start_daemon, anthropic)
+    running = await start_agent(start_daemon, anthropic, agent_max_queued=1)
     client = await running.connect()
     await history(client)
     await client.send({"channel": "agent", "type": "prompt", "prompt": "a", "taskId": "t1"})
@@ -465,6 +465,8 @@ async def test_prompts_queue_and_run_one_at_a_time(start_daemon, anthropic):
     assert queued["prompt"] == "b"
     dup = await client.request("agent", "prompt", prompt="c", taskId="t2")
     assert dup["code"] == "CONFLICT"
+    full = await client.request("agent", "prompt", prompt="c", taskId="t3")
+    assert full["code"] == "LIMIT_EXCEEDED"  # agent_max_queued=1
     assert len(anthropic.requests) == 1  # t2 waits for t1
     gate.set()
     first = await task_events(client, "t1")
@@ -547,6 +549,15 @@ async def test_history_replays_merged_text_and_pages(start_daemon, anthropic):
     live = await task_events(client, "t1")
     await client.send({"channel": "agent", "type": "prompt", "prompt": "p2", "taskId": "t2"})
     live += await task_events(client, "t2")
+    # The second task saw the first one (prompt and final answer) as context.
+    assert anthropic.requests[1]["messages"] == [
+        {"role": "user", "content": "p1"},
+        {
+            "role": "assistant",
+            "content": [{"type": "text", "text": "".join(f"w{i} " for i in range(30))}],
+        },
+        {"role": "user", "content": "p2"},
+    ]
     other = await running.connect()
     page = await history(other)
     assert page["latestSeq"] == live[-1]["seq"] and page["hasMore"] is False

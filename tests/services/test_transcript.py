@@ -17,7 +17,7 @@ import pytest
 from aetherd.agent.runner import AgentRunner
 from aetherd.errors import AetherError
 from aetherd.services.jail import Jail
-from aetherd.services.transcript import SCHEMA_VERSION, TranscriptStore, merge_events
+from aetherd.services.transcript import MIGRATIONS, SCHEMA_VERSION, TranscriptStore, merge_events
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,6 +44,35 @@ async def test_schema_wal_and_monotonic_seq_across_reopen(tmp_path):
     assert latest == 6 and more is False
     assert events[0]["content"] == "01234" and events[0]["seq"] == 5
     await store.stop()
+
+
+async def test_a_version_1_file_is_migrated_in_place(tmp_path):
+    path = tmp_path / "agent.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.executescript(MIGRATIONS[0])
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO schema_version VALUES (1)")
+    conn.execute(
+        "INSERT INTO tasks(task_id, status, prompt, created_at, finished_at) "
+        "VALUES ('old', 'completed', 'p', 'x', 'y')"
+    )
+    conn.commit()
+    conn.close()
+    store = await open_store(path)
+    await store.update_task("old", final_text="answer")
+    assert await store.recent_tasks(5) == [
+        {
+            "task_id": "old",
+            "prompt": "p",
+            "status": "completed",
+            "final_text": "answer",
+            "error": None,
+        }
+    ]
+    await store.stop()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    conn.close()
 
 
 async def test_a_newer_schema_is_refused(tmp_path):
