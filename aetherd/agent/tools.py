@@ -404,17 +404,29 @@ class Tools:
         asked = args.get("timeout")
         if isinstance(asked, (int, float)) and asked > 0:
             timeout = min(float(asked), timeout)
-        proc = await asyncio.create_subprocess_exec(
-            "bash",
-            "-c",
-            command,
-            cwd=str(self.jail.root),
-            env=self.bash_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        creating = asyncio.ensure_future(
+            asyncio.create_subprocess_exec(
+                "bash",
+                "-c",
+                command,
+                cwd=str(self.jail.root),
+                env=self.bash_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         )
+        try:
+            proc = await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            # Cancelled while asyncio was still wiring the pipes: the process (and any
+            # children it already forked) runs; asyncio alone would kill bash only.
+            with contextlib.suppress(BaseException):
+                started = await creating
+                _kill_group(started.pid)
+                await asyncio.wait_for(started.wait(), 2.0)
+            raise
         limit = self.limits.output_max
         head = bytearray()
         tail = bytearray()

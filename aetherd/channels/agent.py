@@ -176,7 +176,15 @@ async def push_history(ctx: Context) -> None:
             held.append((event["seq"], text))
 
     peer.add_cleanup(runner.subscribe(deliver))
-    page = await runner.history()
+    try:
+        page = await runner.history()
+    except BaseException:
+        # No history: still deliver live events rather than hold them forever.
+        for _seq, text in held:
+            peer.send(text)
+        held.clear()
+        state["live"] = True
+        raise
     latest = page["latestSeq"]
     peer.send({"channel": "agent", "type": "history", **page})
     state["latest"] = latest
