@@ -136,6 +136,9 @@ class Settings(BaseModel):
     agent_tool_max_results: int = Field(
         500, ge=1, description="Entries returned by list_files, glob and grep"
     )
+    agent_progress_interval: float = Field(
+        0.1, gt=0, description="Seconds between bash output progress events of one tool call"
+    )
     agent_context_tasks: int = Field(
         10,
         ge=0,

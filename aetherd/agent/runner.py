@@ -344,7 +344,8 @@ class AgentRunner:
             self.provider_config(provider, model)
         except AetherError as err:
             await self.store.create_task(task_id, prompt, provider, model, "failed")
-            self.emit(task_id, "status", status="failed", prompt=prompt)
+            # The prompt is recorded (queued), then the task fails at once.
+            self.emit(task_id, "status", status="queued", prompt=prompt)
             await self._finish_record(task_id, "failed", err.message, err.code.value, {})
             return {
                 "taskId": task_id,
@@ -622,7 +623,11 @@ class AgentRunner:
         )
         try:
             if name == "bash":
-                text, is_error = await self.tools.bash(args)
+                progress = _Progress(self, job.task_id, call_id, name, args)
+                try:
+                    text, is_error = await self.tools.bash(args, progress.add)
+                finally:
+                    progress.close()
             else:
                 text = await asyncio.wait_for(
                     self.tools.run(name, args), self.settings.agent_tool_timeout
@@ -643,3 +648,56 @@ class AgentRunner:
         fields["error" if is_error else "result"] = text
         self.emit(job.task_id, "tool_result", **fields)
         return {"id": call_id, "name": name, "content": text, "is_error": is_error}
+
+
+class _Progress:
+    """Coalesces a running bash's output into `tool_invocation{running, progress}` events.
+
+    At most one event per `agent_progress_interval`, and at most `agent_tool_output_max`
+    characters in all (the full, capped output is in the `tool_result`)."""
+
+    def __init__(
+        self, runner: AgentRunner, task_id: str, call_id: str, name: str, args: dict[str, Any]
+    ) -> None:
+        self.runner = runner
+        self.task_id = task_id
+        self.call_id = call_id
+        self.name = name
+        self.args = args
+        self.parts: list[str] = []
+        self.budget = runner.settings.agent_tool_output_max
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, text: str) -> None:
+        """Buffer output; schedule a flush."""
+        if not text or self.budget <= 0:
+            return
+        text = text[: self.budget]
+        self.budget -= len(text)
+        self.parts.append(text)
+        if self.timer is None:
+            loop = asyncio.get_running_loop()
+            self.timer = loop.call_later(self.runner.settings.agent_progress_interval, self.flush)
+
+    def flush(self) -> None:
+        """Emit what is buffered."""
+        self.timer = None
+        if not self.parts:
+            return
+        text = "".join(self.parts)
+        self.parts.clear()
+        self.runner.emit(
+            self.task_id,
+            "tool_invocation",
+            toolCallId=self.call_id,
+            name=self.name,
+            input=self.args,
+            status="running",
+            progress=text,
+        )
+
+    def close(self) -> None:
+        """Flush the rest and stop."""
+        if self.timer is not None:
+            self.timer.cancel()
+        self.flush()

@@ -9,13 +9,14 @@ the loop returns to the model as an error result; the task goes on.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import functools
 import os
 import re
 import signal
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -395,8 +396,12 @@ class Tools:
         env.update(self.env)
         return env
 
-    async def bash(self, args: dict[str, Any]) -> tuple[str, bool]:
-        """Run `command`; returns (output, is_error). Cancelling kills the process group."""
+    async def bash(
+        self, args: dict[str, Any], on_output: Callable[[str], None] | None = None
+    ) -> tuple[str, bool]:
+        """Run `command`; returns (output, is_error). Cancelling kills the process group.
+
+        `on_output(text)` sees the output as it comes (decoded incrementally)."""
         command = args.get("command")
         if not isinstance(command, str) or not command.strip():
             raise ToolError("`command` must be a non-empty string")
@@ -432,6 +437,8 @@ class Tools:
         tail = bytearray()
         total = 0
 
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
         async def read() -> None:
             nonlocal total, tail
             assert proc.stdout is not None
@@ -439,6 +446,8 @@ class Tools:
                 chunk = await proc.stdout.read(65536)
                 if not chunk:
                     return
+                if on_output is not None:
+                    on_output(decoder.decode(chunk))
                 total += len(chunk)
                 room = limit - len(head)
                 if room > 0:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +95,14 @@ async def test_prompt_without_a_key_fails_at_once_naming_the_variable(start_daem
     assert reply["success"] is False
     assert reply["code"] == "PROVIDER_NOT_CONFIGURED"
     assert "ANTHROPIC_API_KEY" in reply["error"]
-    done = await client.expect_type("agent", "done", taskId="t-nokey")
-    assert done["status"] == "failed"
+    events = await task_events(client, "t-nokey")
+    assert [(e["type"], e["status"]) for e in events] == [
+        ("status", "queued"),
+        ("status", "failed"),
+        ("done", "failed"),
+    ]
+    assert events[0]["prompt"] == "hello"
+    done = events[-1]
     assert done["code"] == "PROVIDER_NOT_CONFIGURED"
     assert "ANTHROPIC_API_KEY" in done["error"]
     # Switching provider names that provider's variable.
@@ -406,7 +414,11 @@ async def test_abort_during_model_streaming(start_daemon, anthropic):
     await history(client)
     await client.send({"channel": "agent", "type": "prompt", "prompt": "talk", "taskId": "t1"})
     await client.expect_type("agent", "text", taskId="t1")
-    assert running.daemon.services.running_tasks() == 1
+    async with client.session.get(
+        running.url("/workspaces/ws-test/info"),
+        headers={"Authorization": f"Bearer {running.token}"},
+    ) as resp:
+        assert (await resp.json())["runningTasks"] == 1
     reply = await client.request("agent", "abort", taskId="t1")
     assert reply["data"] == {"taskId": "t1", "status": "aborted"}
     events = await task_events(client, "t1")
@@ -420,6 +432,28 @@ async def test_abort_during_model_streaming(start_daemon, anthropic):
     assert again["code"] == "CONFLICT"
     missing = await client.request("agent", "abort", taskId="nope")
     assert missing["code"] == "TASK_NOT_FOUND"
+
+
+async def test_bash_output_streams_as_progress(start_daemon, anthropic, workspace):
+    script = (
+        "echo line-one; for i in $(seq 1000); do [ -e go ] && break; sleep 0.01; done; "
+        "echo line-two"
+    )
+    bash = ToolUse("bash", json.dumps({"command": script}))
+    anthropic.add(Turn(tools=[bash]), Turn(text=["ok"]))
+    running = await start_agent(start_daemon, anthropic, agent_progress_interval=0.01)
+    client = await running.connect()
+    await history(client)
+    await client.send({"channel": "agent", "type": "prompt", "prompt": "p", "taskId": "t1"})
+    progress = await client.expect(lambda f: f.get("type") == "tool_invocation" and "progress" in f)
+    assert progress["progress"] == "line-one\n"
+    assert progress["toolCallId"] == bash.id and progress["status"] == "running"
+    (workspace / "go").write_text("")
+    events = await task_events(client, "t1")
+    later = [e["progress"] for e in events if e["type"] == "tool_invocation" and "progress" in e]
+    assert "".join(later) == "line-two\n"
+    result = next(e for e in events if e["type"] == "tool_result")
+    assert result["result"] == "line-one\nline-two\n"
 
 
 @pytest.mark.slow
@@ -519,6 +553,23 @@ async def test_provider_errors_fail_the_task_with_the_providers_message(
     done = events[-1]
     assert done["status"] == "failed" and done["code"] == "PROVIDER_ERROR"
     assert message in done["error"]
+
+
+async def test_an_unreachable_provider_is_a_provider_error(start_daemon):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    running = await start_daemon(
+        anthropic_api_key="k",
+        anthropic_base_url=f"http://127.0.0.1:{port}",
+        agent_retry_attempts=1,
+        agent_retry_base_delay=0.01,
+    )
+    client = await running.connect()
+    await history(client)
+    await client.send({"channel": "agent", "type": "prompt", "prompt": "p", "taskId": "t1"})
+    done = (await task_events(client, "t1"))[-1]
+    assert done["code"] == "PROVIDER_ERROR" and "cannot reach anthropic" in done["error"]
 
 
 async def test_openai_error_chunk_and_turn_limit(start_daemon, openai):
@@ -636,6 +687,9 @@ async def test_history_survives_a_daemon_restart(start_daemon, anthropic):
     live = await task_events(client, "t1")
     await client.close()
     await running.server.close()
+    # Stopping released the transcript's writer thread and the agent's worker.
+    assert not [t for t in threading.enumerate() if t.name.startswith("transcript")]
+    assert running.daemon.services.agent._worker.done()
     again = await start_agent(start_daemon, anthropic)
     client = await again.connect()
     page = await history(client)
