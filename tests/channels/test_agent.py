@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
+import sqlite3
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,7 +16,9 @@ from typing import Any
 import pytest
 
 from tests.agent.providers import FakeProvider, HttpError, ToolUse, Turn
-from tests.support import WsClient, wait_for
+from tests.conftest import TOKEN
+from tests.support import WsClient, connect, wait_for
+from tests.test_cli import _read_port, _wait_ready, aetherd_command, child_env
 
 KEY_VARS = (
     "ANTHROPIC_API_KEY",
@@ -740,3 +745,67 @@ async def test_agent_errors_without_request_id_are_agent_error_events(daemon):
     await client.send({"channel": "agent", "type": "prompt"})
     frame = await client.expect_type("error", "error")
     assert frame["code"] == "INVALID_MESSAGE" and "prompt" in frame["error"]
+
+
+@pytest.mark.slow
+async def test_sigkill_of_the_daemon_mid_stream_keeps_what_was_committed(
+    start_daemon, anthropic, tmp_path, workspace
+):
+    pieces = [f"p{i};" for i in range(3000)]
+    anthropic.add(Turn(text=pieces, chunk_size=0, frame_delay=0.002))
+    data = tmp_path / "data"
+    env = child_env(
+        tmp_path, AETHERD_ANTHROPIC_API_KEY="k", AETHERD_ANTHROPIC_BASE_URL=anthropic.base_url
+    )
+    proc = subprocess.Popen(  # noqa: ASYNC220 (a long-lived child, read from threads)
+        [
+            *aetherd_command(),
+            "serve",
+            "--port=0",
+            f"--root={workspace}",
+            f"--data-dir={data}",
+            f"--token={TOKEN}",
+            "--workspace-id=ws-test",
+            "--log-format=json",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        port, _ = await asyncio.to_thread(_read_port, proc)
+        await _wait_ready(port, proc)
+        client = await connect(f"http://127.0.0.1:{port}/workspaces/ws-test/ws", TOKEN)
+        try:
+            await history(client)
+            await client.send({"channel": "agent", "type": "prompt", "prompt": "p", "taskId": "t1"})
+            await client.expect(lambda f: f.get("type") == "text" and f["content"] == "p100;")
+            # A history read commits everything before it: this seq is on disk now.
+            committed = (await client.request("agent", "history", limit=1))["data"]["latestSeq"]
+            await client.expect(lambda f: f.get("type") == "text" and f["content"] == "p300;")
+            os.kill(proc.pid, signal.SIGKILL)  # mid-stream
+            await asyncio.to_thread(proc.wait, 10)
+        finally:
+            await client.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    conn = sqlite3.connect(data / "agent.sqlite3")
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        seqs = [row[0] for row in conn.execute("SELECT seq FROM events ORDER BY seq")]
+    finally:
+        conn.close()
+    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= committed
+    running = await start_agent(start_daemon, anthropic)
+    client = await running.connect()
+    page = await history(client)
+    text = texts([e for e in page["events"] if e["taskId"] == "t1"])
+    assert "".join(pieces).startswith(text) and "p100;" in text
+    done = page["events"][-1]
+    assert done["type"] == "done" and done["status"] == "failed"
+    assert done["error"] == "daemon restarted" and done["seq"] == len(seqs) + 2
