@@ -461,6 +461,28 @@ async def test_bash_output_streams_as_progress(start_daemon, anthropic, workspac
     assert result["result"] == "line-one\nline-two\n"
 
 
+async def test_abort_while_awaiting_approval_drops_the_request(start_daemon, anthropic, workspace):
+    anthropic.add(
+        Turn(text=["resetting"], tools=[ToolUse("bash", '{"command": "git reset --hard"}')])
+    )
+    running = await start_agent(start_daemon, anthropic)
+    client = await running.connect()
+    await history(client)
+    await client.send({"channel": "agent", "type": "prompt", "prompt": "p", "taskId": "t1"})
+    request = await client.expect_type("agent", "permission_request", taskId="t1")
+    assert "hard reset" in request["description"]
+    reply = await client.request("agent", "abort", taskId="t1")
+    assert reply["success"] is True
+    events = await task_events(client, "t1")
+    assert events[-1]["status"] == "aborted"
+    other = await running.connect()
+    page = await history(other)
+    assert page["pending"] == []
+    assert texts([e for e in page["events"] if e["taskId"] == "t1"]) == "resetting"  # work stays
+    late = await decide(other, "approve", request["requestId"])
+    assert late["code"] == "NOT_FOUND"
+
+
 @pytest.mark.slow
 async def test_abort_kills_a_long_bash_command(start_daemon, anthropic, workspace):
     bash = ToolUse("bash", json.dumps({"command": "echo $$ > pid.txt; sleep 60; echo never"}))
