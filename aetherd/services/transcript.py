@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import threading
 from collections import deque
@@ -34,6 +35,7 @@ from typing import Any, TypeVar
 from aetherd.errors import AetherError, ErrorCode
 
 T = TypeVar("T")
+log = logging.getLogger("aetherd.transcript")
 
 SCHEMA_VERSION = 2
 
@@ -71,6 +73,12 @@ MIGRATIONS: list[str] = [
 
 MERGED_TYPES = ("text", "thinking")
 ACTIVE_STATUSES = ("queued", "running", "awaiting_input")
+
+
+def _log_failure(future: Any) -> None:
+    exc = future.exception()
+    if exc is not None:
+        log.error("committing transcript events failed: %s", exc)
 
 
 def utc_now() -> str:
@@ -219,7 +227,7 @@ class TranscriptStore:
             return
         self._flush_scheduled = True
         future = self._executor.submit(self._flush_job)
-        future.add_done_callback(lambda f: f.exception())
+        future.add_done_callback(_log_failure)
 
     def _flush_job(self) -> None:
         # Clear the flag first: rows appended after this point schedule a new job.

@@ -258,6 +258,42 @@ async def test_settings_are_persisted_and_honoured(start_daemon, openai, tmp_pat
     assert openai.requests[0]["model"] == "my-model"
 
 
+async def test_the_config_seam_sets_defaults_env_and_ignores(start_daemon, openai, workspace):
+    (workspace / "vendor").mkdir()
+    (workspace / "vendor" / "x.py").write_text("")
+    (workspace / "main.py").write_text("")
+    openai.add(
+        Turn(
+            tools=[
+                ToolUse(
+                    "bash", json.dumps({"command": "rm -rf vendor-copy; echo $STAGE"}), id="c1"
+                ),
+                ToolUse("glob", json.dumps({"pattern": "**/*.py"}), id="c2"),
+            ]
+        ),
+        Turn(text=["ok"]),
+    )
+    running = await start_daemon(openai_api_key="k", openai_base_url=openai.base_url)
+    running.daemon.services.agent.apply_config(
+        {"provider": "openai", "model": "cfg-model", "permission_mode": "full"},
+        {"STAGE": "from-config"},
+        ["vendor"],
+    )
+    client = await running.connect()
+    await history(client)
+    current = await client.request("agent", "settings")
+    assert current["data"] == {"provider": "openai", "model": "cfg-model", "permissionMode": "full"}
+    await client.send({"channel": "agent", "type": "prompt", "prompt": "p", "taskId": "t1"})
+    events = await task_events(client, "t1")
+    results = {e["toolCallId"]: e for e in events if e["type"] == "tool_result"}
+    assert results["c1"]["result"].strip() == "from-config"  # full mode: no approval asked
+    assert results["c2"]["result"] == "/main.py"  # vendor/ is ignored
+    assert openai.requests[0]["model"] == "cfg-model"
+    # A client's own settings win over the workspace config.
+    reply = await client.request("agent", "settings", permissionMode="ask")
+    assert reply["data"]["permissionMode"] == "ask" and reply["data"]["model"] == "cfg-model"
+
+
 # -- permissions ---------------------------------------------------------------------------
 
 
