@@ -636,6 +636,7 @@ async def test_an_unreachable_provider_is_a_provider_error(start_daemon):
 
 
 async def test_openai_error_chunk_and_turn_limit(start_daemon, openai):
+    openai.add(HttpError(429, "Rate limit reached", "requests", retry_after="0.01"))
     openai.add(Turn(error={"message": "context too long", "type": "invalid_request_error"}))
     loop = ToolUse("list_files", "{}", id="call_l")
     openai.add(Turn(tools=[loop]), Turn(tools=[ToolUse("list_files", "{}", id="call_m")]))
@@ -645,6 +646,7 @@ async def test_openai_error_chunk_and_turn_limit(start_daemon, openai):
     await client.send({"channel": "agent", "type": "prompt", "prompt": "p", "taskId": "t1"})
     done = (await task_events(client, "t1"))[-1]
     assert done["code"] == "PROVIDER_ERROR" and "context too long" in done["error"]
+    assert len(openai.requests) == 2  # the 429 was retried
     await client.send({"channel": "agent", "type": "prompt", "prompt": "p", "taskId": "t2"})
     done = (await task_events(client, "t2"))[-1]
     assert done["status"] == "failed" and "turn limit" in done["error"]
