@@ -155,7 +155,10 @@ class Settings(BaseModel):
         10_000, ge=1, description="Stored events replayed on connect (older ones are paged)"
     )
     agent_history_bytes: int = Field(
-        16 * MiB, ge=64 * 1024, description="Payload bytes of one history frame"
+        3 * MiB,
+        ge=64 * 1024,
+        description="Approximate bytes of one history frame (clients such as aiohttp "
+        "refuse frames over 4 MiB by default)",
     )
     agent_commit_batch: int = Field(
         512, ge=1, description="Transcript events committed in one SQLite transaction at most"

@@ -72,6 +72,7 @@ MIGRATIONS: list[str] = [
 ]
 
 MERGED_TYPES = ("text", "thinking")
+EVENT_OVERHEAD = 100  # bytes an event adds to a frame beyond its payload (type, seq, ids)
 ACTIVE_STATUSES = ("queued", "running", "awaiting_input")
 
 
@@ -372,10 +373,11 @@ class TranscriptStore:
             size = 0
             kept = 0
             for _seq, _task, _type, _created, payload in rows:
-                if kept and size + len(payload) > max_bytes:
+                cost = len(payload) + EVENT_OVERHEAD
+                if kept and size + cost > max_bytes:
                     has_more = True
                     break
-                size += len(payload)
+                size += cost
                 kept += 1
             rows = rows[:kept]
             latest = int(rows[0][0]) if rows else 0
