@@ -118,6 +118,7 @@ TOOL_SPECS: list[dict[str, Any]] = [
     },
 ]
 TOOL_NAMES = frozenset(spec["name"] for spec in TOOL_SPECS)
+FILE_TOOLS = frozenset({"read_file", "write_file", "edit_file", "list_files", "glob", "grep"})
 
 
 class ToolError(Exception):
@@ -204,9 +205,9 @@ class Tools:
 
     async def run(self, name: str, args: dict[str, Any]) -> str:
         """Run file tool `name` (not bash/ask_user) in a thread; returns the result text."""
-        func = getattr(self, f"_{name}", None)
-        if func is None:
+        if name not in FILE_TOOLS:
             raise ToolError(f"unknown tool {name!r}")
+        func = getattr(self, f"_{name}")
         return await asyncio.to_thread(func, args)
 
     # -- file tools (run in a thread) ---------------------------------------------------

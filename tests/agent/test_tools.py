@@ -135,3 +135,9 @@ async def test_cancelling_bash_kills_its_process_group(tools, workspace):
             break
         await asyncio.sleep(0.01)
     assert not alive(child)
+
+
+async def test_only_file_tools_run_through_run(tools):
+    for name in ("bash", "ask_user", "walk", "read_text", "nope"):
+        with pytest.raises(ToolError, match="unknown tool"):
+            await tools.run(name, {})
