@@ -83,6 +83,8 @@ def build_services(settings: Settings) -> Services:
     # -- ports (port scanner) --
 
     # -- agent (transcript store, agent runner) --
+    # Imported here so this block stays self-contained next to the other markers.
+    # The config service calls `services.agent.apply_config(defaults, env, ignore)`.
     from aetherd.agent.runner import AgentRunner
     from aetherd.services.transcript import TranscriptStore
 
