@@ -32,6 +32,7 @@ from aetherd.agent.providers import (
 )
 from aetherd.agent.tools import DEFAULT_IGNORE, TOOL_NAMES, TOOL_SPECS, ToolError, ToolLimits, Tools
 from aetherd.errors import AetherError, ErrorCode
+from aetherd.logs import redactor
 from aetherd.protocol.frames import dumps
 from aetherd.services.jail import Jail
 from aetherd.services.transcript import ACTIVE_STATUSES, TranscriptStore, utc_now
@@ -290,7 +291,9 @@ class AgentRunner:
         else:
             key = s.openrouter_api_key or env.get("OPENROUTER_API_KEY")
             base = s.openrouter_base_url
-        if not key:
+        if key:
+            redactor.add(key)  # a provider key never reaches a log line
+        else:
             variable = KEY_VARIABLES[provider]
             raise AetherError(
                 ErrorCode.PROVIDER_NOT_CONFIGURED,

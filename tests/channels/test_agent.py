@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from aetherd.logs import redactor
 from tests.agent.providers import FakeProvider, HttpError, ToolUse, Turn
 from tests.conftest import TOKEN
 from tests.support import WsClient, connect, wait_for
@@ -166,6 +167,7 @@ async def test_anthropic_stream_with_thinking_and_tools(start_daemon, anthropic,
     # What went over the wire to the provider.
     first, second = anthropic.requests
     assert anthropic.headers[0]["x-api-key"] == "sk-ant-test"
+    assert redactor._scrub("key sk-ant-test") == "key ***"  # never logged
     assert anthropic.headers[0]["anthropic-version"] == "2023-06-01"
     assert first["stream"] is True and first["thinking"]["budget_tokens"] == 2048
     assert {t["name"] for t in first["tools"]} >= {"bash", "read_file", "ask_user"}
