@@ -133,6 +133,68 @@ class Settings(BaseModel):
         return value
 
     # -- Agent channel (issue: agent) -----------------------------------------------------
+    agent_provider: Literal["anthropic", "openai", "openrouter"] = Field(
+        "anthropic", description="Default agent provider (a client's `settings` overrides it)"
+    )
+    agent_model: str | None = Field(None, description="Default model (else the provider's default)")
+    agent_permission_mode: Literal["auto", "ask", "full"] = Field(
+        "auto", description="Default agent permission mode"
+    )
+    anthropic_api_key: str | None = Field(
+        None, description="Anthropic key (else ANTHROPIC_API_KEY)"
+    )
+    anthropic_base_url: str | None = Field(
+        None, description="Anthropic API base URL (else ANTHROPIC_BASE_URL, else the public API)"
+    )
+    openai_api_key: str | None = Field(None, description="OpenAI key (else OPENAI_API_KEY)")
+    openai_base_url: str | None = Field(
+        None, description="OpenAI-compatible base URL incl. /v1 (else OPENAI_BASE_URL)"
+    )
+    openrouter_api_key: str | None = Field(
+        None, description="OpenRouter key (else OPENROUTER_API_KEY)"
+    )
+    openrouter_base_url: str = Field(
+        "https://openrouter.ai/api/v1", description="OpenRouter base URL"
+    )
+    agent_max_tokens: int = Field(8192, ge=1, description="max_tokens of one model response")
+    agent_thinking_budget: int = Field(
+        0, ge=0, description="Anthropic extended-thinking budget in tokens (0: off; >=1024 on)"
+    )
+    agent_max_turns: int = Field(50, ge=1, description="Model calls per task before it fails")
+    agent_tool_timeout: float = Field(120.0, gt=0, description="Seconds one tool call may run")
+    agent_tool_output_max: int = Field(
+        32 * 1024, ge=256, description="Characters of a tool result returned to the model"
+    )
+    agent_tool_max_results: int = Field(
+        500, ge=1, description="Entries returned by list_files, glob and grep"
+    )
+    agent_progress_interval: float = Field(
+        0.1, gt=0, description="Seconds between bash output progress events of one tool call"
+    )
+    agent_context_tasks: int = Field(
+        10,
+        ge=0,
+        description="Earlier tasks (prompt and final answer) given to the model as context",
+    )
+    agent_max_queued: int = Field(32, ge=1, description="Queued tasks before prompt is refused")
+    agent_retry_attempts: int = Field(4, ge=0, description="Retries of a 429/5xx provider reply")
+    agent_retry_base_delay: float = Field(1.0, ge=0, description="First retry delay (doubles)")
+    agent_retry_max_delay: float = Field(30.0, ge=0, description="Longest retry delay")
+    agent_stream_idle_timeout: float = Field(
+        120.0, gt=0, description="Seconds without a byte from the provider before it fails"
+    )
+    agent_history_events: int = Field(
+        10_000, ge=1, description="Stored events replayed on connect (older ones are paged)"
+    )
+    agent_history_bytes: int = Field(
+        3 * MiB,
+        ge=64 * 1024,
+        description="Approximate bytes of one history frame (clients such as aiohttp "
+        "refuse frames over 4 MiB by default)",
+    )
+    agent_commit_batch: int = Field(
+        512, ge=1, description="Transcript events committed in one SQLite transaction at most"
+    )
 
     # -- Config channel (issue: config) ---------------------------------------------------
     config_path: Path = Field(

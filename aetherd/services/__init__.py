@@ -99,6 +99,17 @@ def build_services(settings: Settings) -> Services:
     services.ports = services.add(PortScanner(settings))
 
     # -- agent (transcript store, agent runner) --
+    # Imported here so this block stays self-contained next to the other markers.
+    # The config service calls `services.agent.apply_config(defaults, env, ignore)`.
+    from aetherd.agent.runner import AgentRunner
+    from aetherd.services.transcript import TranscriptStore
+
+    services.transcript = services.add(
+        TranscriptStore(
+            settings.data_dir / "agent.sqlite3", commit_batch=settings.agent_commit_batch
+        )
+    )
+    services.agent = services.add(AgentRunner(settings, services.jail, services.transcript))
 
     # -- operations (metrics, notify) --
     if settings.idle_action:

@@ -56,10 +56,19 @@ async def test_unknown_type_on_each_channel(daemon, channel):
         assert frame["ref"] == {"channel": channel, "type": "nope", "sessionId": "s1"}
 
 
+async def _next_control(client) -> aiohttp.WSMessage:
+    """The next non-text message; text frames pushed on connect (ports/open...) are skipped."""
+    for _ in range(1000):
+        msg = await client.ws.receive(timeout=5)
+        if msg.type is not aiohttp.WSMsgType.TEXT:
+            return msg
+    raise AssertionError("no control frame among 1000 text frames")
+
+
 async def test_oversize_frame_closes_with_1009(daemon):
     client = await daemon.connect()
     await client.send("x" * (1024 * 1024 + 1))
-    msg = await client.ws.receive(timeout=10)
+    msg = await _next_control(client)
     assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
     assert client.ws.close_code == 1009
 
@@ -72,15 +81,6 @@ async def test_frame_of_exactly_one_mib_is_accepted(daemon):
     await client.send(text)
     reply = await client.expect(lambda f: f.get("requestId") == "big")
     assert reply["success"] is True
-
-
-async def _next_control(client) -> aiohttp.WSMessage:
-    """The next non-text message; text frames pushed on connect (ports/open...) are skipped."""
-    for _ in range(1000):
-        msg = await client.ws.receive(timeout=5)
-        if msg.type is not aiohttp.WSMsgType.TEXT:
-            return msg
-    raise AssertionError("no control frame among 1000 text frames")
 
 
 async def test_server_pings_and_drops_a_client_that_never_pongs(start_daemon):
@@ -230,7 +230,7 @@ async def test_shutdown_closes_sockets_with_1001(start_daemon):
     running = await start_daemon()
     client = await running.connect()
     await close_sockets(running.app)
-    msg = await client.ws.receive(timeout=10)
+    msg = await _next_control(client)
     assert msg.type is aiohttp.WSMsgType.CLOSE
     assert msg.data == 1001
 
