@@ -17,6 +17,7 @@ from aetherd.services.config import ConfigStore
 from aetherd.services.idle import IdleAction
 from aetherd.services.jail import Jail
 from aetherd.services.ports import PortScanner
+from aetherd.services.wiring import wire_config
 from aetherd.settings import Settings
 
 log = logging.getLogger("aetherd.services")
@@ -123,4 +124,5 @@ def build_services(settings: Settings) -> Services:
             )
         )
 
+    wire_config(services)
     return services

@@ -1,0 +1,60 @@
+"""The workspace config applies live to the other services, end to end over a socket."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.support import wait_for
+from tests.test_proxy import free_port
+
+LISTENER = (
+    "import socket, sys, time\n"
+    "s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n"
+    "time.sleep(60)\n"
+)
+
+
+async def _set_config(client, raw: str) -> None:
+    reply = await client.request("config", "set", raw=raw)
+    assert reply["success"] is True, reply
+
+
+async def test_port_labels_and_ignores_apply_live(start_daemon):
+    running = await start_daemon()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", LISTENER, str(port)])
+    try:
+        client = await running.connect()
+        first = await client.expect_type("ports", "open", port=port)
+        assert first["label"] is None
+        await _set_config(client, f"ports:\n  {port}:\n    label: web\n")
+        labelled = await client.expect_type("ports", "open", port=port, label="web")
+        assert labelled["pid"] == proc.pid
+        await _set_config(client, f"ports:\n  {port}:\n    ignore: true\n")
+        await client.expect_type("ports", "close", port=port)
+        reply = await client.request("ports", "list")
+        assert port not in [p["port"] for p in reply["data"]]
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+async def test_agent_defaults_env_and_ignores_apply_live(start_daemon):
+    running = await start_daemon()
+    agent = running.daemon.services.agent
+    client = await running.connect()
+    await _set_config(
+        client,
+        "env:\n  GREETING: hello\nagent:\n  provider: openai\n  model: m-from-config\n"
+        "  permission_mode: full\nfiles:\n  ignore: ['*.log']\n",
+    )
+    await wait_for(lambda: agent.effective_settings()["model"] == "m-from-config")
+    effective = agent.effective_settings()
+    assert effective["provider"] == "openai"
+    assert effective["permissionMode"] == "full"
+    assert agent.tools.bash_env()["GREETING"] == "hello"
+    assert "*.log" in agent.tools.ignore
+    await _set_config(client, "env: {}\n")
+    await wait_for(lambda: "GREETING" not in agent.tools.bash_env())
+    assert agent.effective_settings()["model"] != "m-from-config"
