@@ -12,7 +12,9 @@ import logging
 from typing import Any, TypeVar
 
 from aetherd.services.activity import ActivityTracker
+from aetherd.services.fs import FileLimits, FileSystem  # files
 from aetherd.services.jail import Jail
+from aetherd.services.watcher import Watcher  # files
 from aetherd.settings import Settings
 
 log = logging.getLogger("aetherd.services")
@@ -21,6 +23,9 @@ S = TypeVar("S")
 
 class Services:
     """The daemon's services, built from its settings."""
+
+    fs: FileSystem  # files
+    watcher: Watcher | None  # files (None when watcher_enabled is false)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -77,6 +82,25 @@ def build_services(settings: Settings) -> Services:
     # -- config (the workspace config store) --
 
     # -- files (file system operations, watcher) --
+    services.fs = FileSystem(
+        services.jail,
+        FileLimits(
+            max_file_size=settings.files_max_size,
+            read_page_size=settings.files_read_page,
+            max_list_entries=settings.files_list_max_entries,
+        ),
+    )
+    services.watcher = None
+    if settings.watcher_enabled:
+        services.watcher = services.add(
+            Watcher(
+                settings.root,
+                debounce=settings.watcher_debounce,
+                max_watches=settings.watcher_max_watches,
+                queue_size=settings.watcher_queue_size,
+                extra_ignores=settings.watcher_ignore,
+            )
+        )
 
     # -- terminal (PTY sessions) --
 

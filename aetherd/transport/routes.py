@@ -19,6 +19,7 @@ from aetherd.protocol.context import Context, Daemon
 from aetherd.protocol.dispatch import Dispatcher
 from aetherd.transport.auth import Authenticator, extract_token
 from aetherd.transport.connection import Connection
+from aetherd.transport.files_http import add_file_routes
 
 log = logging.getLogger("aetherd.ws")
 
@@ -178,3 +179,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/workspaces/{workspace_id}/ws", websocket)
     app.router.add_get("/workspaces/{workspace_id}/info", info)
+    add_file_routes(app)  # files: bulk transfer
