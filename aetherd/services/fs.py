@@ -216,6 +216,8 @@ class AtomicWriter:
         else:
             mode = 0o666 & ~self._umask
         os.fchmod(fd, mode)
+        if self._old is not None:
+            _advance_mtime(fd, self._old)
         os.fsync(fd)
         os.close(fd)
         self._fd = None
@@ -234,6 +236,18 @@ class AtomicWriter:
             with contextlib.suppress(OSError):
                 os.unlink(self.temp)
             self.temp = None
+
+
+def _advance_mtime(fd: int, old: os.stat_result) -> None:
+    """Make sure `modified` changes on every write, even within one coarse clock tick.
+
+    File times come from the kernel's coarse clock (a few ms), so two quick writes
+    could report the same `modified` and defeat `expectedModified`. The microsecond
+    form is what clients see, so the new time is at least 1 µs after the old one.
+    """
+    st = os.fstat(fd)
+    if st.st_mtime_ns // 1000 <= old.st_mtime_ns // 1000:
+        os.utime(fd, ns=(st.st_atime_ns, (old.st_mtime_ns // 1000 + 1) * 1000))
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -484,6 +498,8 @@ class FileSystem:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
+                if current is not None:
+                    _advance_mtime(fd, current)
                 st = os.fstat(fd)
             finally:
                 os.close(fd)

@@ -103,8 +103,8 @@ async def test_read_text_binary_and_paging(tree):
 
 async def test_read_over_cap_is_file_too_large(tree):
     fs, root, _ = tree
-    with open(root / "huge", "wb") as handle:
-        handle.truncate(1024 * 1024 + 1)
+    (root / "huge").write_bytes(b"")
+    os.truncate(root / "huge", 1024 * 1024 + 1)
     err = await _fails(ErrorCode.FILE_TOO_LARGE, fs.read("/huge"))
     assert err.extra["size"] == 1024 * 1024 + 1
 
@@ -136,6 +136,7 @@ async def test_append_and_expected_modified(tree):
     assert (root / "log").read_bytes() == b"ab" and reply["size"] == 2
     stamp = (await fs.stat("/log"))["modified"]
     reply = await fs.write("/log", b"new", expected_modified=stamp)
+    assert reply["modified"] != stamp  # even within one tick of the coarse file clock
     err = await _fails(ErrorCode.CONFLICT, fs.write("/log", b"stale", expected_modified=stamp))
     assert err.extra["modified"] == reply["modified"]
     assert (root / "log").read_bytes() == b"new"
@@ -238,9 +239,7 @@ async def test_absolute_paths_are_root_relative(tree):
 
 async def test_non_utf8_names_are_listed_safely_and_round_trip(tree):
     fs, root, _ = tree
-    raw = os.fsencode(str(root)) + b"/caf\xe9.txt"
-    with open(raw, "wb") as handle:
-        handle.write(b"bytes")
+    (root / os.fsdecode(b"caf\xe9.txt")).write_bytes(b"bytes")
     entry = next(i for i in await fs.list("/") if i["name"].startswith("caf"))
     assert entry["name"] == "caf\ufffd.txt"
     entry["name"].encode("utf-8")  # sendable as UTF-8 JSON
