@@ -1,0 +1,284 @@
+"""The watcher alone, on real inotify: watches placed, events, coalescing, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aetherd.services.fs import FileSystem
+from aetherd.services.jail import Jail
+from aetherd.services.watcher import IgnoreRules, Watcher, count_fd_watches
+
+
+class Events:
+    """Collects watcher events; `expect` waits (bounded) for one matching a predicate."""
+
+    def __init__(self, watcher: Watcher) -> None:
+        self.seen: list[dict[str, Any]] = []
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        watcher.subscribe(self.queue.put_nowait)
+
+    async def expect(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 10.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no matching event; seen {self.seen[-10:]}")
+            event = await asyncio.wait_for(self.queue.get(), remaining)
+            self.seen.append(event)
+            if pred(event):
+                return event
+
+    async def change(self, action: str, path: str, timeout: float = 10.0) -> dict[str, Any]:
+        return await self.expect(
+            lambda e: e["type"] == "change" and e["action"] == action and e["path"] == path,
+            timeout,
+        )
+
+    async def until_marker(self, root: Path, name: str = "marker") -> list[dict[str, Any]]:
+        """Create `name` and return every event seen before its `create` arrived."""
+        start = len(self.seen)
+        (root / name).write_text("m")
+        await self.change("create", "/" + name)
+        return self.seen[start:-1]
+
+
+@pytest.fixture
+async def watch(tmp_path: Path):
+    root = tmp_path / "ws"
+    root.mkdir()
+    made: list[Watcher] = []
+
+    async def start(**kwargs: Any) -> tuple[Watcher, Events]:
+        kwargs.setdefault("debounce", 0.05)
+        watcher = Watcher(root, **kwargs)
+        events = Events(watcher)
+        await watcher.start()
+        made.append(watcher)
+        return watcher, events
+
+    yield root, start
+    for watcher in made:
+        await watcher.stop()
+
+
+def _make_dirs(root: Path, paths: list[str]) -> None:
+    for path in paths:
+        (root / path).mkdir(parents=True, exist_ok=True)
+
+
+async def test_ignored_directories_get_no_watches(watch):
+    root, start = watch
+    _make_dirs(root, ["src/a/b", "docs", ".aether"])
+    for ignored in ("node_modules", ".git", ".next", "dist", "build", "__pycache__"):
+        _make_dirs(root, [f"{ignored}/x/y", f"src/{ignored}/z"])
+    _make_dirs(root, [f"node_modules/pkg{i}/lib" for i in range(50)])
+    watcher, _ = await start()
+    expected = ["/", "/.aether", "/docs", "/src", "/src/a", "/src/a/b"]
+    assert watcher.watched_dirs() == expected
+    assert watcher.kernel_watch_count() == len(expected) == watcher.watch_count
+    assert watcher.stats().kernel_limit and watcher.stats().kernel_limit > 0
+
+
+async def test_create_modify_delete_and_coalescing(watch):
+    root, start = watch
+    _, events = await start()
+    (root / "a.txt").write_text("1")
+    with open(root / "a.txt", "a") as handle:  # noqa: ASYNC230 - tiny, on purpose
+        handle.write("2")
+    created = await events.change("create", "/a.txt")
+    assert created == {"type": "change", "action": "create", "path": "/a.txt", "isDirectory": False}
+    before = await events.until_marker(root)
+    assert not [e for e in before if e.get("path") == "/a.txt"]  # create+modify → create only
+    (root / "a.txt").write_text("3")
+    await events.change("modify", "/a.txt")
+    (root / "gone.txt").write_text("x")
+    (root / "gone.txt").unlink()
+    before = await events.until_marker(root, "marker2")
+    assert not [e for e in before if e.get("path") == "/gone.txt"]  # create+delete → nothing
+    (root / "a.txt").unlink()
+    deleted = await events.change("delete", "/a.txt")
+    assert deleted["isDirectory"] is False
+
+
+async def test_rename_reports_old_path_and_directories_keep_their_watches(watch):
+    root, start = watch
+    _make_dirs(root, ["old/inner"])
+    (root / "f.txt").write_text("x")
+    watcher, events = await start()
+    os.rename(root / "f.txt", root / "g.txt")
+    event = await events.change("rename", "/g.txt")
+    assert event["oldPath"] == "/f.txt" and event["isDirectory"] is False
+    os.rename(root / "old", root / "new")
+    event = await events.change("rename", "/new")
+    assert event == {
+        "type": "change",
+        "action": "rename",
+        "path": "/new",
+        "isDirectory": True,
+        "oldPath": "/old",
+    }
+    assert watcher.watched_dirs() == ["/", "/new", "/new/inner"]
+    (root / "new" / "inner" / "deep.txt").write_text("x")
+    await events.change("create", "/new/inner/deep.txt")
+    # Moved out of the tree: a delete, and its watches go.
+    outside = root.parent / "outside"
+    os.rename(root / "new", outside)
+    await events.change("delete", "/new")
+    assert watcher.watched_dirs() == ["/"]
+    assert watcher.kernel_watch_count() == 1
+    # Moved back in: a create, with watches for the whole subtree.
+    os.rename(outside, root / "back")
+    await events.change("create", "/back")
+    assert watcher.watched_dirs() == ["/", "/back", "/back/inner"]
+
+
+async def test_changes_made_by_a_program_are_reported(watch):
+    root, start = watch
+    watcher, events = await start()
+    done = await asyncio.create_subprocess_exec(
+        "sh", "-c", "mkdir -p proj/src/deep && echo hi > proj/src/deep/main.c", cwd=root
+    )
+    assert await done.wait() == 0
+    await events.change("create", "/proj/src/deep/main.c")
+    assert "/proj/src/deep" in watcher.watched_dirs()
+    done = await asyncio.create_subprocess_exec(
+        "sh", "-c", "echo more >> proj/src/deep/main.c", cwd=root
+    )
+    assert await done.wait() == 0
+    await events.change("modify", "/proj/src/deep/main.c")
+
+
+async def test_atomic_writes_read_as_create_or_modify(watch):
+    root, start = watch
+    _, events = await start()
+    fs = FileSystem(Jail(root))
+    await fs.write("/doc.md", b"v1")
+    await events.change("create", "/doc.md")
+    await fs.write("/doc.md", b"v2")
+    await events.change("modify", "/doc.md")
+    seen = await events.until_marker(root)
+    assert not [e for e in events.seen if ".~aetherd-" in e.get("path", "")]
+    assert not [e for e in seen if e.get("action") == "rename"]
+
+
+async def test_nothing_inside_ignored_directories_is_watched_or_reported(watch):
+    root, start = watch
+    _make_dirs(root, ["node_modules"])
+    watcher, events = await start()
+    count = watcher.kernel_watch_count()
+    _make_dirs(root, ["node_modules/new/deep", "src/.git/objects", "build/out"])
+    (root / "node_modules" / "new" / "deep" / "x.js").write_text("x")
+    (root / "src" / ".git" / "objects" / "o").write_text("x")
+    await events.change("create", "/src")
+    before = await events.until_marker(root)
+    assert [e["path"] for e in before] == []
+    assert watcher.watched_dirs() == ["/", "/src"]
+    assert watcher.kernel_watch_count() == count + 1
+
+
+async def test_extra_ignores_apply_at_runtime(watch):
+    root, start = watch
+    _make_dirs(root, ["generated/a", "src/gen2", "src/keep"])
+    watcher, events = await start(extra_ignores=["gen2"])
+    assert watcher.watched_dirs() == ["/", "/generated", "/generated/a", "/src", "/src/keep"]
+    await watcher.set_extra_ignores(["generated", "src/keep/**", "*.log"])
+    assert watcher.watched_dirs() == ["/", "/src", "/src/gen2"]
+    assert watcher.kernel_watch_count() == 3
+    (root / "generated" / "a" / "x").write_text("x")
+    (root / "debug.log").write_text("x")
+    (root / "src" / "gen2" / "y").write_text("y")
+    await events.change("create", "/src/gen2/y")
+    before = await events.until_marker(root)
+    assert [e for e in events.seen if e.get("path") in ("/generated/a/x", "/debug.log")] == []
+    del before
+
+
+def test_ignore_rules():
+    rules = IgnoreRules(["*.log", "docs/tmp", "**/cache/**"])
+    assert rules.ignored("a/node_modules", "node_modules")
+    assert rules.ignored("x.log", "x.log") and rules.ignored("a/b.log", "b.log")
+    assert rules.ignored("docs/tmp", "tmp") and not rules.ignored("src/tmp", "tmp")
+    assert rules.ignored("a/cache", "cache")
+    assert rules.ignored("a/.~aetherd-0123456789ab.new", ".~aetherd-0123456789ab.new")
+    assert not rules.ignored("src/main.py", "main.py")
+
+
+async def test_watch_limit_pushes_resync_and_keeps_serving(watch):
+    root, start = watch
+    _make_dirs(root, ["a", "b", "c", "d", "e"])
+    watcher, events = await start(max_watches=3)
+    await events.expect(lambda e: e == {"type": "resync", "reason": "watch_limit"})
+    assert watcher.watch_count == 3 == watcher.kernel_watch_count()
+    (root / "top.txt").write_text("x")
+    await events.change("create", "/top.txt")
+    assert watcher.stats().resyncs["watch_limit"] == 1
+
+
+async def test_kernel_enospc_on_add_watch_is_watch_limit(watch):
+    root, start = watch
+    watcher, events = await start()
+    reader = watcher._reader
+    assert reader is not None
+    original = reader.add_callback
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        # The kernel's per-user limit is shared by the whole machine here, so the
+        # ENOSPC of inotify_add_watch is injected at the boundary.
+        raise OSError(errno.ENOSPC, "inotify watch limit reached")
+
+    reader.add_callback = full  # type: ignore[method-assign]
+    (root / "newdir").mkdir()
+    await events.expect(lambda e: e == {"type": "resync", "reason": "watch_limit"})
+    reader.add_callback = original  # type: ignore[method-assign]
+    (root / "still.txt").write_text("x")
+    await events.change("create", "/still.txt")
+
+
+async def test_queue_overflow_pushes_resync(watch):
+    root, start = watch
+    watcher, events = await start(queue_size=16)
+    # Keep the event loop busy while the reader thread queues far more than 16 events.
+    deadline = time.monotonic() + 10
+    for i in range(200):
+        (root / f"f{i}").write_text("x")
+    while not watcher._raw_overflow and time.monotonic() < deadline:
+        time.sleep(0.005)  # noqa: ASYNC251 - the loop is blocked on purpose (bounded)
+    assert watcher._raw_overflow
+    await events.expect(lambda e: e == {"type": "resync", "reason": "overflow"})
+    (root / "after.txt").write_text("x")
+    await events.change("create", "/after.txt")
+
+
+async def test_stop_releases_the_fd_and_the_thread(tmp_path: Path):
+    root = tmp_path / "ws"
+    (root / "a").mkdir(parents=True)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    watcher = Watcher(root)
+    await watcher.start()
+    reader = watcher._reader
+    assert reader is not None and count_fd_watches(reader.fd) == 2
+    await watcher.stop()
+    assert not reader.is_alive()
+    assert not [t for t in threading.enumerate() if t is reader]
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+async def test_inotify_fd_is_not_inherited(watch):
+    _, start = watch
+    watcher, _ = await start()
+    assert watcher._reader is not None and watcher.kernel_watch_count() == 1
+    proc = await asyncio.create_subprocess_exec(
+        "ls", "-l", "/proc/self/fd", stdout=asyncio.subprocess.PIPE, close_fds=False
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    assert b"anon_inode:inotify" not in out
