@@ -126,6 +126,7 @@ async def get_content(request: web.Request) -> web.StreamResponse:
             parsed = parse_range(range_header, size)
             if parsed is False:
                 headers["Content-Range"] = f"bytes */{size}"
+                del headers["Content-Type"]
                 return web.json_response(
                     {"error": "range not satisfiable", "code": "INVALID_MESSAGE"},
                     status=416,
