@@ -107,7 +107,10 @@ class Settings(BaseModel):
         100_000, ge=1, description="Most entries files/list returns (LIMIT_EXCEEDED beyond)"
     )
     files_http_chunk: int = Field(
-        256 * 1024, ge=4096, description="Chunk size of HTTP bulk downloads and upload writes"
+        MiB, ge=4096, description="Chunk size of HTTP bulk downloads and upload writes"
+    )
+    files_http_sendfile: bool = Field(
+        True, description="Send HTTP downloads with sendfile(2) (else chunked reads in a thread)"
     )
     watcher_enabled: bool = Field(True, description="Watch the workspace and push files/change")
     watcher_debounce: float = Field(
@@ -118,6 +121,9 @@ class Settings(BaseModel):
     )
     watcher_queue_size: int = Field(
         65_536, ge=16, description="Raw events waiting for the debouncer before resync overflow"
+    )
+    watcher_max_events_per_second: int = Field(
+        2000, ge=1, description="Change events sent per second before a burst becomes one resync"
     )
     watcher_ignore: list[str] = Field(
         default_factory=list,

@@ -98,6 +98,7 @@ def build_services(settings: Settings) -> Services:
                 debounce=settings.watcher_debounce,
                 max_watches=settings.watcher_max_watches,
                 queue_size=settings.watcher_queue_size,
+                max_events_per_second=settings.watcher_max_events_per_second,
                 extra_ignores=settings.watcher_ignore,
             )
         )

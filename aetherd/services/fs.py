@@ -193,9 +193,11 @@ class AtomicWriter:
             return self
         raise FileExistsError(errno.EEXIST, "could not create a temp file")
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | memoryview | list[bytes]) -> None:
         """Append `data` to the temp file; EFBIG beyond `max_size`."""
         assert self._fd is not None
+        if isinstance(data, list):
+            data = data[0] if len(data) == 1 else b"".join(data)
         self.size += len(data)
         if self.size > self.max_size:
             raise OSError(errno.EFBIG, "file too large")
@@ -412,7 +414,7 @@ class FileSystem:
     # -- read
     def _read(self, wire_path: str, offset: int, length: int | None) -> dict[str, Any]:
         real = self.jail.resolve(wire_path)
-        fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             st = os.fstat(fd)
             if stat_mod.S_ISDIR(st.st_mode):
@@ -553,8 +555,10 @@ class FileSystem:
 
         return await self._run(wire_path, begin)
 
-    async def upload_chunk(self, wire_path: str, writer: AtomicWriter, data: bytes) -> None:
-        """Write one chunk of an upload (in a thread)."""
+    async def upload_chunk(
+        self, wire_path: str, writer: AtomicWriter, data: bytes | list[bytes]
+    ) -> None:
+        """Write one chunk (or a list of pieces, written with one writev) of an upload."""
         await self._run(wire_path, writer.write, data)
 
     async def finish_upload(self, wire_path: str, writer: AtomicWriter) -> dict[str, Any]:
@@ -572,7 +576,7 @@ class FileSystem:
 
         def opener() -> tuple[int, os.stat_result]:
             real = self.jail.resolve(wire_path)
-            fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             st = os.fstat(fd)
             if stat_mod.S_ISDIR(st.st_mode):
                 os.close(fd)

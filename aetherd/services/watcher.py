@@ -174,12 +174,16 @@ class Watcher:
         debounce: float = 0.1,
         max_watches: int = 65_536,
         queue_size: int = 65_536,
+        max_events_per_second: int = 2000,
         extra_ignores: Iterable[str] = (),
     ) -> None:
         self.root = os.path.realpath(root)
         self.debounce = debounce
         self.max_watches = max_watches
         self.queue_size = queue_size
+        self.max_events_per_second = max_events_per_second
+        self._window_start = 0.0
+        self._window_count = 0
         self.rules = IgnoreRules(extra_ignores)
         self._listeners: list[Listener] = []
         self._lock = threading.RLock()
@@ -567,7 +571,21 @@ class Watcher:
     def _flush(self) -> None:
         self._timer = None
         now = time.monotonic()
+        if now - self._window_start >= 1.0:
+            self._window_start, self._window_count = now, 0
         due = [p for p in self._pending.values() if p.deadline <= now]
+        if self._window_count + len(due) > self.max_events_per_second:
+            # A burst (a checkout, an install) would flood every client's send queue:
+            # drop the events and tell clients to re-list instead, once per window.
+            for item in due:
+                del self._pending[item.path]
+            if self._window_count <= self.max_events_per_second:
+                self._window_count = self.max_events_per_second + 1
+                self.resync_counts["overflow"] = self.resync_counts.get("overflow", 0) + 1
+                self._deliver({"type": "resync", "reason": "overflow"})
+            self._arm_timer()
+            return
+        self._window_count += len(due)
         for item in due:
             del self._pending[item.path]
             event: dict[str, Any] = {

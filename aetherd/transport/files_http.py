@@ -142,19 +142,47 @@ async def get_content(request: web.Request) -> web.StreamResponse:
         await response.prepare(request)
         if request.method == "HEAD":
             return response
-        chunk = daemon.settings.files_http_chunk
-        offset, remaining = start, length
-        while remaining > 0:
-            data = await asyncio.to_thread(os.pread, fd, min(chunk, remaining), offset)
-            if not data:
-                break  # the file shrank while we sent it; the client sees a short body
-            await response.write(data)
-            offset += len(data)
-            remaining -= len(data)
+        if length > 0:
+            await _send_body(request, response, fd, start, length, daemon.settings)
         await response.write_eof()
         return response
     finally:
         os.close(fd)
+
+
+async def _send_body(
+    request: web.Request,
+    response: web.StreamResponse,
+    fd: int,
+    offset: int,
+    count: int,
+    settings: Any,
+) -> None:
+    """Send `count` bytes of `fd` from `offset`: sendfile(2) when possible, else chunks.
+
+    sendfile copies in the kernel, so nothing passes through Python's memory; the
+    readahead is started in a thread first (posix_fadvise WILLNEED) so that the
+    kernel's copy rarely waits for the disk on the event loop.
+    """
+    transport = request.transport
+    if settings.files_http_sendfile and transport is not None:
+        with contextlib.suppress(OSError, AttributeError):
+            await asyncio.to_thread(os.posix_fadvise, fd, offset, count, os.POSIX_FADV_WILLNEED)
+        with os.fdopen(os.dup(fd), "rb") as fobj:
+            try:
+                await asyncio.get_running_loop().sendfile(transport, fobj, offset, count)
+                return
+            except NotImplementedError:
+                pass  # e.g. TLS transports: fall through to the chunked copy
+    chunk = settings.files_http_chunk
+    remaining = count
+    while remaining > 0:
+        data = await asyncio.to_thread(os.pread, fd, min(chunk, remaining), offset)
+        if not data:
+            break  # the file shrank while we sent it; the client sees a short body
+        await response.write(data)
+        offset += len(data)
+        remaining -= len(data)
 
 
 async def put_content(request: web.Request) -> web.Response:
@@ -178,28 +206,50 @@ async def put_content(request: web.Request) -> web.Response:
     except AetherError as err:
         return _error(err)
     chunk = daemon.settings.files_http_chunk
-    buffer = bytearray()
-    received = 0
+    pieces: list[bytes] = []
+    buffered = received = 0
+    # One chunk is written (in a thread) while the next one is received.
+    writing: asyncio.Future[None] | None = None
     try:
-        async for piece in request.content.iter_chunked(chunk):
+        while True:
+            piece = await request.content.readany()
+            if not piece:
+                break
             received += len(piece)
             if received > limit:
-                await fs.abort_upload(writer)
-                return _error(too_large)
-            buffer += piece
-            if len(buffer) >= chunk:
-                await fs.upload_chunk(wire, writer, bytes(buffer))
-                buffer.clear()
-        if buffer:
-            await fs.upload_chunk(wire, writer, bytes(buffer))
+                raise too_large
+            pieces.append(piece)
+            buffered += len(piece)
+            if buffered >= chunk:
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(fs.upload_chunk(wire, writer, pieces))
+                pieces, buffered = [], 0
+        if writing is not None:
+            await writing
+            writing = None
+        if pieces:
+            await fs.upload_chunk(wire, writer, pieces)
         result: dict[str, Any] = await fs.finish_upload(wire, writer)
     except AetherError as err:
+        await _settle(writing)
         await fs.abort_upload(writer)
         return _error(err)
     except BaseException:
-        await asyncio.shield(fs.abort_upload(writer))
+        await asyncio.shield(_abort_after(writing, fs, writer))
         raise
     return web.json_response(result, status=201 if not writer.existed else 200)
+
+
+async def _settle(writing: asyncio.Future[None] | None) -> None:
+    if writing is not None:
+        with contextlib.suppress(BaseException):
+            await writing
+
+
+async def _abort_after(writing: asyncio.Future[None] | None, fs: Any, writer: Any) -> None:
+    await _settle(writing)
+    await fs.abort_upload(writer)
 
 
 def add_file_routes(app: web.Application) -> None:

@@ -282,3 +282,14 @@ async def test_inotify_fd_is_not_inherited(watch):
     out, _ = await proc.communicate()
     assert proc.returncode == 0
     assert b"anon_inode:inotify" not in out
+
+
+async def test_a_burst_becomes_one_resync(watch):
+    root, start = watch
+    watcher, events = await start(max_events_per_second=20, debounce=0.2)
+    for i in range(50):
+        (root / f"burst{i}").write_text("x")
+    await events.expect(lambda e: e == {"type": "resync", "reason": "overflow"})
+    changes = [e for e in events.seen if e["type"] == "change"]
+    assert len(changes) <= 20
+    assert watcher.stats().resyncs["overflow"] == 1

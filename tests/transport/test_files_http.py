@@ -174,7 +174,9 @@ class PeakRss:
 
 
 @pytest.mark.slow
-async def test_100_mib_each_way_in_bounded_memory(daemon, workspace):
+@pytest.mark.parametrize("sendfile", [True, False])
+async def test_100_mib_each_way_in_bounded_memory(start_daemon, workspace, sendfile):
+    daemon = await start_daemon(files_http_sendfile=sendfile)
     size = 100 * MiB
     piece = os.urandom(MiB)
 
