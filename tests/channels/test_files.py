@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import subprocess
 
+import aiohttp
 import pytest
 
 from tests.support import WsClient
@@ -194,3 +196,38 @@ async def test_every_type_requires_request_id(daemon, type_):
     await client.send({"channel": "files", "type": type_, "path": "/"})
     frame = await client.expect_type("error", "error")
     assert frame["code"] == "INVALID_MESSAGE"
+
+
+@pytest.fixture
+def tiny_root(tmp_path):
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs here: {done.stderr!r}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_disk_full_over_the_socket_and_http(start_daemon, tiny_root):
+    running = await start_daemon(root=tiny_root, watcher_enabled=False)
+    client = await running.connect()
+    await ok(client, "write", path="/keep.txt", content="old")
+    big = base64.b64encode(b"x" * (200 * 1024)).decode()
+    reply = await fail(
+        client, "write", "NO_SPACE", path="/keep.txt", content=big, encoding="base64"
+    )
+    assert "keep.txt" in reply["error"]
+    assert (tiny_root / "keep.txt").read_text() == "old"
+    url = running.url(f"/workspaces/{running.settings.workspace_id}/files/content")
+    async with aiohttp.ClientSession() as http:
+        params = {"path": "/keep.txt", "token": running.token}
+        async with http.put(url, params=params, data=b"y" * (200 * 1024)) as resp:
+            assert resp.status == 507
+            assert (await resp.json())["code"] == "NO_SPACE"
+    assert (tiny_root / "keep.txt").read_text() == "old"
+    assert os.listdir(tiny_root) == ["keep.txt"]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import errno
+import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +17,8 @@ import pytest
 from aetherd.services.fs import FileSystem
 from aetherd.services.jail import Jail
 from aetherd.services.watcher import IgnoreRules, Watcher, count_fd_watches
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Events:
@@ -223,24 +226,57 @@ async def test_watch_limit_pushes_resync_and_keeps_serving(watch):
     assert watcher.stats().resyncs["watch_limit"] == 1
 
 
-async def test_kernel_enospc_on_add_watch_is_watch_limit(watch):
-    root, start = watch
-    watcher, events = await start()
-    reader = watcher._reader
-    assert reader is not None
-    original = reader.add_callback
+ENOSPC_SCRIPT = r"""
+import asyncio, json, os, sys
+from aetherd.services.watcher import Watcher
 
-    def full(*args: Any, **kwargs: Any) -> Any:
-        # The kernel's per-user limit is shared by the whole machine here, so the
-        # ENOSPC of inotify_add_watch is injected at the boundary.
-        raise OSError(errno.ENOSPC, "inotify watch limit reached")
+async def main(root):
+    with open("/proc/sys/user/max_inotify_watches", "w") as handle:
+        handle.write("3")  # this user namespace only: the kernel's own ENOSPC
+    for name in ("a", "b", "c", "d", "e"):
+        os.makedirs(os.path.join(root, name))
+    watcher = Watcher(root, debounce=0.01)
+    events = asyncio.Queue()
+    watcher.subscribe(events.put_nowait)
+    await watcher.start()
+    first = await asyncio.wait_for(events.get(), 10)
+    with open(os.path.join(root, "top.txt"), "w") as handle:
+        handle.write("x")
+    second = await asyncio.wait_for(events.get(), 10)
+    print(json.dumps({"first": first, "second": second, "watches": watcher.kernel_watch_count(),
+                      "max": watcher.max_watches}))
+    await watcher.stop()
 
-    reader.add_callback = full  # type: ignore[method-assign]
-    (root / "newdir").mkdir()
-    await events.expect(lambda e: e == {"type": "resync", "reason": "watch_limit"})
-    reader.add_callback = original  # type: ignore[method-assign]
-    (root / "still.txt").write_text("x")
-    await events.change("create", "/still.txt")
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@pytest.mark.slow
+async def test_kernel_enospc_on_add_watch_is_watch_limit(tmp_path: Path):
+    # A user namespace has its own inotify watch limit (/proc/sys/user/max_inotify_watches),
+    # so the real ENOSPC of inotify_add_watch is produced without touching the host's.
+    root = tmp_path / "ws"
+    root.mkdir()
+    proc = await asyncio.create_subprocess_exec(
+        "unshare",
+        "--user",
+        "--map-root-user",
+        sys.executable,
+        "-c",
+        ENOSPC_SCRIPT,
+        str(root),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    assert result["first"] == {"type": "resync", "reason": "watch_limit"}
+    assert result["max"] > 3  # our own cap was not what stopped it: the kernel was
+    assert result["watches"] == 3
+    assert result["second"]["path"] == "/top.txt" and result["second"]["action"] == "create"
 
 
 async def test_queue_overflow_pushes_resync(watch):
