@@ -202,6 +202,7 @@ class Watcher:
         self._timer_at = 0.0
         self.resync_counts: dict[str, int] = {"watch_limit": 0, "overflow": 0}
         self._stopped = False
+        self.error: str | None = None  # why the watcher could not start, if it could not
 
     # -- public API -----------------------------------------------------------------------
     def subscribe(self, listener: Listener) -> Callable[[], None]:
@@ -217,7 +218,13 @@ class Watcher:
     async def start(self) -> None:
         """Open the inotify fd, start its reader thread, place the watches (in a thread)."""
         self._loop = asyncio.get_running_loop()
-        self._reader = _Reader(self._end_batch)
+        try:
+            self._reader = _Reader(self._end_batch)
+        except OSError as exc:
+            # No inotify instance left (EMFILE) or none at all: serve files unwatched.
+            self.error = f"cannot start inotify: {exc.strerror or exc}"
+            log.error("watcher disabled: %s", self.error)
+            return
         self._reader.start()
         await asyncio.to_thread(self._sync_watches)
 
@@ -347,6 +354,7 @@ class Watcher:
         if reader is not None and doomed:
             with contextlib.suppress(OSError):
                 reader.remove_callbacks([(wd, CALLBACK_ID) for _, wd in doomed])
+            self._limit_hit = False
 
     def _rekey_under(self, old: str, new: str) -> None:
         """A watched directory moved inside the tree: same watches, new paths."""
@@ -463,6 +471,8 @@ class Watcher:
             path = self._wd_path.pop(wd, None)
             if path is not None and self._path_wd.get(path) == wd:
                 del self._path_wd[path]
+            if len(self._wd_path) < self.max_watches:
+                self._limit_hit = False  # the next failure is a new episode
 
     def on_queue_overflow(self) -> None:
         """watchdog callback: the kernel's queue overflowed; events were lost."""

@@ -329,3 +329,40 @@ async def test_a_burst_becomes_one_resync(watch):
     changes = [e for e in events.seen if e["type"] == "change"]
     assert len(changes) <= 20
     assert watcher.stats().resyncs["overflow"] == 1
+
+
+NO_INSTANCE_SCRIPT = r"""
+import asyncio, json, sys
+from aetherd.services.watcher import Watcher
+
+async def main(root):
+    with open("/proc/sys/user/max_inotify_instances", "w") as handle:
+        handle.write("0")  # this user namespace only
+    watcher = Watcher(root)
+    await watcher.start()
+    print(json.dumps({"error": watcher.error, "watches": watcher.watch_count}))
+    await watcher.stop()
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@pytest.mark.slow
+async def test_no_inotify_instance_left_degrades_without_crashing(tmp_path: Path):
+    proc = await asyncio.create_subprocess_exec(
+        "unshare",
+        "--user",
+        "--map-root-user",
+        sys.executable,
+        "-c",
+        NO_INSTANCE_SCRIPT,
+        str(tmp_path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    assert result["watches"] == 0 and "inotify" in result["error"]
