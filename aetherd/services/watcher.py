@@ -203,6 +203,7 @@ class Watcher:
         self.resync_counts: dict[str, int] = {"watch_limit": 0, "overflow": 0}
         self._stopped = False
         self.error: str | None = None  # why the watcher could not start, if it could not
+        self.kernel_overflows = 0  # IN_Q_OVERFLOW seen
 
     # -- public API -----------------------------------------------------------------------
     def subscribe(self, listener: Listener) -> Callable[[], None]:
@@ -476,6 +477,7 @@ class Watcher:
 
     def on_queue_overflow(self) -> None:
         """watchdog callback: the kernel's queue overflowed; events were lost."""
+        self.kernel_overflows += 1
         self._queue_resync("overflow")
         self._sync_watches()
 

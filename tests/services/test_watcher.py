@@ -366,3 +366,33 @@ async def test_no_inotify_instance_left_degrades_without_crashing(tmp_path: Path
     assert proc.returncode == 0, err.decode()
     result = json.loads(out.decode().strip().splitlines()[-1])
     assert result["watches"] == 0 and "inotify" in result["error"]
+
+
+def _max_queued_events() -> int:
+    with open("/proc/sys/fs/inotify/max_queued_events", encoding="ascii") as handle:
+        return int(handle.read())
+
+
+@pytest.mark.slow
+async def test_kernel_queue_overflow_pushes_resync_and_rewatches(watch):
+    root, start = watch
+    (root / "sub").mkdir()
+    watcher, events = await start(max_events_per_second=1_000_000, queue_size=1_000_000)
+    limit = _max_queued_events()
+    a, b = root / "a", root / "b"
+    fds = [os.open(a, os.O_WRONLY | os.O_CREAT), os.open(b, os.O_WRONLY | os.O_CREAT)]
+    try:
+        # Holding the watcher's lock stalls the reader thread inside its callback, so
+        # the kernel queue fills; alternating files keeps the kernel from merging events.
+        with watcher._lock:
+            for _ in range(limit // 2 + 100):
+                os.write(fds[0], b"x")
+                os.write(fds[1], b"x")
+    finally:
+        for fd in fds:
+            os.close(fd)
+    await events.expect(lambda e: e == {"type": "resync", "reason": "overflow"}, timeout=30)
+    assert watcher.kernel_overflows == 1
+    assert watcher.watched_dirs() == ["/", "/sub"]
+    (root / "sub" / "after.txt").write_text("x")
+    await events.change("create", "/sub/after.txt", timeout=30)
