@@ -303,15 +303,13 @@ class FileSystem:
 
     def normalize(self, wire_path: str) -> str:
         """The lexical wire form of `wire_path` (`a/../b/` → `/b`); INVALID_PATH on escape."""
-        real = self.jail.resolve(wire_path, follow_final=False)  # validates first
-        parts = [p for p in wire_path.split("/") if p not in ("", ".")]
+        self.jail.resolve(wire_path, follow_final=False)  # validates: NUL, length, escapes
         out: list[str] = []
-        for part in parts:
+        for part in wire_path.split("/"):
             if part == "..":
-                out.pop()
-            else:
+                out.pop()  # cannot underflow: the jail refused paths that climb out
+            elif part not in ("", "."):
                 out.append(part)
-        del real
         return "/" + "/".join(out)
 
     def _inside(self, real: str) -> bool:

@@ -184,7 +184,8 @@ class Watcher:
         self.max_events_per_second = max_events_per_second
         self._window_start = 0.0
         self._window_count = 0
-        self.rules = IgnoreRules(extra_ignores)
+        self._base_ignores = tuple(extra_ignores)  # from settings; kept across config changes
+        self.rules = IgnoreRules(self._base_ignores)
         self._listeners: list[Listener] = []
         self._lock = threading.RLock()
         self._wd_path: dict[int, str] = {}
@@ -246,8 +247,12 @@ class Watcher:
         self._pending.clear()
 
     async def set_extra_ignores(self, patterns: Iterable[str]) -> None:
-        """Replace the extra ignore patterns (workspace config) and re-place the watches."""
-        rules = IgnoreRules(patterns)
+        """Set the workspace config's ignore patterns and re-place the watches.
+
+        They replace the previous config patterns and add to the built-in names and the
+        `watcher_ignore` setting. Runs the walk in a thread; returns when it is done.
+        """
+        rules = IgnoreRules((*self._base_ignores, *patterns))
         with self._lock:
             self.rules = rules
         if self._reader is not None:

@@ -194,15 +194,21 @@ async def test_extra_ignores_apply_at_runtime(watch):
     watcher, events = await start(extra_ignores=["gen2"])
     assert watcher.watched_dirs() == ["/", "/generated", "/generated/a", "/src", "/src/keep"]
     await watcher.set_extra_ignores(["generated", "src/keep/**", "*.log"])
-    assert watcher.watched_dirs() == ["/", "/src", "/src/gen2"]
-    assert watcher.kernel_watch_count() == 3
+    # The setting's pattern (gen2) stays; the config's patterns are added.
+    assert watcher.watched_dirs() == ["/", "/src"]
+    assert watcher.kernel_watch_count() == 2
     (root / "generated" / "a" / "x").write_text("x")
     (root / "debug.log").write_text("x")
-    (root / "src" / "gen2" / "y").write_text("y")
-    await events.change("create", "/src/gen2/y")
+    (root / "src" / "y").write_text("y")
+    await events.change("create", "/src/y")
     before = await events.until_marker(root)
     assert [e for e in events.seen if e.get("path") in ("/generated/a/x", "/debug.log")] == []
     del before
+    # Dropping the config's patterns watches those directories again.
+    await watcher.set_extra_ignores([])
+    assert watcher.watched_dirs() == ["/", "/generated", "/generated/a", "/src", "/src/keep"]
+    (root / "generated" / "a" / "z").write_text("z")
+    await events.change("create", "/generated/a/z")
 
 
 def test_ignore_rules():
