@@ -91,9 +91,10 @@ async def test_ignored_directories_get_no_watches(watch):
     assert watcher.stats().kernel_limit and watcher.stats().kernel_limit > 0
 
 
+@pytest.mark.slow
 async def test_create_modify_delete_and_coalescing(watch):
     root, start = watch
-    _, events = await start()
+    _, events = await start(debounce=1.0)
     (root / "a.txt").write_text("1")
     with open(root / "a.txt", "a") as handle:  # noqa: ASYNC230 - tiny, on purpose
         handle.write("2")
@@ -402,3 +403,29 @@ async def test_kernel_queue_overflow_pushes_resync_and_rewatches(watch):
     assert watcher.watched_dirs() == ["/", "/sub"]
     (root / "sub" / "after.txt").write_text("x")
     await events.change("create", "/sub/after.txt", timeout=30)
+
+
+async def test_more_coalescing_rules(watch):
+    root, start = watch
+    for name in ("replaced", "a", "gone"):
+        (root / name).write_text("0")
+    # A window far longer than the few microseconds between the syscalls of one case.
+    _, events = await start(debounce=1.0)
+    # delete + create within one window: the file was replaced → modify
+    (root / "replaced").unlink()
+    (root / "replaced").write_text("1")
+    # a → b → c reads as a → c
+    os.rename(root / "a", root / "b")
+    os.rename(root / "b", root / "c")
+    # renamed, then deleted: the old name is what vanished
+    os.rename(root / "gone", root / "gone2")
+    (root / "gone2").unlink()
+    seen = await events.until_marker(root)
+    changes = sorted(
+        (e["action"], e["path"], e.get("oldPath")) for e in seen if e["type"] == "change"
+    )
+    assert changes == [
+        ("delete", "/gone", None),
+        ("modify", "/replaced", None),
+        ("rename", "/c", "/a"),
+    ]
