@@ -467,6 +467,33 @@ class FileSystem:
         """One page (at most `read_page_size` raw bytes) of a file."""
         return await self._run(wire_path, self._read, wire_path, offset, length)
 
+    def _read_bytes(self, wire_path: str, limit: int) -> bytes:
+        real = self.jail.resolve(wire_path)
+        with open(os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW), "rb") as handle:
+            st = os.fstat(handle.fileno())
+            if stat_mod.S_ISDIR(st.st_mode):
+                raise AetherError(ErrorCode.IS_DIRECTORY, f"{wire_text(wire_path)}: is a directory")
+            if not stat_mod.S_ISREG(st.st_mode):
+                raise AetherError(
+                    ErrorCode.INVALID_PATH, f"{wire_text(wire_path)}: not a regular file"
+                )
+            data = handle.read(limit + 1)
+        if len(data) > limit:
+            raise AetherError(
+                ErrorCode.FILE_TOO_LARGE,
+                f"{wire_text(wire_path)}: more than the {limit}-byte limit",
+                size=st.st_size,
+            )
+        return data
+
+    async def read_bytes(self, wire_path: str, max_size: int | None = None) -> bytes:
+        """A whole file's bytes (for in-process callers such as the agent's tools).
+
+        FILE_TOO_LARGE beyond `max_size` (default: the file cap).
+        """
+        limit = self.limits.max_file_size if max_size is None else max_size
+        return await self._run(wire_path, self._read_bytes, wire_path, limit)
+
     # -- write
     def _write(
         self, wire_path: str, data: bytes, append: bool, expected: datetime | None

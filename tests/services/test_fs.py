@@ -101,6 +101,16 @@ async def test_read_text_binary_and_paging(tree):
     await _fails(ErrorCode.NOT_FOUND, fs.read("/missing"))
 
 
+async def test_read_bytes_for_in_process_callers(tree):
+    fs = tree[0]
+    assert await fs.read_bytes("/src/a.txt") == b"hello"
+    assert await fs.read_bytes("/link-in") == b"hello"
+    await _fails(ErrorCode.FILE_TOO_LARGE, fs.read_bytes("/src/a.txt", max_size=4))
+    await _fails(ErrorCode.IS_DIRECTORY, fs.read_bytes("/src"))
+    await _fails(ErrorCode.INVALID_PATH, fs.read_bytes("/escape/passwd"))
+    await _fails(ErrorCode.NOT_FOUND, fs.read_bytes("/nope"))
+
+
 async def test_read_over_cap_is_file_too_large(tree):
     fs, root, _ = tree
     (root / "huge").write_bytes(b"")
