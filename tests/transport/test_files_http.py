@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 
@@ -11,6 +12,7 @@ import pytest
 
 from aetherd.services.fs import is_temp_name
 from tests.conftest import TOKEN
+from tests.support import wait_for
 
 MiB = 1024 * 1024
 
@@ -207,3 +209,21 @@ def test_temp_names_are_recognised():
     assert is_temp_name(".~aetherd-0123456789ab.new")
     assert not is_temp_name("notes.new")
     assert not is_temp_name(".~aetherd-0123456789ab.txt")
+
+
+async def test_an_upload_cut_short_leaves_no_temp_file(daemon, workspace):
+    (workspace / "f.bin").write_bytes(b"old")
+    port = daemon.server.port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = (
+        f"PUT /workspaces/{daemon.settings.workspace_id}/files/content?path=/f.bin&token={TOKEN}"
+        f" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {4 * MiB}\r\n\r\n"
+    )
+    writer.write(head.encode() + b"p" * 300_000)
+    await writer.drain()
+    await wait_for(lambda: any(is_temp_name(p.name) for p in workspace.iterdir()))
+    writer.close()  # the client vanishes mid-body
+    await writer.wait_closed()
+    await wait_for(lambda: not any(is_temp_name(p.name) for p in workspace.iterdir()))
+    assert (workspace / "f.bin").read_bytes() == b"old"
+    del reader
