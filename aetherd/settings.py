@@ -125,6 +125,9 @@ class Settings(BaseModel):
     watcher_max_events_per_second: int = Field(
         2000, ge=1, description="Change events sent per second before a burst becomes one resync"
     )
+    watcher_move_grace: float = Field(
+        0.05, ge=0, description="Seconds a rename's source waits for its destination event"
+    )
     watcher_ignore: list[str] = Field(
         default_factory=list,
         description="Extra ignore globs (comma-separated), on top of the built-in directories",

@@ -99,6 +99,7 @@ def build_services(settings: Settings) -> Services:
                 max_watches=settings.watcher_max_watches,
                 queue_size=settings.watcher_queue_size,
                 max_events_per_second=settings.watcher_max_events_per_second,
+                move_grace=settings.watcher_move_grace,
                 extra_ignores=settings.watcher_ignore,
             )
         )

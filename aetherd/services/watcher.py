@@ -151,6 +151,7 @@ class _MoveFrom:
     is_dir: bool
     ignored: bool
     replaced: bool  # the source is our own temp file of an overwrite
+    at: float = 0.0  # when it was seen (monotonic)
 
 
 @dataclass
@@ -175,6 +176,7 @@ class Watcher:
         max_watches: int = 65_536,
         queue_size: int = 65_536,
         max_events_per_second: int = 2000,
+        move_grace: float = 0.05,
         extra_ignores: Iterable[str] = (),
     ) -> None:
         self.root = os.path.realpath(root)
@@ -182,6 +184,8 @@ class Watcher:
         self.max_watches = max_watches
         self.queue_size = queue_size
         self.max_events_per_second = max_events_per_second
+        self.move_grace = move_grace
+        self._move_timer: asyncio.TimerHandle | None = None
         self._window_start = 0.0
         self._window_count = 0
         self._base_ignores = tuple(extra_ignores)  # from settings; kept across config changes
@@ -233,9 +237,10 @@ class Watcher:
     async def stop(self) -> None:
         """Remove every watch, stop the reader thread, drop pending events."""
         self._stopped = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._move_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._move_timer = None
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.stop()  # closes the fd and removes the kernel's watches
@@ -420,7 +425,11 @@ class Watcher:
             ignored = self._is_ignored(path)
             if event.is_moved_from:
                 self._moves[event.cookie] = _MoveFrom(
-                    path, is_dir, ignored, name.startswith(TEMP_PREFIX) and name.endswith(TEMP_UPD)
+                    path,
+                    is_dir,
+                    ignored,
+                    name.startswith(TEMP_PREFIX) and name.endswith(TEMP_UPD),
+                    time.monotonic(),
                 )
             elif event.is_moved_to:
                 self._moved_to(path, is_dir, ignored, self._moves.pop(event.cookie, None))
@@ -462,14 +471,41 @@ class Watcher:
                 self._emit("create", child, child_is_dir)
 
     def _end_batch(self) -> None:
-        """After each read: a move source without a destination left the tree."""
+        """After each read: expire old unpaired move sources, or look again soon.
+
+        The kernel queues a rename's MOVED_FROM and MOVED_TO one after the other, and
+        the reader can wake between them, so a source waits `move_grace` for its
+        destination before it counts as moved out of the tree.
+        """
+        if self._expire_moves() and self._loop is not None and not self._stopped:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._arm_move_timer)
+
+    def _expire_moves(self) -> bool:
+        """Report move sources older than the grace as deletes; True if some remain."""
         with self._lock:
-            moves, self._moves = self._moves, {}
-            for src in moves.values():
+            now = time.monotonic()
+            for cookie, src in list(self._moves.items()):
+                if now - src.at < self.move_grace:
+                    continue
+                del self._moves[cookie]
                 if src.is_dir:
                     self._remove_under(src.path)
                 if not src.ignored:
                     self._emit("delete", src.path, src.is_dir)
+            return bool(self._moves)
+
+    def _arm_move_timer(self) -> None:
+        loop = self._loop
+        if loop is None or self._stopped or self._move_timer is not None:
+            return
+
+        def fire() -> None:
+            self._move_timer = None
+            if self._expire_moves():
+                self._arm_move_timer()
+
+        self._move_timer = loop.call_later(self.move_grace, fire)
 
     def on_watch_deleted(self, wd: int) -> None:
         """watchdog callback: the kernel dropped a watch (its directory is gone)."""
