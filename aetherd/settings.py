@@ -97,6 +97,48 @@ class Settings(BaseModel):
     # -- Terminal channel (issue: terminal) ------------------------------------------------
 
     # -- Files channel and watcher (issue: files) -----------------------------------------
+    files_max_size: int = Field(
+        100 * MiB, ge=1, description="Largest file read, written or uploaded (FILE_TOO_LARGE / 413)"
+    )
+    files_read_page: int = Field(
+        4 * MiB, ge=1024, description="Most raw bytes in one files/read reply (larger files page)"
+    )
+    files_list_max_entries: int = Field(
+        100_000, ge=1, description="Most entries files/list returns (LIMIT_EXCEEDED beyond)"
+    )
+    files_http_chunk: int = Field(
+        MiB, ge=4096, description="Chunk size of HTTP bulk downloads and upload writes"
+    )
+    files_http_sendfile: bool = Field(
+        True, description="Send HTTP downloads with sendfile(2) (else chunked reads in a thread)"
+    )
+    watcher_enabled: bool = Field(True, description="Watch the workspace and push files/change")
+    watcher_debounce: float = Field(
+        0.1, ge=0, description="Seconds events on one path are coalesced before they are sent"
+    )
+    watcher_max_watches: int = Field(
+        65_536, ge=1, description="Most inotify watches the daemon places (resync watch_limit)"
+    )
+    watcher_queue_size: int = Field(
+        65_536, ge=16, description="Raw events waiting for the debouncer before resync overflow"
+    )
+    watcher_max_events_per_second: int = Field(
+        2000, ge=1, description="Change events sent per second before a burst becomes one resync"
+    )
+    watcher_move_grace: float = Field(
+        0.05, ge=0, description="Seconds a rename's source waits for its destination event"
+    )
+    watcher_ignore: list[str] = Field(
+        default_factory=list,
+        description="Extra ignore globs (comma-separated), on top of the built-in directories",
+    )
+
+    @field_validator("watcher_ignore", mode="before")
+    @classmethod
+    def _split_ignores(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     # -- Ports channel (issue: ports) -----------------------------------------------------
     port_kill_grace: float = Field(

@@ -14,9 +14,11 @@ from typing import Any, TypeVar
 from aetherd.metrics import Metrics
 from aetherd.services.activity import ActivityTracker
 from aetherd.services.config import ConfigStore
+from aetherd.services.fs import FileLimits, FileSystem  # files
 from aetherd.services.idle import IdleAction
 from aetherd.services.jail import Jail
 from aetherd.services.ports import PortScanner
+from aetherd.services.watcher import Watcher  # files
 from aetherd.services.wiring import wire_config
 from aetherd.settings import Settings
 
@@ -29,6 +31,8 @@ class Services:
 
     ports: PortScanner
     config: ConfigStore
+    fs: FileSystem  # files
+    watcher: Watcher | None  # files (None when watcher_enabled is false)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -93,6 +97,27 @@ def build_services(settings: Settings) -> Services:
     #   services.boot = services.add(BootRunner(settings, services.config, launcher, services.jail))
 
     # -- files (file system operations, watcher) --
+    services.fs = FileSystem(
+        services.jail,
+        FileLimits(
+            max_file_size=settings.files_max_size,
+            read_page_size=settings.files_read_page,
+            max_list_entries=settings.files_list_max_entries,
+        ),
+    )
+    services.watcher = None
+    if settings.watcher_enabled:
+        services.watcher = services.add(
+            Watcher(
+                settings.root,
+                debounce=settings.watcher_debounce,
+                max_watches=settings.watcher_max_watches,
+                queue_size=settings.watcher_queue_size,
+                max_events_per_second=settings.watcher_max_events_per_second,
+                move_grace=settings.watcher_move_grace,
+                extra_ignores=settings.watcher_ignore,
+            )
+        )
 
     # -- terminal (PTY sessions) --
 

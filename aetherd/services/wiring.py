@@ -30,3 +30,8 @@ def wire_config(services: Services) -> None:
             )
 
     store.subscribe(apply)
+
+    watcher = getattr(services, "watcher", None)
+    if watcher is not None:
+        # set_extra_ignores re-walks the tree off the loop; the store runs it as a task.
+        store.subscribe(lambda config: watcher.set_extra_ignores(list(config.files.ignore)))

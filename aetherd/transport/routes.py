@@ -21,6 +21,7 @@ from aetherd.protocol.dispatch import Dispatcher
 from aetherd.transport import config_http
 from aetherd.transport.auth import Authenticator, extract_token
 from aetherd.transport.connection import Connection
+from aetherd.transport.files_http import add_file_routes
 
 log = logging.getLogger("aetherd.ws")
 
@@ -193,3 +194,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/workspaces/{workspace_id}/ws", websocket)
     app.router.add_get("/workspaces/{workspace_id}/info", info)
     config_http.add_routes(app)
+    add_file_routes(app)  # files: bulk transfer

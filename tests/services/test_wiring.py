@@ -58,3 +58,28 @@ async def test_agent_defaults_env_and_ignores_apply_live(start_daemon):
     await _set_config(client, "env: {}\n")
     await wait_for(lambda: "GREETING" not in agent.tools.bash_env())
     assert agent.effective_settings()["model"] != "m-from-config"
+
+
+async def test_watcher_ignores_from_config_apply_live(start_daemon, workspace):
+    running = await start_daemon(watcher_debounce=0.05)
+    client = await running.connect()
+    (workspace / "generated").mkdir()
+    await _set_config(client, "files:\n  ignore: ['generated']\n")
+    watcher = running.daemon.services.watcher
+    await wait_for(
+        lambda: not any(path.endswith("/generated") for path in map(str, watcher.watched_dirs()))
+    )
+    (workspace / "generated" / "out.js").write_text("ignored")
+    (workspace / "marker.txt").write_text("seen")
+    await client.expect_type("files", "change", path="/marker.txt")
+    ignored = [
+        f
+        for f in client.backlog
+        if f.get("channel") == "files" and "/generated/" in str(f.get("path"))
+    ]
+    assert ignored == []
+    # Lift the ignore: the directory is watched again and its changes are reported.
+    await _set_config(client, "files:\n  ignore: []\n")
+    await wait_for(lambda: any(str(path).endswith("/generated") for path in watcher.watched_dirs()))
+    (workspace / "generated" / "again.js").write_text("reported")
+    await client.expect_type("files", "change", path="/generated/again.js")
