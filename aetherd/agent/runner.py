@@ -13,9 +13,10 @@ import contextlib
 import json
 import logging
 import os
+import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,7 @@ from aetherd.agent.providers import (
 from aetherd.agent.tools import DEFAULT_IGNORE, TOOL_NAMES, TOOL_SPECS, ToolError, ToolLimits, Tools
 from aetherd.errors import AetherError, ErrorCode
 from aetherd.logs import redactor
+from aetherd.metrics import Sample
 from aetherd.protocol.frames import dumps
 from aetherd.services.jail import Jail
 from aetherd.services.transcript import ACTIVE_STATUSES, TranscriptStore, utc_now
@@ -93,6 +95,8 @@ class AgentRunner:
         self.settings = settings
         self.store = store
         self.environ = os.environ if environ is None else environ
+        self.finished: dict[str, int] = {}
+        self.provider_stats: dict[str, dict[str, float]] = {}
         self.tools = Tools(
             jail,
             ToolLimits(
@@ -163,6 +167,60 @@ class AgentRunner:
             except Exception:
                 log.exception("agent subscriber failed")
         return event
+
+    def metrics(self) -> Iterator[Sample]:
+        """Tasks by state, and the provider's latency and errors, read at scrape time."""
+        yield Sample("aetherd_agent_tasks_running", "Agent tasks running", self.running_count())
+        yield Sample("aetherd_agent_tasks_queued", "Agent tasks queued", self.queued_count())
+        for status, count in sorted(self.finished.items()):
+            yield Sample(
+                "aetherd_agent_tasks_finished",
+                "Agent tasks ended, by status",
+                count,
+                {"status": status},
+                "counter",
+            )
+        for provider, stat in sorted(self.provider_stats.items()):
+            labels = {"provider": provider}
+            for key, name, text in (
+                ("requests", "aetherd_agent_provider_requests", "Model calls"),
+                ("errors", "aetherd_agent_provider_errors", "Model calls that failed"),
+                (
+                    "first_token_seconds",
+                    "aetherd_agent_provider_first_token_seconds",
+                    "Summed time from request to the first streamed item",
+                ),
+                (
+                    "seconds",
+                    "aetherd_agent_provider_seconds",
+                    "Summed time from request to end of stream",
+                ),
+            ):
+                yield Sample(name, text, stat[key], labels, "counter")
+
+    async def _stream_measured(
+        self, provider: str, config: ProviderConfig, conversation: list[dict[str, Any]]
+    ) -> AsyncIterator[Any]:
+        """`stream_turn`, counted per provider: requests, errors, first-item and total time."""
+        stat = self.provider_stats.setdefault(
+            provider, {"requests": 0, "errors": 0, "first_token_seconds": 0.0, "seconds": 0.0}
+        )
+        stat["requests"] += 1
+        started = time.perf_counter()
+        first = True
+        try:
+            async for item in stream_turn(
+                self._session, config, SYSTEM_PROMPT, conversation, TOOL_SPECS
+            ):
+                if first:
+                    stat["first_token_seconds"] += time.perf_counter() - started
+                    first = False
+                yield item
+        except ProviderError:
+            stat["errors"] += 1
+            raise
+        finally:
+            stat["seconds"] += time.perf_counter() - started
 
     def running_count(self) -> int:
         """Tasks running now (0 or 1: one task runs at a time)."""
@@ -478,6 +536,7 @@ class AgentRunner:
         if code is not None:
             fields["code"] = code
         self.emit(task_id, "done", **fields)
+        self.finished[status] = self.finished.get(status, 0) + 1
         await self.store.update_task(
             task_id,
             status=status,
@@ -495,9 +554,7 @@ class AgentRunner:
         for _turn in range(self.settings.agent_max_turns):
             message_ids: dict[tuple[str, int], str] = {}
             end = None
-            async for item in stream_turn(
-                self._session, config, SYSTEM_PROMPT, conversation, TOOL_SPECS
-            ):
+            async for item in self._stream_measured(job.provider, config, conversation):
                 if isinstance(item, Delta):
                     if not item.content:
                         continue

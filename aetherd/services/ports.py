@@ -28,12 +28,14 @@ import os
 import signal
 import socket
 import struct
-from collections.abc import Callable, Collection, Iterable, Mapping
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from aetherd.errors import AetherError, ErrorCode
+from aetherd.metrics import Sample
 from aetherd.settings import Settings
 
 log = logging.getLogger("aetherd.ports")
@@ -450,6 +452,7 @@ class PortScanner:
         self._warned_cap = False
         self._started = False
         self.scans = 0
+        self.scan_seconds = 0.0
         self.lookups = 0
 
     # -- lifecycle --------------------------------------------------------------------
@@ -541,6 +544,20 @@ class PortScanner:
         """The reported port `port` as last scanned, if any."""
         return self._visible().get(port)
 
+    def metrics(self) -> Iterator[Sample]:
+        """Scans, their cost, and the ports reported (read at scrape time)."""
+        yield Sample("aetherd_port_scans", "Port scans run", self.scans, kind="counter")
+        yield Sample(
+            "aetherd_port_scan_seconds",
+            "Time spent scanning ports",
+            self.scan_seconds,
+            kind="counter",
+        )
+        yield Sample(
+            "aetherd_port_lookups", "Socket-to-process lookups", self.lookups, kind="counter"
+        )
+        yield Sample("aetherd_ports_listening", "Listening ports reported", len(self._visible()))
+
     def set_port_config(self, rules: Mapping[Any, Any] | None) -> None:
         """Apply the workspace config's port rules, `{port: {"label", "ignore"}}`.
 
@@ -583,6 +600,7 @@ class PortScanner:
     async def scan(self) -> None:
         """Scan once now and emit the changes (none when refreshing a stale state)."""
         async with self._lock:
+            started = time.perf_counter()
             silent = self._stale
             listeners = await self._read_listeners()
             grouped = self._group(listeners)
@@ -607,6 +625,7 @@ class PortScanner:
             # With nobody holding demand, a one-off scan is outdated as soon as it ends.
             self._stale = not self.active
             self.scans += 1
+            self.scan_seconds += time.perf_counter() - started
             if not silent:
                 self._emit_diff(before, self._visible())
 

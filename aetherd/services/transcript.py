@@ -21,18 +21,21 @@ could drop the last committed transactions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import sqlite3
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
 from aetherd.errors import AetherError, ErrorCode
+from aetherd.metrics import Sample
 
 T = TypeVar("T")
 log = logging.getLogger("aetherd.transcript")
@@ -128,6 +131,15 @@ class TranscriptStore:
         self._flush_lock = threading.Lock()
         self._seq = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    def metrics(self) -> Iterator[Sample]:
+        """Transcript size on disk (database plus WAL) and the latest seq."""
+        size = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):
+                size += os.stat(f"{self.path}{suffix}").st_size
+        yield Sample("aetherd_transcript_bytes", "Transcript database size, WAL included", size)
+        yield Sample("aetherd_transcript_latest_seq", "Latest transcript event seq", self._seq)
 
     # -- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:

@@ -28,7 +28,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from typing import Any
 from watchdog.observers.inotify_c import InotifyConstants as IC
 from watchdog.observers.inotify_c import InotifyEvent, InotifyFD
 
+from aetherd.metrics import Sample
 from aetherd.services.fs import TEMP_PREFIX, TEMP_UPD, is_temp_name, path_fields
 
 log = logging.getLogger("aetherd.watcher")
@@ -209,6 +210,7 @@ class Watcher:
         self._stopped = False
         self.error: str | None = None  # why the watcher could not start, if it could not
         self.kernel_overflows = 0  # IN_Q_OVERFLOW seen
+        self.raw_events = 0
 
     # -- public API -----------------------------------------------------------------------
     def subscribe(self, listener: Listener) -> Callable[[], None]:
@@ -273,6 +275,35 @@ class Watcher:
         """Watches the kernel reports on our inotify fd (from /proc/self/fdinfo)."""
         reader = self._reader
         return count_fd_watches(reader.fd) if reader is not None else 0
+
+    def metrics(self) -> Iterator[Sample]:
+        """Watches against the limits, and events, read at scrape time."""
+        stats = self.stats()
+        yield Sample("aetherd_watches", "inotify watches held by the watcher", stats.watches)
+        yield Sample("aetherd_watches_max", "The watcher's own cap on watches", stats.max_watches)
+        if stats.kernel_limit is not None:
+            yield Sample(
+                "aetherd_inotify_max_user_watches",
+                "The kernel's per-user watch limit",
+                stats.kernel_limit,
+            )
+        yield Sample(
+            "aetherd_watcher_pending_events", "Raw events not yet debounced", stats.pending_events
+        )
+        yield Sample(
+            "aetherd_watcher_raw_events",
+            "Raw inotify events received",
+            self.raw_events,
+            kind="counter",
+        )
+        for reason, count in stats.resyncs.items():
+            yield Sample(
+                "aetherd_watcher_resyncs",
+                "resync pushes by reason",
+                count,
+                {"reason": reason},
+                "counter",
+            )
 
     def stats(self) -> WatcherStats:
         """Watches in use, our cap, the kernel's per-user limit, queued events, resyncs."""
@@ -524,6 +555,7 @@ class Watcher:
 
     # -- reader thread → event loop -------------------------------------------------------
     def _emit(self, action: str, path: str, is_dir: bool, old: str | None = None) -> None:
+        self.raw_events += 1
         if len(self._raw) >= self.queue_size:
             if not self._raw_overflow:
                 self._raw_overflow = True
