@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import re
 import shutil
@@ -255,3 +256,32 @@ async def test_a_daemon_restart_is_survived_by_reconnecting(proxy: Proxy):
     # The other workspace never noticed.
     status, _ = await _get_json(proxy.url("/workspaces/ws-b/info"), params={"token": proxy.b.token})
     assert status == 200
+
+
+async def test_large_file_transfer_through_the_proxy(proxy: Proxy, tmp_path: Path):
+    size = 64 * 1024 * 1024
+    block = os.urandom(1024 * 1024)
+    digest = hashlib.sha256(block * (size // len(block))).hexdigest()
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(size // len(block)):
+            yield block
+
+    url = proxy.url("/workspaces/ws-b/files/content")
+    auth = {"Authorization": f"Bearer {proxy.b.token}"}
+    async with aiohttp.ClientSession() as session:
+        async with session.put(url, params={"path": "/big.bin"}, data=body(), headers=auth) as resp:
+            assert resp.status in (200, 201), await resp.text()
+        assert (proxy.b.root / "big.bin").stat().st_size == size
+        assert not (proxy.a.root / "big.bin").exists()  # it went to B only
+        hasher = hashlib.sha256()
+        async with session.get(url, params={"path": "/big.bin"}, headers=auth) as resp:
+            assert resp.status == 200
+            assert int(resp.headers["Content-Length"]) == size
+            async for chunk in resp.content.iter_chunked(1024 * 1024):
+                hasher.update(chunk)
+        assert hasher.hexdigest() == digest
+        headers = {**auth, "Range": "bytes=1048576-1048585"}
+        async with session.get(url, params={"path": "/big.bin"}, headers=headers) as resp:
+            assert resp.status == 206
+            assert await resp.read() == block[:10]
