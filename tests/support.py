@@ -166,3 +166,21 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise TimeoutError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+# Frames the daemon pushes to every new connection (PROTOCOL.md section 1).
+CONNECT_PUSHES = frozenset({("terminal", "sessions"), ("ports", "open"), ("agent", "history")})
+
+
+async def receive_skipping_pushes(
+    ws: aiohttp.ClientWebSocketResponse, timeout: float = DEFAULT_TIMEOUT
+) -> aiohttp.WSMessage:
+    """The next message that is not one of the frames pushed on connect, within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = await ws.receive(timeout=max(0.0, deadline - time.monotonic()))
+        if msg.type is aiohttp.WSMsgType.TEXT:
+            frame = json.loads(msg.data)
+            if (frame.get("channel"), frame.get("type")) in CONNECT_PUSHES:
+                continue
+        return msg

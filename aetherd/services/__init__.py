@@ -79,6 +79,9 @@ def build_services(settings: Settings) -> Services:
     # -- files (file system operations, watcher) --
 
     # -- terminal (PTY sessions) --
+    from aetherd.services.terminal import TerminalManager
+
+    services.terminals = services.add(TerminalManager(settings, services.jail))
 
     # -- ports (port scanner) --
 

@@ -12,7 +12,7 @@ import pytest
 from aetherd.app import close_sockets
 from aetherd.logs import TextFormatter, redactor
 from tests.conftest import TOKEN
-from tests.support import RawWebSocket, wait_for
+from tests.support import RawWebSocket, receive_skipping_pushes, wait_for
 
 CHANNELS = ["terminal", "files", "agent", "ports", "config"]
 
@@ -59,7 +59,7 @@ async def test_unknown_type_on_each_channel(daemon, channel):
 async def test_oversize_frame_closes_with_1009(daemon):
     client = await daemon.connect()
     await client.send("x" * (1024 * 1024 + 1))
-    msg = await client.ws.receive(timeout=10)
+    msg = await receive_skipping_pushes(client.ws, 10)
     assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
     assert client.ws.close_code == 1009
 
@@ -77,11 +77,11 @@ async def test_frame_of_exactly_one_mib_is_accepted(daemon):
 async def test_server_pings_and_drops_a_client_that_never_pongs(start_daemon):
     running = await start_daemon(ping_interval=0.1, pong_timeout=0.6)
     client = await running.connect(autoping=False)
-    msg = await client.ws.receive(timeout=5)
+    msg = await receive_skipping_pushes(client.ws, 5)
     assert msg.type is aiohttp.WSMsgType.PING
     # Never answer: the server must close within pong_timeout (plus a tick).
     for _ in range(200):
-        msg = await client.ws.receive(timeout=5)
+        msg = await receive_skipping_pushes(client.ws, 5)
         if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
             break
         assert msg.type is aiohttp.WSMsgType.PING
@@ -96,7 +96,7 @@ async def test_a_client_that_pongs_stays_connected(start_daemon):
     client = await running.connect(autoping=False)
     pings = 0
     while pings < 12:  # 12 pings span well over twice the pong timeout
-        msg = await client.ws.receive(timeout=5)
+        msg = await receive_skipping_pushes(client.ws, 5)
         assert msg.type is aiohttp.WSMsgType.PING, msg
         pings += 1
         await client.ws.pong(msg.data)
@@ -221,6 +221,6 @@ async def test_shutdown_closes_sockets_with_1001(start_daemon):
     running = await start_daemon()
     client = await running.connect()
     await close_sockets(running.app)
-    msg = await client.ws.receive(timeout=10)
+    msg = await receive_skipping_pushes(client.ws, 10)
     assert msg.type is aiohttp.WSMsgType.CLOSE
     assert msg.data == 1001
