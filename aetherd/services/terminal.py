@@ -66,6 +66,8 @@ def _utf8_cut(data: bytes | bytearray, end: int) -> int:
         byte = data[end - back]
         if _is_continuation(byte):
             continue
+        if byte >= 0xF8:
+            return end  # never a valid lead byte
         if byte >= 0xF0:
             need = 4
         elif byte >= 0xE0:
@@ -319,7 +321,7 @@ class TerminalSession:
         fd = self.fd
         while fd is not None and got < budget:
             try:
-                data = os.read(fd, 65536)
+                data = os.read(fd, min(65536, budget - got))
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -336,7 +338,14 @@ class TerminalSession:
         return got
 
     def _on_readable(self) -> None:
-        if self._read_into_ring(self.read_budget):
+        budget = self.read_budget
+        if self.attachments:
+            # Never read so far ahead that the fastest client's next bytes leave the ring.
+            budget = min(budget, self.ring.capacity - min(a.lag for a in self.attachments))
+            if budget <= 0:
+                self._maybe_pause()
+                return
+        if self._read_into_ring(budget):
             for attachment in self.attachments:
                 attachment.notify()
             self._maybe_pause()
@@ -679,6 +688,11 @@ class TerminalManager:
             session._close_fd()
 
     # -- queries -----------------------------------------------------------------------
+    @property
+    def background_tasks(self) -> int:
+        """Signalling/reaping tasks still running (0 once every ended session is cleaned up)."""
+        return len(self._tasks)
+
     def count(self) -> int:
         """Live (not exited) sessions."""
         return sum(1 for s in self._sessions.values() if s.alive)
@@ -740,6 +754,13 @@ class TerminalManager:
                 f"too many terminal sessions (limit {self.settings.terminal_max_sessions})",
                 limit=self.settings.terminal_max_sessions,
             )
+        for key, value in (env or {}).items():
+            if not key or "=" in key or "\x00" in key or "\x00" in value:
+                raise AetherError(
+                    ErrorCode.INVALID_MESSAGE,
+                    f"invalid field 'env': bad variable {key[:64]!r} (no '=' or NUL allowed)",
+                    field="env",
+                )
         cols = cols or DEFAULT_COLS
         rows = rows or DEFAULT_ROWS
         real_cwd = self.jail.resolve(cwd or "/")
@@ -792,16 +813,31 @@ class TerminalManager:
 def _spawn(argv: list[str], env: dict[str, str], cwd: str, cols: int, rows: int) -> tuple[int, int]:
     """Fork `argv` on a new PTY, in its own session with the PTY as controlling terminal.
 
-    The child runs only a few system calls before exec (no locks, no logging). Its
-    signal dispositions are reset (Python ignores SIGPIPE; exec would keep that).
+    The size is set on the PTY before the fork, so the program sees it from its first
+    instruction and a resize right after create cannot be overwritten. The child runs
+    only a few system calls before exec (no locks, no logging); its signal dispositions
+    are reset, since Python ignores SIGPIPE and exec would keep that.
     """
-    pid, fd = os.forkpty()
+    master, slave = os.openpty()  # both non-inheritable
+    try:
+        _set_winsize(slave, cols, rows)
+        pid = os.fork()
+    except BaseException:
+        os.close(master)
+        os.close(slave)
+        raise
     if pid == 0:  # pragma: no cover - the child
         try:
+            os.close(master)
+            os.setsid()
+            fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+            for target in (0, 1, 2):
+                os.dup2(slave, target)  # dup2 makes them inheritable
+            if slave > 2:
+                os.close(slave)
             for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, set())
-            _set_winsize(0, cols, rows)
             os.chdir(cwd)
             os.execve(argv[0], argv, env)
         except BaseException as exc:
@@ -809,6 +845,6 @@ def _spawn(argv: list[str], env: dict[str, str], cwd: str, cols: int, rows: int)
                 os.write(2, f"aetherd: cannot start {argv[0]}: {exc}\r\n".encode())
         finally:
             os._exit(127)
-    os.set_inheritable(fd, False)  # later children must not hold this PTY open
-    os.set_blocking(fd, False)
-    return pid, fd
+    os.close(slave)
+    os.set_blocking(master, False)
+    return pid, master
