@@ -413,7 +413,8 @@ class TerminalSession:
     def _maybe_forget(self) -> None:
         if self.attachments or self.exit is None:
             return
-        if self.exit_delivered_once:
+        if self.exit_delivered_once or self._kill_task is not None:
+            # Told to someone, or ended on purpose: nothing is left to keep it for.
             self.manager._forget(self)
         elif self._retention_handle is None:
             self._retention_handle = self._loop.call_later(
