@@ -26,7 +26,9 @@ SessionId = Annotated[
 ]
 Dimension = Annotated[int, Field(strict=True, ge=1, le=1000)]
 
-_encode = json.encoder.encode_basestring  # C accelerated, keeps UTF-8 as is
+_encode = json.encoder.encode_basestring
+# Output this small is interactive (an echo, a prompt) and jumps the writer's queue.
+URGENT_BYTES = 4096  # C accelerated, keeps UTF-8 as is
 
 
 class TerminalCreate(Message):
@@ -115,6 +117,11 @@ class TerminalStream:
         """Begin pulling from `attachment`."""
         self.attachment = attachment
         self._remove = self.peer.add_stream(self)
+
+    def urgent(self) -> bool:
+        """True when only a little output is waiting (an echo, a prompt): send it first."""
+        attachment = self.attachment
+        return attachment is not None and 0 < attachment.lag <= URGENT_BYTES
 
     def pull(self) -> str | None:
         """The next frame for this socket, or None."""

@@ -132,7 +132,8 @@ class OutputRing:
                 stop = cut
             elif stop == len(self._buf):
                 stop = rel  # only an incomplete character so far: wait for the rest
-        return start, bytes(self._buf[rel:stop])
+        with memoryview(self._buf) as view:  # one copy, not two
+            return start, bytes(view[rel:stop])
 
 
 @dataclass(frozen=True)
@@ -316,9 +317,14 @@ class TerminalSession:
             self._reading = False
 
     def _read_into_ring(self, budget: int) -> int:
-        """Read what the PTY has (up to `budget`) into the ring; returns the byte count."""
+        """Read what the PTY has (up to `budget`) into the ring; returns the byte count.
+
+        A PTY read returns at most about 4 KiB, so reads are gathered and appended to
+        the ring once: one ring update (and one client wake-up) per wakeup, not per read.
+        """
         got = 0
         fd = self.fd
+        chunks: list[bytes] = []
         while fd is not None and got < budget:
             try:
                 data = os.read(fd, min(65536, budget - got))
@@ -333,8 +339,10 @@ class TerminalSession:
                 self._eof = True
                 self._pause_reading()
                 break
-            self.ring.append(data)
+            chunks.append(data)
             got += len(data)
+        if chunks:
+            self.ring.append(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         return got
 
     def _on_readable(self) -> None:
