@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psutil
 import pytest
 
@@ -614,3 +615,22 @@ async def test_ctrl_c_reaches_a_process_blocked_by_backpressure(daemon, home):
         await wait_for(lambda: _gone(yes.pid))
     finally:
         stalled.close()
+
+
+async def test_info_counts_live_sessions(daemon, home):
+    async def terminals() -> int:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(
+                daemon.url("/workspaces/ws-test/info"),
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            ) as resp:
+                return (await resp.json())["terminals"]
+
+    assert await terminals() == 0
+    client = await daemon.connect()
+    term, _ = await open_term(client, "i1", home)
+    await open_term(client, "i2", home)
+    assert await terminals() == 2
+    await term.send("exit\r")
+    await term.until_close()
+    assert await terminals() == 1
