@@ -95,6 +95,35 @@ class Settings(BaseModel):
     )
 
     # -- Terminal channel (issue: terminal) ------------------------------------------------
+    terminal_shell: str = Field(
+        "bash", min_length=1, description="Shell of terminal sessions (looked up on PATH)"
+    )
+    terminal_max_sessions: int = Field(
+        64, ge=1, description="Terminal sessions held at once (live and exited-retained)"
+    )
+    terminal_ring_bytes: int = Field(
+        MiB, ge=4096, description="Scrollback ring per terminal session (grown lazily)"
+    )
+    terminal_max_pending_input: int = Field(
+        MiB, ge=1024, description="Input bytes waiting for a PTY before LIMIT_EXCEEDED"
+    )
+    terminal_pause_bytes: int = Field(
+        256 * 1024,
+        ge=4096,
+        description="Stop reading a PTY while every attached client is this far behind",
+    )
+    terminal_max_frame_bytes: int = Field(
+        65536, ge=16, le=65536, description="Raw output bytes per terminal output frame"
+    )
+    terminal_read_budget: int = Field(
+        256 * 1024, ge=4096, description="Bytes read from one PTY per event-loop wakeup"
+    )
+    terminal_kill_grace: float = Field(
+        3.0, gt=0, description="Seconds between SIGHUP and SIGKILL when a session ends"
+    )
+    terminal_exited_retention: float = Field(
+        600.0, gt=0, description="Seconds an exited, unattached session keeps its output"
+    )
 
     # -- Files channel and watcher (issue: files) -----------------------------------------
     files_max_size: int = Field(

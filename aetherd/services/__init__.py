@@ -120,6 +120,9 @@ def build_services(settings: Settings) -> Services:
         )
 
     # -- terminal (PTY sessions) --
+    from aetherd.services.terminal import TerminalManager
+
+    services.terminals = services.add(TerminalManager(settings, services.jail))
 
     # -- ports (port scanner) --
     services.ports = services.add(PortScanner(settings))

@@ -109,6 +109,15 @@ class Connection:
             text = self._queue.popleft()
             self._queued_bytes -= len(text)
             return text
+        # A stream may say it is urgent (an interactive session with a few bytes to
+        # send, typically a keystroke's echo): it goes before the round-robin of bulk
+        # streams, so an echo never waits behind a frame from every flooding session.
+        for stream in self._streams:
+            urgent = getattr(stream, "urgent", None)
+            if urgent is not None and urgent():
+                text = stream.pull()
+                if text is not None:
+                    return text
         count = len(self._streams)
         for _ in range(count):
             stream = self._streams[self._rr % count]
