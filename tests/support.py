@@ -166,4 +166,3 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise TimeoutError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
-

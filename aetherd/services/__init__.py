@@ -11,14 +11,18 @@ import asyncio
 import logging
 from typing import Any, TypeVar
 
+from aetherd.agent.runner import AgentRunner
 from aetherd.metrics import Metrics
 from aetherd.services.activity import ActivityTracker
+from aetherd.services.boot import BootRunner, SessionLauncher
 from aetherd.services.config import ConfigStore
-from aetherd.services.fs import FileLimits, FileSystem  # files
+from aetherd.services.fs import FileLimits, FileSystem
 from aetherd.services.idle import IdleAction
 from aetherd.services.jail import Jail
 from aetherd.services.ports import PortScanner
-from aetherd.services.watcher import Watcher  # files
+from aetherd.services.terminal import TerminalManager
+from aetherd.services.transcript import TranscriptStore
+from aetherd.services.watcher import Watcher
 from aetherd.services.wiring import wire_config
 from aetherd.settings import Settings
 
@@ -29,10 +33,15 @@ S = TypeVar("S")
 class Services:
     """The daemon's services, built from its settings."""
 
-    ports: PortScanner
     config: ConfigStore
-    fs: FileSystem  # files
-    watcher: Watcher | None  # files (None when watcher_enabled is false)
+    fs: FileSystem
+    watcher: Watcher | None  # None when watcher_enabled is false
+    terminals: TerminalManager
+    boot: BootRunner
+    ports: PortScanner
+    transcript: TranscriptStore
+    agent: AgentRunner
+    idle: IdleAction | None = None
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -92,9 +101,6 @@ def build_services(settings: Settings) -> Services:
 
     # -- config (the workspace config store) --
     services.config = services.add(ConfigStore(settings, services.jail))
-    # The BootRunner (aetherd.services.boot) needs a TerminalLauncher; it is added once
-    # the terminal manager exists, after it so it starts later and stops earlier:
-    #   services.boot = services.add(BootRunner(settings, services.config, launcher, services.jail))
 
     # -- files (file system operations, watcher) --
     services.fs = FileSystem(
@@ -120,19 +126,16 @@ def build_services(settings: Settings) -> Services:
         )
 
     # -- terminal (PTY sessions) --
-    from aetherd.services.terminal import TerminalManager
-
     services.terminals = services.add(TerminalManager(settings, services.jail))
+    # Boot terminals are terminal sessions: the runner starts after the manager and
+    # stops before it.
+    launcher = SessionLauncher(services.terminals, services.jail)
+    services.boot = services.add(BootRunner(settings, services.config, launcher, services.jail))
 
     # -- ports (port scanner) --
     services.ports = services.add(PortScanner(settings))
 
     # -- agent (transcript store, agent runner) --
-    # Imported here so this block stays self-contained next to the other markers.
-    # The config service calls `services.agent.apply_config(defaults, env, ignore)`.
-    from aetherd.agent.runner import AgentRunner
-    from aetherd.services.transcript import TranscriptStore
-
     services.transcript = services.add(
         TranscriptStore(
             settings.data_dir / "agent.sqlite3", commit_batch=settings.agent_commit_batch

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 from aetherd.services.config import ConfigStore, TerminalSpec, WorkspaceConfig
 from aetherd.services.jail import Jail
+from aetherd.services.terminal import TerminalManager
 from aetherd.settings import Settings
 
 log = logging.getLogger("aetherd.boot")
@@ -56,6 +57,35 @@ class TerminalLauncher(Protocol):
 
     async def wait(self, session_id: str) -> int | None:
         """Wait for the session's command to end: its exit code, None if a signal ended it."""
+
+
+class SessionLauncher:
+    """The TerminalLauncher over the real terminal manager: boot terminals are PTY
+    sessions (`boot:<name>`), listed in `terminal/sessions`, that clients can attach to."""
+
+    def __init__(self, terminals: TerminalManager, jail: Jail) -> None:
+        self.terminals = terminals
+        self.jail = jail
+
+    async def start(self, session_id: str, command: str, cwd: Path, env: dict[str, str]) -> None:
+        """Start the session, replacing an exited one of the same id (a restart)."""
+        self.terminals.discard(session_id)
+        await self.terminals.create(
+            session_id, command=command, cwd=self.jail.to_wire(cwd), env=env
+        )
+
+    async def stop(self, session_id: str) -> None:
+        """End the session's process group; nothing when it is unknown or over."""
+        session = self.terminals.find(session_id)
+        if session is not None and session.alive:
+            await self.terminals.close(session_id)
+
+    async def wait(self, session_id: str) -> int | None:
+        """The exit code of the session's command (None when a signal ended it)."""
+        session = self.terminals.find(session_id)
+        if session is None:
+            return None
+        return (await session.wait()).exit_code
 
 
 def backoff_delay(failures: int, base: float, cap: float) -> float:

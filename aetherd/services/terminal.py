@@ -801,6 +801,16 @@ class TerminalManager:
         log.info("terminal session started", extra={"sessionId": session_id, "pid": pid})
         return session
 
+    def discard(self, session_id: str) -> None:
+        """Drop an exited session so its id can be used again (a restarted boot terminal).
+
+        Clients still attached keep their view of it: they get its remaining output and
+        its `close`, then detach; a new session with the same id is unaffected.
+        """
+        session = self._sessions.get(session_id)
+        if session is not None and not session.alive:
+            self._forget(session)
+
     def _wire_path(self, real: Path) -> str:
         rel = os.path.relpath(real, self.jail.root)
         return "/" if rel == "." else "/" + rel

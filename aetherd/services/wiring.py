@@ -31,6 +31,11 @@ def wire_config(services: Services) -> None:
 
     store.subscribe(apply)
 
+    terminals = getattr(services, "terminals", None)
+    if terminals is not None:
+        # Read at each session's start, so new terminals always get the current env.
+        terminals.env_provider = lambda: dict(store.current.env)
+
     watcher = getattr(services, "watcher", None)
     if watcher is not None:
         # set_extra_ignores re-walks the tree off the loop; the store runs it as a task.
