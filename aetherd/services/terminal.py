@@ -32,12 +32,13 @@ import signal
 import struct
 import termios
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aetherd.errors import AetherError, ErrorCode
+from aetherd.metrics import Sample
 from aetherd.services.jail import Jail
 from aetherd.settings import Settings
 
@@ -188,6 +189,9 @@ class Attachment:
         ring = session.ring
         if self.cursor < ring.start:
             self._truncated = True  # fell out of the ring: resynchronise from its start
+            session.manager.resyncs += 1
+            session.manager.skipped_bytes += ring.start - self.cursor
+            self.cursor = ring.start
         if self.cursor < ring.end:
             start, raw = ring.chunk(self.cursor, session.max_frame, session.exit is not None)
             if raw:
@@ -343,6 +347,7 @@ class TerminalSession:
             got += len(data)
         if chunks:
             self.ring.append(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            self.manager.output_bytes += got
         return got
 
     def _on_readable(self) -> None:
@@ -351,7 +356,9 @@ class TerminalSession:
             # Never read so far ahead that the fastest client's next bytes leave the ring.
             budget = min(budget, self.ring.capacity - min(a.lag for a in self.attachments))
             if budget <= 0:
-                self._maybe_pause()
+                # Even the fastest client is a whole ring behind. Stop watching the fd
+                # (it stays readable, so the loop would spin); client_advanced resumes.
+                self._pause_reading()
                 return
         if self._read_into_ring(budget):
             for attachment in self.attachments:
@@ -646,6 +653,9 @@ class TerminalManager:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._shell_path: str | None = None
         self._stopping = False
+        self.output_bytes = 0  # read from every PTY
+        self.resyncs = 0  # clients resynchronised from a ring they had fallen out of
+        self.skipped_bytes = 0  # output those clients never received
 
     # -- service lifecycle -------------------------------------------------------------
     async def start(self) -> None:
@@ -701,6 +711,37 @@ class TerminalManager:
     def background_tasks(self) -> int:
         """Signalling/reaping tasks still running (0 once every ended session is cleaned up)."""
         return len(self._tasks)
+
+    def metrics(self) -> Iterator[Sample]:
+        """Sessions, output, and output skipped by resyncs (read at scrape time)."""
+        live = self.count()
+        yield Sample(
+            "aetherd_terminal_sessions", "Terminal sessions, by state", live, {"state": "live"}
+        )
+        yield Sample(
+            "aetherd_terminal_sessions",
+            "Terminal sessions, by state",
+            len(self._sessions) - live,
+            {"state": "exited"},
+        )
+        yield Sample(
+            "aetherd_terminal_output_bytes",
+            "Bytes read from terminal PTYs",
+            self.output_bytes,
+            kind="counter",
+        )
+        yield Sample(
+            "aetherd_terminal_resyncs",
+            "Slow clients resynchronised from the ring",
+            self.resyncs,
+            kind="counter",
+        )
+        yield Sample(
+            "aetherd_terminal_skipped_bytes",
+            "Output a resynchronised client never received",
+            self.skipped_bytes,
+            kind="counter",
+        )
 
     def count(self) -> int:
         """Live (not exited) sessions."""

@@ -214,3 +214,56 @@ async def test_input_is_written_and_resize_applies(manager):
     with pytest.raises(AetherError) as info:
         session.write(b"x")
     assert info.value.code is ErrorCode.SESSION_NOT_FOUND
+
+
+async def test_a_client_that_fell_out_of_the_ring_is_resynchronised(manager):
+    """One attachment reads, one never does while 4 MB flow through a 64 KiB ring: the
+    reader drives the PTY, and the other, when it reads again, resumes at the ring's
+    start with `truncated`, then follows without a gap."""
+    mgr = await manager(terminal_ring_bytes=65536)
+    session = await mgr.create(
+        "flood", command="head -c 4000000 /dev/zero | tr '\\0' x; exec sleep 30"
+    )
+    stalled = session.attach(lambda: None)
+    wake = asyncio.Event()
+    reader = session.attach(wake.set)
+    received = 0
+    for _ in range(100_000):  # the reading client takes everything
+        item = reader.read()
+        if item is None:
+            if received >= 4_000_000:
+                break
+            await asyncio.wait_for(wake.wait(), 10)
+            wake.clear()
+        else:
+            assert isinstance(item, Output)
+            received += len(item.data)
+    assert received == 4_000_000
+    assert stalled.lag > session.ring.capacity  # it has fallen out of the ring
+    first = stalled.read()
+    assert isinstance(first, Output) and first.truncated
+    assert first.offset == session.ring.start
+    assert (mgr.resyncs, mgr.skipped_bytes) == (1, session.ring.start)
+    item, offset = first, first.end
+    for _ in range(1000):
+        item = stalled.read()
+        if item is None:
+            break
+        assert item.offset == offset and not item.truncated
+        offset = item.end
+    assert offset == session.ring.end
+    assert mgr.output_bytes == 4_000_000
+
+
+async def test_reading_pauses_when_the_only_client_is_a_ring_behind(manager):
+    # A ring smaller than the pause mark (256 KiB): the client is a whole ring behind
+    # before it is "behind" by the pause mark, and reading must stop there too.
+    mgr = await manager(terminal_ring_bytes=65536)
+    session = await mgr.create("yes", command="yes")
+    attachment = session.attach(lambda: None)
+    await wait_for(lambda: not session.reading)
+    end = session.ring.end
+    assert attachment.lag == session.ring.capacity
+    item = attachment.read()  # the client takes a frame: reading resumes
+    assert isinstance(item, Output)
+    await wait_for(lambda: session.ring.end > end)
