@@ -285,3 +285,30 @@ async def test_large_file_transfer_through_the_proxy(proxy: Proxy, tmp_path: Pat
         async with session.get(url, params={"path": "/big.bin"}, headers=headers) as resp:
             assert resp.status == 206
             assert await resp.read() == block[:10]
+
+
+async def test_terminal_streaming_through_the_proxy(proxy: Proxy):
+    client = await connect(proxy.url("/workspaces/ws-a/ws", "ws"), proxy.a.token)
+    try:
+        reply = await client.request(
+            "terminal",
+            "create",
+            sessionId="proxied",
+            command="head -c 3000000 /dev/zero | tr '\\0' y; echo; echo STREAM_''END",
+        )
+        assert reply["success"] is True
+        received, offset, tail = 0, None, ""
+        for _ in range(10_000):
+            frame = await client.expect(
+                lambda f: f.get("sessionId") == "proxied" and f.get("type") in ("output", "close")
+            )
+            if frame["type"] == "close":
+                break
+            assert offset is None or frame["offset"] == offset  # no gap, no duplicate
+            offset = frame["offset"] + len(frame["data"].encode())
+            received += frame["data"].count("y")
+            tail = (tail + frame["data"])[-4096:]
+        assert frame["type"] == "close" and frame["exitCode"] == 0
+        assert received == 3_000_000 and "STREAM_END" in tail
+    finally:
+        await client.close()
