@@ -19,17 +19,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.support import connect
+from tests.support import connect, free_port
 from tests.test_cli import REPO, child_env
 
 pytestmark = pytest.mark.slow
 WAIT = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def documented_nginx_config() -> str:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.support import wait_for
-from tests.test_proxy import free_port
+from tests.support import free_port, wait_for
 
 LISTENER = (
     "import socket, sys, time\n"
