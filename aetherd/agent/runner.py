@@ -157,6 +157,20 @@ class AgentRunner:
 
         return remove
 
+    def invocation(
+        self, task_id: str, call_id: str, name: str, args: Any, status: str, **extra: Any
+    ) -> dict[str, Any]:
+        """Emit a `tool_invocation` event for one tool call in `status`."""
+        return self.emit(
+            task_id,
+            "tool_invocation",
+            toolCallId=call_id,
+            name=name,
+            input=args,
+            status=status,
+            **extra,
+        )
+
     def emit(self, task_id: str | None, type_: str, **fields: Any) -> dict[str, Any]:
         """Store the event (it gets its seq now) and hand it to every subscriber."""
         event = self.store.append(task_id, type_, fields)
@@ -624,27 +638,13 @@ class AgentRunner:
         if problem is None and name not in TOOL_NAMES:
             problem = f"there is no tool {name!r}; the tools are {', '.join(sorted(TOOL_NAMES))}"
         if problem is not None:
-            self.emit(
-                job.task_id,
-                "tool_invocation",
-                toolCallId=call_id,
-                name=name,
-                input=args,
-                status="running",
-            )
+            self.invocation(job.task_id, call_id, name, args, "running")
             return self._result(job, call_id, name, problem, True)
 
         reason = approval_reason(job.permission_mode, name, args)
         if reason is not None:
             request_id = uuid.uuid4().hex
-            self.emit(
-                job.task_id,
-                "tool_invocation",
-                toolCallId=call_id,
-                name=name,
-                input=args,
-                status="awaiting_approval",
-            )
+            self.invocation(job.task_id, call_id, name, args, "awaiting_approval")
             request = self.emit(
                 job.task_id,
                 "permission_request",
@@ -662,25 +662,11 @@ class AgentRunner:
                 return self._result(job, call_id, name, text, True)
 
         if name == "ask_user":
-            invocation = self.emit(
-                job.task_id,
-                "tool_invocation",
-                toolCallId=call_id,
-                name=name,
-                input=args,
-                status="awaiting_input",
-            )
+            invocation = self.invocation(job.task_id, call_id, name, args, "awaiting_input")
             answer = await self._wait_for_person(job, self._inputs, call_id, call_id, invocation)
             return self._result(job, call_id, name, answer, False)
 
-        self.emit(
-            job.task_id,
-            "tool_invocation",
-            toolCallId=call_id,
-            name=name,
-            input=args,
-            status="running",
-        )
+        self.invocation(job.task_id, call_id, name, args, "running")
         try:
             if name == "bash":
                 progress = _Progress(self, job.task_id, call_id, name, args)
@@ -746,14 +732,8 @@ class _Progress:
             return
         text = "".join(self.parts)
         self.parts.clear()
-        self.runner.emit(
-            self.task_id,
-            "tool_invocation",
-            toolCallId=self.call_id,
-            name=self.name,
-            input=self.args,
-            status="running",
-            progress=text,
+        self.runner.invocation(
+            self.task_id, self.call_id, self.name, self.args, "running", progress=text
         )
 
     def close(self) -> None:
