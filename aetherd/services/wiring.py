@@ -6,7 +6,7 @@ and again on every effective change, so edits apply without a daemon restart.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from aetherd.services import Services
@@ -38,5 +38,15 @@ def wire_config(services: Services) -> None:
 
     watcher = getattr(services, "watcher", None)
     if watcher is not None:
-        # set_extra_ignores re-walks the tree off the loop; the store runs it as a task.
-        store.subscribe(lambda config: watcher.set_extra_ignores(list(config.files.ignore)))
+        applied: list[list[str] | None] = [None]
+
+        def apply_ignores(config: WorkspaceConfig) -> Any:
+            # set_extra_ignores re-walks the whole tree (off the loop), so only when the
+            # patterns change, not on every edit of the config; the store runs it as a task.
+            patterns = list(config.files.ignore)
+            if patterns == applied[0]:
+                return None
+            applied[0] = patterns
+            return watcher.set_extra_ignores(patterns)
+
+        store.subscribe(apply_ignores)

@@ -82,3 +82,24 @@ async def test_watcher_ignores_from_config_apply_live(start_daemon, workspace):
     await wait_for(lambda: any(str(path).endswith("/generated") for path in watcher.watched_dirs()))
     (workspace / "generated" / "again.js").write_text("reported")
     await client.expect_type("files", "change", path="/generated/again.js")
+
+
+async def test_config_edits_that_keep_the_ignores_do_not_rewalk_the_tree(start_daemon, monkeypatch):
+    running = await start_daemon()
+    watcher = running.daemon.services.watcher
+    walks: list[list[str]] = []
+    original = watcher.set_extra_ignores
+
+    async def counting(patterns):
+        walks.append(list(patterns))
+        await original(patterns)
+
+    monkeypatch.setattr(watcher, "set_extra_ignores", counting)
+    client = await running.connect()
+    await _set_config(client, "files:\n  ignore: ['tmp']\n")
+    await wait_for(lambda: walks == [["tmp"]])
+    await _set_config(client, "files:\n  ignore: ['tmp']\nenv:\n  A: b\n")
+    await wait_for(lambda: running.daemon.services.agent.tools.bash_env().get("A") == "b")
+    await _set_config(client, "files:\n  ignore: ['tmp', 'out']\n")
+    await wait_for(lambda: len(walks) == 2)
+    assert walks == [["tmp"], ["tmp", "out"]]
