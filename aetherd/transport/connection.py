@@ -38,10 +38,10 @@ class Connection:
         ws: web.WebSocketResponse,
         settings: Settings,
         conn_id: str,
-        metrics: Metrics | None = None,
+        metrics: Metrics,
     ) -> None:
         self.id = conn_id
-        self._metrics = metrics or Metrics()
+        self._metrics = metrics
         self._ws = ws
         self._settings = settings
         self._queue: deque[str] = deque()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from aetherd.metrics import Metrics
 from aetherd.transport.connection import Connection
 
 
@@ -22,7 +23,7 @@ class FakeStream:
 
 
 def test_urgent_streams_go_before_the_round_robin(make_settings):
-    conn = Connection(None, make_settings(), "c-test")  # type: ignore[arg-type]
+    conn = Connection(None, make_settings(), "c-test", Metrics())  # type: ignore[arg-type]
     bulk = [FakeStream(f"bulk{i}", 3, urgent=False) for i in range(3)]
     plain = FakeStream("plain", 3)
     echo = FakeStream("echo", 0, urgent=True)
