@@ -97,9 +97,9 @@ def _unencodable(value: Any, path: str = "") -> str | None:
 
 
 def decode_frame(text: str) -> Any:
-    """Parse one text frame; raise AetherError for what the protocol cannot carry."""
+    """Parse one text frame; raise AetherError for a number the protocol cannot carry."""
     try:
-        raw = _decoder.decode(text)
+        return _decoder.decode(text)
     except _OutOfRange as exc:
         raise AetherError(
             ErrorCode.INVALID_MESSAGE,
@@ -107,16 +107,20 @@ def decode_frame(text: str) -> Any:
         ) from None
     except (ValueError, RecursionError) as exc:
         raise AetherError(ErrorCode.INVALID_JSON, f"malformed JSON: {exc}") from None
-    if _SURROGATE_ESCAPE.search(text) is not None:
-        where = _unencodable(raw)
-        if where is not None:
-            raise AetherError(
-                ErrorCode.INVALID_MESSAGE,
-                f"invalid field '{where}': text holds a lone surrogate (not Unicode); "
-                "send bytes as base64",
-                field=where,
-            )
-    return raw
+
+
+def check_unicode(raw: Any, text: str) -> None:
+    """Raise AetherError when a string of the decoded frame holds a lone surrogate."""
+    if _SURROGATE_ESCAPE.search(text) is None:
+        return
+    where = _unencodable(raw)
+    if where is not None:
+        raise AetherError(
+            ErrorCode.INVALID_MESSAGE,
+            f"invalid field '{where}': text holds a lone surrogate (not Unicode); "
+            "send bytes as base64",
+            field=where,
+        )
 
 
 class Dispatcher:
@@ -163,6 +167,11 @@ class Dispatcher:
             return
         channel = raw.get("channel")
         self._metrics.frame_in(channel if isinstance(channel, str) else "unknown", len(text))
+        try:
+            check_unicode(raw, text)
+        except AetherError as err:
+            self.reject(err, raw)
+            return
         await self.handle_frame(raw)
 
     async def handle_frame(self, raw: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from aetherd.errors import AetherError, ErrorCode
 from aetherd.protocol import Channel, Frame, Message, Model, Slot, encode, omitted
-from aetherd.protocol.dispatch import decode_frame
+from aetherd.protocol.dispatch import check_unicode, decode_frame
 from aetherd.protocol.frames import SuccessReply, error_frame, success_reply
 from tests.support import wait_for
 
@@ -124,7 +124,7 @@ def test_64_bit_edges_and_floats_pass():
 )
 def test_lone_surrogates_are_refused_and_located(text: str, field: str):
     with pytest.raises(AetherError) as info:
-        decode_frame(text)
+        check_unicode(decode_frame(text), text)
     assert info.value.code is ErrorCode.INVALID_MESSAGE
     assert info.value.extra["field"] == field
     # The error itself is sendable.
@@ -132,7 +132,9 @@ def test_lone_surrogates_are_refused_and_located(text: str, field: str):
 
 
 def test_surrogate_pairs_and_escaped_backslashes_pass():
-    raw = decode_frame('{"emoji":"\\ud83d\\ude00","text":"\\\\ud800"}')
+    text = '{"emoji":"\\ud83d\\ude00","text":"\\\\ud800"}'
+    raw = decode_frame(text)
+    check_unicode(raw, text)
     assert raw == {"emoji": "😀", "text": "\\ud800"}
 
 
