@@ -26,7 +26,8 @@ from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
 if TYPE_CHECKING:
-    from aetherd.protocol.context import Context, Daemon
+    from aetherd.daemon import Daemon
+    from aetherd.protocol.context import Context
 
 M = TypeVar("M", bound=BaseModel)
 HandlerFunc = Callable[["Context", Any], Awaitable[Any]]
