@@ -1,6 +1,6 @@
 """The wire protocol: registry, envelope dispatch, frames, hub. No aiohttp in here."""
 
-from aetherd.protocol.context import Context, Daemon, OutboundStream, Peer, Slot
+from aetherd.protocol.context import Context, OutboundStream, Peer, Slot
 from aetherd.protocol.frames import dumps
 from aetherd.protocol.hub import Hub
 from aetherd.protocol.models import Empty, Frame, Message, Model, encode, omitted
@@ -9,7 +9,6 @@ from aetherd.protocol.registry import Channel, Registry
 __all__ = [
     "Channel",
     "Context",
-    "Daemon",
     "Empty",
     "Frame",
     "Hub",

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from aetherd.protocol.models import Frame
 
 if TYPE_CHECKING:
+    from aetherd.daemon import Daemon, Services
     from aetherd.protocol.hub import Hub
-    from aetherd.protocol.registry import Registry
-    from aetherd.services import Services
     from aetherd.settings import Settings
 
 
@@ -79,18 +77,6 @@ class Peer(Protocol):
     @property
     def queued_bytes(self) -> int:
         """Bytes waiting in the send queue."""
-
-
-@dataclass
-class Daemon:
-    """Process-wide state shared by every connection."""
-
-    settings: Settings
-    services: Services
-    hub: Hub
-    registry: Registry
-    started_at: float = field(default_factory=time.time)
-    ready: bool = False
 
 
 @dataclass

@@ -19,12 +19,12 @@ import logging
 import math
 import re
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from aetherd.errors import AetherError, ErrorCode
-from aetherd.protocol.context import Context, Daemon, Peer
+from aetherd.protocol.context import Context, Peer
 from aetherd.protocol.frames import (
     error_frame,
     error_reply,
@@ -33,6 +33,9 @@ from aetherd.protocol.frames import (
     validation_error,
 )
 from aetherd.protocol.registry import Handler
+
+if TYPE_CHECKING:
+    from aetherd.daemon import Daemon
 
 log = logging.getLogger("aetherd.dispatch")
 

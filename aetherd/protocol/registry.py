@@ -36,7 +36,8 @@ from aetherd.protocol.frames import dumps
 from aetherd.protocol.models import Empty, Frame, Message
 
 if TYPE_CHECKING:
-    from aetherd.protocol.context import Context, Daemon
+    from aetherd.daemon import Daemon
+    from aetherd.protocol.context import Context
 
 __all__ = ["Channel", "Empty", "Handler", "Message", "Registry"]
 
