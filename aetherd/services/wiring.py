@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from aetherd.services import Services
+    from aetherd.daemon import Services
     from aetherd.services.config import WorkspaceConfig
 
 
