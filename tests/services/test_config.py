@@ -11,10 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from aetherd.errors import AetherError, ErrorCode
-from aetherd.services.config import (
-    ConfigEvent,
-    ConfigStore,
+from aetherd.config_model import (
     WorkspaceConfig,
     parse_legacy,
     parse_yaml,
@@ -22,6 +19,8 @@ from aetherd.services.config import (
     validate_data,
     version_of,
 )
+from aetherd.errors import AetherError, ErrorCode
+from aetherd.services.config import ConfigEvent, ConfigStore
 
 DOCS_SCHEMA = Path(__file__).resolve().parents[2] / "docs" / "config.schema.json"
 
@@ -157,7 +156,7 @@ def test_legacy_json_reads_only_its_keys():
 
 def test_committed_schema_equals_the_generated_one():
     assert DOCS_SCHEMA.read_text() == schema_text(), (
-        "regenerate: python -m aetherd.services.config > docs/config.schema.json"
+        "regenerate: python -m aetherd.config_model > docs/config.schema.json"
     )
     schema = json.loads(schema_text())
     assert schema["additionalProperties"] is False
