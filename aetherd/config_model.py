@@ -203,12 +203,40 @@ def _message(err: Any) -> str:
     return str(err["msg"]).removeprefix("Value error, ")
 
 
+def _surrogate_locs(data: Any, limit: int = 10) -> list[list[Any]]:
+    """Where strings (keys or values) hold a lone surrogate, which no file or process takes."""
+    found: list[list[Any]] = []
+    stack: list[tuple[Any, list[Any]]] = [(data, [])]
+    while stack and len(found) < limit:
+        value, loc = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                found.append(loc)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((key, loc))
+                if not isinstance(key, str):
+                    stack.append((item, [*loc, key]))
+                    continue
+                shown = key.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+                stack.append((item, [*loc, shown]))
+        elif isinstance(value, list):
+            stack.extend((item, [*loc, index]) for index, item in enumerate(value))
+    return found
+
+
 def validate_data(data: Any, node: Any = None, *, max_terminals: int = 64) -> Parsed:
     """Validate a decoded document; `node` (composed YAML) gives errors their line."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         return Parsed(None, [_error([], "the config must be a mapping of keys", node)])
+    bad = _surrogate_locs(data)
+    if bad:
+        message = "not valid Unicode text (a lone surrogate)"
+        return Parsed(None, [_error(loc, message, node) for loc in bad])
     try:
         config = WorkspaceConfig.model_validate(data)
     except ValidationError as exc:

@@ -240,7 +240,7 @@ class Tools:
         return cap(text, self.limits.output_max)
 
     def _write_atomic(self, real: Path, content: str, wire: str) -> None:
-        """The daemon's one atomic writer (random O_EXCL|O_NOFOLLOW temp name, mode kept)."""
+        """The daemon's one atomic writer (fileio.AtomicWriter): random temp name, mode kept."""
         try:
             data = content.encode("utf-8")
         except UnicodeEncodeError:
