@@ -14,10 +14,10 @@ from aiohttp import WSCloseCode, web
 
 from aetherd import __version__, systemd
 from aetherd.channels import CHANNELS
+from aetherd.daemon import Daemon, build_services
 from aetherd.errors import SettingsError
 from aetherd.logs import AccessLogger
-from aetherd.protocol import Daemon, Hub, Registry
-from aetherd.services import build_services
+from aetherd.protocol import Hub, Registry
 from aetherd.settings import Settings
 from aetherd.transport.auth import Authenticator, TokenSetup, connect_url, setup_tokens
 from aetherd.transport.routes import AUTH, DAEMON, add_routes

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+import re
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,14 +15,96 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from aetherd.app import create_app
+from aetherd.daemon import Daemon
 from aetherd.logs import AccessLogger
-from aetherd.protocol import Daemon
 from aetherd.settings import Settings
 from aetherd.transport.auth import setup_tokens
 from aetherd.transport.routes import DAEMON
 from tests.support import WsClient, connect
 
 TOKEN = "test-token-0123456789"
+
+
+class _ErrorRecords(logging.Handler):
+    """Collects every ERROR-or-worse record, and every record that carries a traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.NOTSET)
+        self.records: list[logging.LogRecord] = []
+        self._guard = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR or record.exc_info:
+            with self._guard:
+                self.records.append(record)
+
+
+class ExpectLog:
+    """Declares the error records a test expects; anything else fails the test.
+
+    Call `expect_log(pattern)` (a regex searched in the logger name + message + traceback),
+    or mark the test `@pytest.mark.expect_log(pattern, ...)`. Each pattern must match at
+    least one record unless given with `required=False`.
+    """
+
+    def __init__(self) -> None:
+        self.patterns: list[tuple[re.Pattern[str], bool]] = []
+
+    def __call__(self, pattern: str, required: bool = True) -> None:
+        self.patterns.append((re.compile(pattern, re.DOTALL), required))
+
+
+def _describe(record: logging.LogRecord) -> str:
+    text = f"{record.levelname} {record.name}: {record.getMessage()}"
+    if record.exc_info:
+        text += "\n" + logging.Formatter().formatException(record.exc_info)
+    return text
+
+
+def log_verdict(records: list[logging.LogRecord], expected: ExpectLog) -> list[str]:
+    """What is wrong with `records` given `expected`: one line per problem, [] when fine."""
+    unexpected: list[str] = []
+    matched: set[int] = set()
+    for record in records:
+        text = _describe(record)
+        hits = [i for i, (pattern, _) in enumerate(expected.patterns) if pattern.search(text)]
+        matched.update(hits)
+        if not hits:
+            unexpected.append(text)
+    lines = [f"unexpected error log record:\n{text}" for text in unexpected[:5]]
+    if len(unexpected) > 5:
+        lines.append(f"... and {len(unexpected) - 5} more")
+    lines += [
+        f"expected error log record never came: {pattern.pattern!r}"
+        for i, (pattern, required) in enumerate(expected.patterns)
+        if required and i not in matched
+    ]
+    return lines
+
+
+@pytest.fixture
+def expect_log(_error_log: ExpectLog) -> ExpectLog:
+    """Declare an ERROR record (or traceback) this test expects its daemon to log."""
+    return _error_log
+
+
+@pytest.fixture(autouse=True)
+def _error_log(request: pytest.FixtureRequest) -> Iterator[ExpectLog]:
+    """Fail any test whose code logged a traceback or an ERROR it did not declare."""
+    expected = ExpectLog()
+    for marker in request.node.iter_markers("expect_log"):
+        for pattern in marker.args:
+            expected(pattern, **marker.kwargs)
+    handler = _ErrorRecords()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield expected
+    finally:
+        root.removeHandler(handler)
+    problems = log_verdict(handler.records, expected)
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
 
 
 @pytest.fixture

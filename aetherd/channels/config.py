@@ -5,11 +5,14 @@ Every frame needs a requestId. The logic lives in `aetherd.services.config.Confi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aetherd.errors import AetherError, ErrorCode
-from aetherd.protocol import Channel, Context, Daemon, Empty, Message
+from aetherd.protocol import Channel, Context, Empty, Message
 from aetherd.services.config import ConfigEvent
+
+if TYPE_CHECKING:
+    from aetherd.daemon import Daemon
 
 channel = Channel("config", require_request_id=True)
 

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
 from aetherd.errors import AetherError, ErrorCode
-from aetherd.protocol import Channel, Context, Daemon, Message
+from aetherd.protocol import Channel, Context, Message
 from aetherd.services.fs import decode_raw_path
+
+if TYPE_CHECKING:
+    from aetherd.daemon import Daemon
 
 channel = Channel("files", require_request_id=True)
 

@@ -7,12 +7,15 @@ daemon scans only while someone is connected.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from aetherd.protocol import Channel, Context, Daemon, Empty, Message
+from aetherd.protocol import Channel, Context, Empty, Message
 from aetherd.services.ports import PortEvent, PortInfo
+
+if TYPE_CHECKING:
+    from aetherd.daemon import Daemon
 
 channel = Channel("ports")
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from aetherd.config_model import WorkspaceConfig
-    from aetherd.services import Services
+    from aetherd.daemon import Services
 
 
 def wire_config(services: Services) -> None:

@@ -13,10 +13,11 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from aetherd import __version__
+from aetherd.daemon import Daemon
 from aetherd.errors import AetherError, ErrorCode
 from aetherd.logs import connection_id
 from aetherd.metrics import CONTENT_TYPE
-from aetherd.protocol.context import Context, Daemon
+from aetherd.protocol.context import Context
 from aetherd.protocol.dispatch import Dispatcher
 from aetherd.transport import config_http
 from aetherd.transport.auth import Authenticator, extract_token

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from pydantic import Field
 
+from aetherd.daemon import Daemon, Services
 from aetherd.errors import AetherError, ErrorCode
-from aetherd.protocol import Channel, Daemon, Hub, Message, Registry
+from aetherd.protocol import Channel, Hub, Message, Registry
 from aetherd.protocol.dispatch import Dispatcher
-from aetherd.services import Services
 
 
 class FakePeer:
@@ -188,6 +188,7 @@ async def test_unknown_type_error_frame_is_exact(make_settings):
     ]
 
 
+@pytest.mark.expect_log(r"handler demo/boom failed.*secret internals")
 async def test_unexpected_exception_is_internal_error_without_details(make_settings):
     dispatcher, peer, _ = make_dispatcher(make_settings)
     await dispatcher.handle_text('{"channel":"demo","type":"boom","requestId":"r"}')

@@ -1,0 +1,186 @@
+"""The daemon's process-wide state: the services container and the `Daemon` record.
+
+`Services` holds plain asyncio classes with the daemon's real logic (no aiohttp, no
+frames). Each service may define `async start()` and `async stop()`; `Services` starts
+them in the order they were added and stops them in reverse. A channel reaches its
+service through `ctx.services.<name>`. `Daemon` bundles the settings, the services,
+the hub of live connections and the channel registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from aetherd.agent.runner import AgentRunner
+from aetherd.metrics import Metrics
+from aetherd.services.activity import ActivityTracker
+from aetherd.services.boot import BootRunner, SessionLauncher
+from aetherd.services.config import ConfigStore
+from aetherd.services.executors import Executors
+from aetherd.services.fs import FileLimits, FileSystem
+from aetherd.services.idle import IdleAction
+from aetherd.services.jail import Jail
+from aetherd.services.ports import PortScanner
+from aetherd.services.terminal import TerminalManager
+from aetherd.services.transcript import TranscriptStore
+from aetherd.services.watcher import Watcher
+from aetherd.services.wiring import wire_config
+from aetherd.settings import Settings
+
+if TYPE_CHECKING:
+    from aetherd.protocol.hub import Hub
+    from aetherd.protocol.registry import Registry
+
+log = logging.getLogger("aetherd.services")
+S = TypeVar("S")
+
+
+class Services:
+    """The daemon's services, built from its settings."""
+
+    config: ConfigStore
+    fs: FileSystem
+    watcher: Watcher | None  # None when watcher_enabled is false
+    terminals: TerminalManager
+    boot: BootRunner
+    ports: PortScanner
+    transcript: TranscriptStore
+    agent: AgentRunner
+    idle: IdleAction | None = None
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lifecycle: list[Any] = []
+        self._started: list[Any] = []
+        self.metrics = Metrics()
+        self.activity = ActivityTracker()
+        # First in, so stopped last: every service's file work is done before the pools go.
+        self.executors = Executors(
+            file_threads=settings.file_io_threads,
+            shutdown_timeout=min(5.0, settings.shutdown_timeout / 2),
+        )
+        self._lifecycle.append(self.executors)
+        self.jail = Jail(settings.root, self.executors.file)
+        self.metrics.add_source(self.activity)
+
+    def add(self, service: S) -> S:
+        """Register `service` for start/stop (and its `metrics()`, if any); return it."""
+        self._lifecycle.append(service)
+        if callable(getattr(service, "metrics", None)):
+            self.metrics.add_source(service)
+        return service
+
+    async def start(self) -> None:
+        """Start every service in order; on failure, stop the ones already started."""
+        for service in self._lifecycle:
+            start = getattr(service, "start", None)
+            if start is not None:
+                try:
+                    await start()
+                except BaseException:
+                    await self.stop()
+                    raise
+            self._started.append(service)
+
+    async def stop(self) -> None:
+        """Stop the started services in reverse order; one failing does not stop the rest."""
+        while self._started:
+            service = self._started.pop()
+            stop = getattr(service, "stop", None)
+            if stop is None:
+                continue
+            try:
+                await asyncio.wait_for(stop(), timeout=self.settings.shutdown_timeout)
+            except Exception:
+                log.exception("stopping %s failed", type(service).__name__)
+
+    def terminal_count(self) -> int:
+        """Live terminal sessions (0 until the terminal service exists)."""
+        terminals = getattr(self, "terminals", None)
+        return terminals.count() if terminals is not None else 0
+
+    def running_tasks(self) -> int:
+        """Agent tasks running now (0 until the agent service exists)."""
+        agent = getattr(self, "agent", None)
+        return agent.running_count() if agent is not None else 0
+
+
+def build_services(settings: Settings) -> Services:
+    """Create every service for `settings` (not started yet)."""
+    services = Services(settings)
+    # Start order matters: later services may read earlier ones; stop runs in reverse.
+
+    # -- config (the workspace config store) --
+    services.config = services.add(ConfigStore(settings, services.jail))
+
+    # -- files (file system operations, watcher) --
+    services.fs = FileSystem(
+        services.jail,
+        FileLimits(
+            max_file_size=settings.files_max_size,
+            read_page_size=settings.files_read_page,
+            max_list_entries=settings.files_list_max_entries,
+        ),
+    )
+    services.watcher = None
+    if settings.watcher_enabled:
+        services.watcher = services.add(
+            Watcher(
+                settings.root,
+                debounce=settings.watcher_debounce,
+                max_watches=settings.watcher_max_watches,
+                queue_size=settings.watcher_queue_size,
+                max_events_per_second=settings.watcher_max_events_per_second,
+                move_grace=settings.watcher_move_grace,
+                extra_ignores=settings.watcher_ignore,
+            )
+        )
+
+    # -- terminal (PTY sessions) --
+    services.terminals = services.add(TerminalManager(settings, services.jail))
+    # Boot terminals are terminal sessions: the runner starts after the manager and
+    # stops before it.
+    launcher = SessionLauncher(services.terminals, services.jail)
+    services.boot = services.add(BootRunner(settings, services.config, launcher, services.jail))
+
+    # -- ports (port scanner) --
+    services.ports = services.add(PortScanner(settings))
+
+    # -- agent (transcript store, agent runner) --
+    services.transcript = services.add(
+        TranscriptStore(
+            settings.data_dir / "agent.sqlite3", commit_batch=settings.agent_commit_batch
+        )
+    )
+    services.agent = services.add(AgentRunner(settings, services.jail, services.transcript))
+
+    # -- operations (metrics, notify) --
+    if settings.idle_action:
+        services.idle = services.add(
+            IdleAction(
+                services.activity,
+                settings.idle_action,
+                settings.idle_action_after,
+                str(settings.root),
+                services.running_tasks,
+            )
+        )
+
+    wire_config(services)
+    return services
+
+
+@dataclass
+class Daemon:
+    """Process-wide state shared by every connection."""
+
+    settings: Settings
+    services: Services
+    hub: Hub
+    registry: Registry
+    started_at: float = field(default_factory=time.time)
+    ready: bool = False
