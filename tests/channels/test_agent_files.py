@@ -16,6 +16,7 @@ import pytest
 from aetherd.services.fileio import TEMP_PREFIX
 from tests.agent.providers import FakeProvider, ToolUse, Turn
 from tests.channels.test_agent import KEY_VARS, history, task_events
+from tests.support import wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -134,5 +135,6 @@ async def test_fifos_fail_the_agents_read_and_grep_at_once(start_daemon, openai,
     # The daemon still does file work: the pool has all its threads back.
     reply = await client.request("files", "list", path="/")
     assert reply["success"] is True
-    assert running.daemon.services.jail.executor.stats()["busy"] == 0
+    executor = running.daemon.services.jail.executor
+    await wait_for(lambda: executor.stats()["busy"] == 0)  # no thread is left stuck
     assert (workspace / "pipe").is_fifo()
