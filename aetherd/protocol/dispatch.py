@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("aetherd.dispatch")
 
 MAX_REQUEST_ID = 128
+# What a client sees of a bug: the details stay in the log.
+INTERNAL = AetherError(ErrorCode.INTERNAL_ERROR, "internal error; see the daemon log")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -263,8 +265,7 @@ class Dispatcher:
             raise
         except Exception:
             log.exception("handler %s/%s failed", handler.channel, handler.type)
-            err = AetherError(ErrorCode.INTERNAL_ERROR, "internal error; see the daemon log")
-            self.fail(handler.channel, handler.type, request_id, err, raw)
+            self.fail(handler.channel, handler.type, request_id, INTERNAL, raw)
             return
         finally:
             self._metrics.request_seconds.labels(handler.channel).observe(
@@ -278,8 +279,7 @@ class Dispatcher:
                 handler.channel,
                 handler.type,
             )
-            err = AetherError(ErrorCode.INTERNAL_ERROR, "internal error; see the daemon log")
-            self.fail(handler.channel, handler.type, request_id, err, raw)
+            self.fail(handler.channel, handler.type, request_id, INTERNAL, raw)
             return
         if request_id is not None:
             self.peer.send(success_reply(handler.channel, handler.type, request_id, data_json))

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = ["Channel", "Empty", "Handler", "Message", "Registry"]
 
 M = TypeVar("M", bound=BaseModel)
+ModelType = type[BaseModel]  # named here: `Handler.type` shadows the builtin in its body
 HandlerFunc = Callable[["Context", Any], Awaitable[Any]]
 ConnectHook = Callable[["Context"], Awaitable[None]]
 StartupHook = Callable[["Daemon"], Awaitable[None]]
@@ -53,7 +54,7 @@ class Handler:
 
     channel: str
     type: str
-    model: type[BaseModel]
+    model: ModelType
     func: HandlerFunc
     concurrent: bool = False
     reply: Any = None
