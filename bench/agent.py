@@ -35,7 +35,7 @@ from aetherd.agent.sse import SSEParser  # noqa: E402
 from aetherd.app import create_app  # noqa: E402
 from aetherd.services.transcript import TranscriptStore  # noqa: E402
 from aetherd.settings import Settings  # noqa: E402
-from tests.agent.providers import FakeProvider, Turn  # noqa: E402
+from tests.fake_providers import FakeProvider, Turn  # noqa: E402
 
 TOKEN = "bench-token"
 TASKS, EVENTS = 50, 10_000
