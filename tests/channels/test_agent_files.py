@@ -14,8 +14,8 @@ import stat
 import pytest
 
 from aetherd.services.fileio import TEMP_PREFIX
-from tests.agent.providers import FakeProvider, ToolUse, Turn
 from tests.channels.test_agent import KEY_VARS, history, task_events
+from tests.fake_providers import FakeProvider, ToolUse, Turn
 from tests.support import wait_for
 
 
