@@ -60,6 +60,7 @@ def listening(port: int) -> bool:
 
 @pytest.fixture
 def vite_server(tmp_path: Path):
+    assert os.path.exists(CHROMIUM), "chromium is required (apt-get install chromium)"
     vite = ensure_vite()
     project = tmp_path / "app"
     project.mkdir()
@@ -100,7 +101,6 @@ async def test_vite_page_and_hot_reload_through_the_proxy(start_daemon, vite_ser
     project, vite_port = vite_server
     running = await start_daemon(preview_host="{port}-{workspacePrefix}.preview.localhost")
     origin = f"http://{vite_port}-ws-test.preview.localhost:{running.server.port}"
-    assert os.path.exists(CHROMIUM), "chromium is required (apt-get install chromium)"
     sockets: list[str] = []
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(
@@ -128,7 +128,9 @@ async def test_vite_page_and_hot_reload_through_the_proxy(start_daemon, vite_ser
                     break
                 await asyncio.sleep(0.1)
             assert proxy.active.get(vite_port) == 1, sockets
-            assert sockets and all(url.startswith(f"ws://{vite_port}-ws-test.preview.localhost:") for url in sockets)
+            assert sockets and all(
+                url.startswith(f"ws://{vite_port}-ws-test.preview.localhost:") for url in sockets
+            )
 
             (project / "message.js").write_text('export const message = "version two";\n')
             await page.wait_for_function(
