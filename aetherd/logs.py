@@ -17,6 +17,7 @@ connection_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "aetherd_connection_id", default=None
 )
 
+
 def request_key(name: str, kind: type) -> Any:
     """A typed request-storage key (`web.RequestKey` on aiohttp >= 3.13, else the name)."""
     factory = getattr(web, "RequestKey", None)

@@ -217,7 +217,9 @@ class Settings(BaseModel):
         description="Host form of the preview proxy, e.g. {port}-{workspacePrefix}.preview.example.com",
     )
     proxy_timeout: float = Field(
-        60.0, gt=0, description="Seconds an upstream may go without progress before its headers (504)"
+        60.0,
+        gt=0,
+        description="Seconds an upstream may go without progress before its headers (504)",
     )
     proxy_connect_timeout: float = Field(
         5.0, gt=0, description="Seconds to connect to a workspace port (504 beyond)"

@@ -368,7 +368,9 @@ class PreviewProxy:
             self.upstream_errors += 1
             log.info("port %d: nothing answers (%s)", port, type(exc).__name__)
             return _html(502, rules.unavailable_page(port), **{"Retry-After": "2"})
-        except (UpstreamTimeout, aiohttp.ConnectionTimeoutError, asyncio.TimeoutError):
+        except aiohttp.ServerTimeoutError:  # connecting took too long (no read timeout is set)
+            return self._timeout(port, self.settings.proxy_connect_timeout)
+        except (UpstreamTimeout, asyncio.TimeoutError):
             return self._timeout(port, self.settings.proxy_timeout)
         except aiohttp.ClientError as exc:
             self.upstream_errors += 1
@@ -442,7 +444,8 @@ class PreviewProxy:
             )
         except aiohttp.WSServerHandshakeError as exc:
             return web.json_response(
-                {"error": f"port {port} refused the WebSocket upgrade"}, status=exc.status
+                {"error": f"port {port} refused the WebSocket upgrade"},
+                status=exc.status if exc.status >= 400 else 502,
             )
         except aiohttp.ClientConnectorError:
             self.upstream_errors += 1
