@@ -69,7 +69,6 @@ ERRNO_CODES: dict[int, tuple[ErrorCode, str]] = {
     errno.EXDEV: (ErrorCode.INVALID_PATH, "crosses a mount point"),
     errno.ENXIO: (ErrorCode.INVALID_PATH, "not a regular file"),
     errno.ENODEV: (ErrorCode.INVALID_PATH, "not a regular file"),
-    errno.EAGAIN: (ErrorCode.BUSY, "resource temporarily unavailable"),
 }
 
 
