@@ -159,3 +159,14 @@ async def test_a_transcript_written_before_the_models_replays_byte_for_byte(tmp_
             "pending": [],
         }
     )
+
+
+def test_the_settings_literals_are_the_services_values():
+    import typing
+
+    from aetherd.agent.defaults import PROVIDERS
+    from aetherd.agent.permissions import MODES
+    from aetherd.protocol.agent import PermissionMode, Provider
+
+    assert typing.get_args(Provider) == PROVIDERS
+    assert typing.get_args(PermissionMode) == MODES
