@@ -14,12 +14,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from aetherd.app import create_app
+from aetherd.app import create_app, runner_options
 from aetherd.daemon import Daemon
-from aetherd.logs import AccessLogger
 from aetherd.settings import Settings
+from aetherd.transport.access import DAEMON
 from aetherd.transport.auth import setup_tokens
-from aetherd.transport.routes import DAEMON
 from tests.support import WsClient, connect
 
 TOKEN = "test-token-0123456789"
@@ -176,9 +175,7 @@ async def start_daemon(
         tokens = setup_tokens(settings)
         app = create_app(settings, tokens)
         server = TestServer(app, host="127.0.0.1")
-        await server.start_server(
-            access_log_class=AccessLogger, access_log=logging.getLogger("aetherd.access")
-        )
+        await server.start_server(**runner_options(settings))
         servers.append(server)
         running = RunningDaemon(server, app, settings, tokens.tokens[0] if tokens.tokens else None)
         original = running.connect
