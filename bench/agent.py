@@ -10,53 +10,55 @@
    Reference: the same fake server read directly by a plain aiohttp client with the
    same SSE parser (one loopback HTTP hop).
 
-Run: `python bench/agent.py` (from the repository root).
+Run: `python -m bench.agent [--quick]` (from the repository root).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
 import sqlite3
 import statistics
-import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from aetherd.agent.sse import SSEParser  # noqa: E402
-from aetherd.app import create_app  # noqa: E402
-from aetherd.services.transcript import TranscriptStore  # noqa: E402
-from aetherd.settings import Settings  # noqa: E402
-from tests.agent.providers import FakeProvider, Turn  # noqa: E402
-
-TOKEN = "bench-token"
-TASKS, EVENTS = 50, 10_000
-RUNS = 15
-TOKENS = 600
+from aetherd.agent.sse import SSEParser
+from aetherd.services.transcript import TranscriptStore
+from aetherd.settings import Settings
+from bench.support import percentile, serve_in_process, settings_for
+from tests.agent.providers import FakeProvider, Turn
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+@dataclass(frozen=True)
+class Sizes:
+    """How much each case does; the defaults are the figures of docs/performance.md."""
+
+    tasks: int = 50
+    events: int = 10_000  # a multiple of `tasks`
+    runs: int = 15  # connects per history case
+    tokens: int = 600
 
 
-async def fill(path: Path, mergeable: bool = True) -> None:
+QUICK = Sizes(tasks=10, events=1_000, runs=3, tokens=50)
+
+
+async def fill(path: Path, sizes: Sizes, mergeable: bool = True) -> None:
     """50 tasks of 200 events: status, 194 text pieces in 2 messages, tool call, result, done.
 
     With `mergeable=False` the text pieces are tool results instead (nothing merges:
     the worst case for the history frame)."""
     store = TranscriptStore(path)
     await store.start()
-    per_task = EVENTS // TASKS
-    for t in range(TASKS):
+    per_task = sizes.events // sizes.tasks
+    for t in range(sizes.tasks):
         task_id = f"task-{t}"
         await store.create_task(task_id, f"prompt {t}", "anthropic", "m", "completed")
         store.append(task_id, "status", {"status": "queued", "prompt": f"prompt {t}"})
@@ -103,35 +105,23 @@ async def fill(path: Path, mergeable: bool = True) -> None:
 
 
 async def start(settings: Settings) -> tuple[web.AppRunner, str]:
-    app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"http://127.0.0.1:{port}/workspaces/bench/ws?token={TOKEN}"
+    """The daemon in this process; its runner and its WebSocket URL."""
+    runner, base = await serve_in_process(settings)
+    return runner, f"{base}/ws?token={settings.token}"
 
 
-def settings_for(tmp: Path, **extra) -> Settings:
+def settings_in(tmp: Path, **extra: Any) -> Settings:
     root = tmp / "ws"
     root.mkdir(exist_ok=True)
-    return Settings(
-        port=0,
-        workspace_id="bench",
-        root=root,
-        data_dir=tmp / "data",
-        token=TOKEN,
-        log_level="error",
-        **extra,
-    )
+    return settings_for(root, tmp / "data", log_level="error", **extra)
 
 
-async def bench_history(tmp: Path, mergeable: bool) -> None:
-    settings = settings_for(tmp)
+async def bench_history(tmp: Path, sizes: Sizes, mergeable: bool) -> None:
+    settings = settings_in(tmp)
     db = settings.data_dir / "agent.sqlite3"
-    await fill(db, mergeable)
+    await fill(db, sizes, mergeable)
     ref = []
-    for _ in range(RUNS):
+    for _ in range(sizes.runs):
         t0 = time.perf_counter()
         conn = sqlite3.connect(db)
         rows = conn.execute(
@@ -140,12 +130,12 @@ async def bench_history(tmp: Path, mergeable: bool) -> None:
         [json.loads(r[4]) for r in rows]
         conn.close()
         ref.append(time.perf_counter() - t0)
-    assert len(rows) == EVENTS
+    assert len(rows) == sizes.events
     runner, url = await start(settings)
     took = []
     size = 0
     async with aiohttp.ClientSession() as session:
-        for _ in range(RUNS):
+        for _ in range(sizes.runs):
             t0 = time.perf_counter()
             async with session.ws_connect(url) as ws:
                 while True:
@@ -156,31 +146,31 @@ async def bench_history(tmp: Path, mergeable: bool) -> None:
                 took.append(time.perf_counter() - t0)
                 size = len(msg.data)
     await runner.cleanup()
-    assert frame["latestSeq"] == EVENTS and not frame["hasMore"]
+    assert frame["latestSeq"] == sizes.events and not frame["hasMore"]
     what = "mostly text pieces" if mergeable else "nothing mergeable"
-    print(f"## History on connect (10,000 events, 50 tasks, {what})")
+    print(f"## History on connect ({sizes.events:,} events, {sizes.tasks} tasks, {what})")
     print(f"frame: {len(frame['events'])} merged events, {size / 1024:.0f} KiB")
     print("| measure | median | p95 |")
     print("|---|---|---|")
     print(
         f"| connect → whole history parsed | {statistics.median(took) * 1000:.1f} ms "
-        f"| {pct(took, 0.95) * 1000:.1f} ms |"
+        f"| {percentile(took, 0.95) * 1000:.1f} ms |"
     )
     print(
         f"| reference: plain sqlite3 read + json.loads | {statistics.median(ref) * 1000:.1f} ms "
-        f"| {pct(ref, 0.95) * 1000:.1f} ms |"
+        f"| {percentile(ref, 0.95) * 1000:.1f} ms |"
     )
     print()
 
 
-async def bench_tokens(tmp: Path) -> None:
+async def bench_tokens(tmp: Path, tokens: int) -> None:
     sent: dict[str, float] = {}
 
     def mark(_index: int, text: str) -> None:
         if '"text_delta"' in text:
             sent[json.loads(text.split("data: ", 1)[1])["delta"]["text"]] = time.perf_counter()
 
-    pieces = [f"tok{i} " for i in range(TOKENS)]
+    pieces = [f"tok{i} " for i in range(tokens)]
     provider = await FakeProvider("anthropic").start()
 
     # Reference: the provider read directly, same SSE parser.
@@ -197,9 +187,7 @@ async def bench_tokens(tmp: Path) -> None:
                         ref.append(now - sent[data["delta"]["text"]])
     sent.clear()
 
-    settings = settings_for(
-        tmp / "tok", anthropic_api_key="k", anthropic_base_url=provider.base_url
-    )
+    settings = settings_in(tmp / "tok", anthropic_api_key="k", anthropic_base_url=provider.base_url)
     runner, url = await start(settings)
     provider.add(Turn(text=pieces, chunk_size=0, frame_delay=0.003, on_frame=mark))
     took: list[float] = []
@@ -216,8 +204,8 @@ async def bench_tokens(tmp: Path) -> None:
                     break
     await runner.cleanup()
     await provider.close()
-    assert len(took) == TOKENS, len(took)
-    print(f"## Per-token overhead ({TOKENS} tokens, one SSE frame each, 3 ms apart)")
+    assert len(took) == tokens, len(took)
+    print(f"## Per-token overhead ({tokens} tokens, one SSE frame each, 3 ms apart)")
     print("| path | p50 | p99 | max |")
     print("|---|---|---|---|")
     for name, values in (
@@ -225,19 +213,23 @@ async def bench_tokens(tmp: Path) -> None:
         ("reference: provider → plain aiohttp client", ref),
     ):
         print(
-            f"| {name} | {pct(values, 0.5) * 1000:.2f} ms | {pct(values, 0.99) * 1000:.2f} ms "
+            f"| {name} | {percentile(values, 0.5) * 1000:.2f} ms "
+            f"| {percentile(values, 0.99) * 1000:.2f} ms "
             f"| {max(values) * 1000:.2f} ms |"
         )
 
 
-async def main() -> None:
+async def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    sizes = QUICK if parser.parse_args(argv).quick else Sizes()
     os.environ.pop("ANTHROPIC_API_KEY", None)
     with tempfile.TemporaryDirectory() as tmp:
         for sub, mergeable in (("h1", True), ("h2", False)):
             (Path(tmp) / sub).mkdir()
-            await bench_history(Path(tmp) / sub, mergeable)
+            await bench_history(Path(tmp) / sub, sizes, mergeable)
         (Path(tmp) / "tok").mkdir()
-        await bench_tokens(Path(tmp))
+        await bench_tokens(Path(tmp), sizes.tokens)
 
 
 if __name__ == "__main__":

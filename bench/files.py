@@ -1,9 +1,10 @@
 """Files benchmark: every figure beside its reference, measured in the same run.
 
-    python bench/files.py [--quick]
+    python -m bench.files [--quick]
 
-1. HTTP bulk read (GET) and write (PUT) of a 50 MiB file with curl, against `cp` of
-   the same file on the same disk (and `cp` + `sync`, since PUT fsyncs).
+1. HTTP bulk read (GET) and write (PUT) of a 50 MiB file (8 MiB with `--quick`) with
+   curl, against `cp` of the same file on the same disk (and `cp` + `sync`, since PUT
+   fsyncs).
 2. 1,000 reads of 4 KiB files over the WebSocket (one at a time, and 32 in flight),
    against the same reads in-process (`FileSystem.read`) and raw `open().read()`.
 3. Watcher latency, p50 and p99: a write on disk until its `change` event arrives at a
@@ -30,27 +31,11 @@ import uuid
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from aetherd.app import create_app
 from aetherd.services.fs import FileSystem
 from aetherd.services.jail import Jail
 from aetherd.services.watcher import Watcher
-from aetherd.settings import Settings
-
-MiB = 1024 * 1024
-TOKEN = "bench-token-0123456789"
-
-
-def median_time(func, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        func()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from bench.support import TOKEN, MiB, percentile, seconds, serve_in_process, settings_for
 
 
 def run(cmd: list[str]) -> None:
@@ -71,28 +56,8 @@ def inotify_watches_in_process() -> int:
     return total
 
 
-async def start_daemon(root: Path, data: Path) -> tuple[web.AppRunner, str]:
-    settings = Settings(
-        host="127.0.0.1",
-        port=0,
-        workspace_id="bench",
-        root=root,
-        data_dir=data,
-        token=TOKEN,
-        log_level="warning",
-        log_format="text",
-    )
-    app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    return runner, f"http://127.0.0.1:{port}/workspaces/bench"
-
-
-async def bench_http(base: str, root: Path, scratch: Path, repeat: int) -> list[tuple]:
-    size = 50 * MiB
+async def bench_http(base: str, root: Path, scratch: Path, repeat: int, mib: int) -> list[tuple]:
+    size = mib * MiB
     source = scratch / "src.bin"
     with open(source, "wb") as handle:
         for _ in range(size // MiB):
@@ -120,7 +85,7 @@ async def bench_http(base: str, root: Path, scratch: Path, repeat: int) -> list[
         times: dict[str, list[float]] = {name: [] for name in funcs}
         for _ in range(repeat):
             for name, func in funcs.items():
-                times[name].append(median_time(func, 1))
+                times[name].append(seconds(func))
         return {name: statistics.median(values) for name, values in times.items()}
 
     t = await asyncio.get_running_loop().run_in_executor(None, rounds)
@@ -130,28 +95,28 @@ async def bench_http(base: str, root: Path, scratch: Path, repeat: int) -> list[
     mbps = lambda t: size / t / MiB  # noqa: E731
     return [
         (
-            "HTTP GET 50 MiB (curl → /dev/null)",
+            f"HTTP GET {mib} MiB (curl → /dev/null)",
             f"{mbps(t_null):.0f} MiB/s",
             "cp",
             f"{mbps(t_cp):.0f} MiB/s",
             f"{t_cp / t_null:.2f}x cp",
         ),
         (
-            "HTTP GET 50 MiB (curl → file)",
+            f"HTTP GET {mib} MiB (curl → file)",
             f"{mbps(t_get):.0f} MiB/s",
             "cp",
             f"{mbps(t_cp):.0f} MiB/s",
             f"{t_cp / t_get:.2f}x cp",
         ),
         (
-            "HTTP PUT 50 MiB (file → curl, fsync)",
+            f"HTTP PUT {mib} MiB (file → curl, fsync)",
             f"{mbps(t_put):.0f} MiB/s",
             "cp",
             f"{mbps(t_cp):.0f} MiB/s",
             f"{t_cp / t_put:.2f}x cp",
         ),
         (
-            "HTTP PUT 50 MiB (file → curl, fsync)",
+            f"HTTP PUT {mib} MiB (file → curl, fsync)",
             f"{mbps(t_put):.0f} MiB/s",
             "cp + sync",
             f"{mbps(t_cps):.0f} MiB/s",
@@ -263,9 +228,7 @@ async def bench_latency(base: str, root: Path, samples: int) -> list[tuple]:
                     break
             latencies.append((time.perf_counter() - start) * 1000)
         await ws.close()
-    latencies.sort()
-    p50 = latencies[len(latencies) // 2]
-    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
     return [
         (
             f"watcher latency, write → client ({samples} samples)",
@@ -333,19 +296,20 @@ def table(rows: list[tuple]) -> str:
     return head + "\n".join("| " + " | ".join(str(c) for c in row) + " |" for row in rows)
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser()
+async def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix="aetherd-bench-files-", dir=os.environ.get("BENCH_DIR")))
     root = scratch / "ws"
     root.mkdir()
-    runner, base = await start_daemon(root, scratch / "data")
+    settings = settings_for(root, scratch / "data", log_level="warning", log_format="text")
+    runner, base = await serve_in_process(settings)
     rows: list[tuple] = []
     try:
-        rows += await bench_http(base, root, scratch, 1 if args.quick else 7)
+        rows += await bench_http(base, root, scratch, *((1, 8) if args.quick else (7, 50)))
         rows += await bench_small_reads(base, root, 100 if args.quick else 1000)
-        rows += await bench_latency(base, root, 30 if args.quick else 200)
+        rows += await bench_latency(base, root, 10 if args.quick else 200)
     finally:
         await runner.cleanup()
     rows += await bench_watch_setup(scratch, args.quick)

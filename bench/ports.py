@@ -10,7 +10,7 @@ WebSocket client here.
    (netlink sock_diag, /proc/net/tcp), against no client (no scanning), and against
    the reference: a process calling psutil.net_connections("tcp") at the same interval.
 
-Usage: python bench/ports.py [--cycles 50] [--idle-seconds 20] [--interval 0.5]
+Usage: python -m bench.ports [--cycles 50] [--idle-seconds 20] [--interval 0.5] [--quick]
 """
 
 from __future__ import annotations
@@ -20,99 +20,19 @@ import asyncio
 import json
 import os
 import random
-import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import aiohttp
+import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-TOKEN = "bench-token-0123456789"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of `pid` (its own, not its children's)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def percentile(values: list[float], pct: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))
-    return ordered[index]
-
-
-class Daemon:
-    """`python -m aetherd serve` on a free port of 127.0.0.1."""
-
-    def __init__(self, workdir: Path, *extra: str) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(workdir)}
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "aetherd",
-                "serve",
-                "--port",
-                "0",
-                "--token",
-                TOKEN,
-                "--root",
-                str(workdir),
-                "--data-dir",
-                str(workdir / "data"),
-                "--log-format",
-                "text",
-                "--log-level",
-                "info",
-                *extra,
-            ],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.port = 0
-        assert self.proc.stderr is not None
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            found = re.search(r"listening on http://[^ ]+:(\d+)", line)
-            if found:
-                self.port = int(found.group(1))
-                break
-        if not self.port:
-            self.stop()
-            raise RuntimeError("the daemon did not start")
-        # Keep draining stderr so the daemon never blocks on a full pipe.
-        threading.Thread(target=self._read_rest, daemon=True).start()
-
-    def _read_rest(self) -> None:
-        assert self.proc.stderr is not None
-        for _ in self.proc.stderr:
-            pass
-
-    @property
-    def ws_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/workspaces/local/ws?token={TOKEN}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+from aetherd.services.ports import NetlinkListeners, read_proc_listeners, socket_owners
+from bench.support import Daemon, cpu_seconds, percentile
 
 
 async def wait_frame(ws: aiohttp.ClientWebSocketResponse, kind: str, port: int) -> float:
@@ -148,14 +68,14 @@ async def latency(daemon: Daemon, cycles: int, interval: float) -> dict[str, lis
     return {"open": opens, "close": closes}
 
 
-async def daemon_idle_cpu(daemon: Daemon, seconds: float, connected: bool) -> float:
-    """The daemon's CPU use in % of one core over `seconds`."""
+async def daemon_idle_cpu(daemon: Daemon, seconds: float, connected: bool, settle: float) -> float:
+    """The daemon's CPU use in % of one core over `seconds`, after `settle` seconds."""
     async with aiohttp.ClientSession() as session:
         ws = await session.ws_connect(daemon.ws_url) if connected else None
-        await asyncio.sleep(1.0)  # let the connect-time announce settle
-        before, started = cpu_seconds(daemon.proc.pid), time.monotonic()
+        await asyncio.sleep(settle)  # let the connect-time announce settle
+        before, started = cpu_seconds(daemon.pid), time.monotonic()
         await asyncio.sleep(seconds)
-        used, elapsed = cpu_seconds(daemon.proc.pid) - before, time.monotonic() - started
+        used, elapsed = cpu_seconds(daemon.pid) - before, time.monotonic() - started
         if ws is not None:
             await ws.close()
     return 100 * used / elapsed
@@ -163,9 +83,9 @@ async def daemon_idle_cpu(daemon: Daemon, seconds: float, connected: bool) -> fl
 
 REFERENCE = """
 import sys, time, psutil
-interval, seconds = float(sys.argv[1]), float(sys.argv[2])
+interval, seconds, settle = float(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
 psutil.net_connections("tcp")  # import and first call outside the window
-time.sleep(1.0)
+time.sleep(settle)
 t0 = time.process_time(); w0 = time.monotonic()
 while time.monotonic() - w0 < seconds:
     psutil.net_connections("tcp")
@@ -174,10 +94,10 @@ print(100 * (time.process_time() - t0) / (time.monotonic() - w0))
 """
 
 
-def reference_cpu(interval: float, seconds: float) -> float:
+def reference_cpu(interval: float, seconds: float, settle: float) -> float:
     """psutil.net_connections('tcp') every `interval`: CPU in % of one core."""
     out = subprocess.run(
-        [sys.executable, "-c", REFERENCE, str(interval), str(seconds)],
+        [sys.executable, "-c", REFERENCE, str(interval), str(seconds), str(settle)],
         check=True,
         capture_output=True,
         text=True,
@@ -185,13 +105,8 @@ def reference_cpu(interval: float, seconds: float) -> float:
     return float(out.stdout.strip())
 
 
-def scan_costs(repeats: int = 200) -> dict[str, float]:
+def scan_costs(repeats: int) -> dict[str, float]:
     """Milliseconds per call of each way of listing listening sockets, in this process."""
-    sys.path.insert(0, str(ROOT))
-    import psutil
-
-    from aetherd.services.ports import NetlinkListeners, read_proc_listeners
-
     netlink = NetlinkListeners()
     costs: dict[str, float] = {}
     try:
@@ -210,10 +125,8 @@ def scan_costs(repeats: int = 200) -> dict[str, float]:
     return costs
 
 
-def lookup_cost(repeats: int = 20) -> float:
+def lookup_cost(repeats: int) -> float:
     """Milliseconds for one inode → pid lookup over every process (the new-port path)."""
-    from aetherd.services.ports import socket_owners
-
     start = time.perf_counter()
     for _ in range(repeats):
         socket_owners([1], first_only=False)  # an inode nobody holds: a full walk
@@ -225,19 +138,37 @@ def start_sleepers(count: int) -> list[subprocess.Popen[bytes]]:
     return [subprocess.Popen(["sleep", "100000"], stdin=subprocess.DEVNULL) for _ in range(count)]
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser()
+def start_daemon(workdir: Path, *extra: str) -> Daemon:
+    """A daemon on `workdir` (also its HOME), ready."""
+    log = ("--log-format", "text", "--log-level", "info")
+    daemon = Daemon(workdir, workdir / "data", *log, *extra, home=workdir)
+    try:
+        daemon.wait_ready()
+    except BaseException:
+        daemon.stop()
+        raise
+    return daemon
+
+
+async def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=50)
     parser.add_argument("--idle-seconds", type=float, default=20.0)
     parser.add_argument("--interval", type=float, default=0.5)
     parser.add_argument("--sleepers", type=int, default=200)
-    args = parser.parse_args()
+    parser.add_argument("--repeats", type=int, default=200, help="calls timed per way of scanning")
+    parser.add_argument("--settle", type=float, default=1.0, help="seconds before a window")
+    parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.cycles, args.idle_seconds, args.interval = 3, 0.5, 0.2
+        args.sleepers, args.repeats, args.settle = 5, 10, 0.2
 
     workdir = Path(tempfile.mkdtemp(prefix="aetherd-bench-ports-"))
     sleepers: list[subprocess.Popen[bytes]] = []
     try:
         interval = ["--port-scan-interval", str(args.interval)]
-        daemon = Daemon(workdir, *interval)
+        daemon = await asyncio.to_thread(start_daemon, workdir, *interval)
         try:
             result = await latency(daemon, args.cycles, args.interval)
         finally:
@@ -249,8 +180,8 @@ async def main() -> None:
         for kind, values in result.items():
             ms = [v * 1000 for v in values]
             print(
-                f"| {labels[kind]} | {percentile(ms, 50):.0f} ms | "
-                f"{percentile(ms, 99):.0f} ms | {max(ms):.0f} ms |"
+                f"| {labels[kind]} | {percentile(ms, 0.5):.0f} ms | "
+                f"{percentile(ms, 0.99):.0f} ms | {max(ms):.0f} ms |"
             )
 
         sleepers = start_sleepers(args.sleepers)
@@ -268,27 +199,33 @@ async def main() -> None:
             ("daemon, one client, netlink source (default)", [], True),
             ("daemon, one client, /proc/net/tcp source", ["--port-scan-source", "proc"], True),
         ):
-            daemon = Daemon(workdir, *interval, *extra)
+            daemon = await asyncio.to_thread(start_daemon, workdir, *interval, *extra)
             try:
-                rows.append((label, await daemon_idle_cpu(daemon, args.idle_seconds, connected)))
+                rows.append(
+                    (
+                        label,
+                        await daemon_idle_cpu(daemon, args.idle_seconds, connected, args.settle),
+                    )
+                )
             finally:
                 daemon.stop()
         rows.append(
             (
                 "reference: psutil.net_connections('tcp') alone",
-                reference_cpu(args.interval, args.idle_seconds),
+                reference_cpu(args.interval, args.idle_seconds, args.settle),
             )
         )
         for label, value in rows:
             print(f"| {label} | {value:.2f} % |")
 
         print()
-        print("## One call, in milliseconds (200 repeats, same machine)")
+        print(f"## One call, in milliseconds ({args.repeats} repeats, same machine)")
         print("| call | ms |")
         print("|---|---|")
-        for name, ms in scan_costs().items():
-            print(f"| {name} | {ms:.3f} |")
-        print(f"| inode → pid lookup, full walk of /proc/*/fd | {lookup_cost():.2f} |")
+        for name, cost in scan_costs(args.repeats).items():
+            print(f"| {name} | {cost:.3f} |")
+        lookups = max(1, args.repeats // 10)
+        print(f"| inode → pid lookup, full walk of /proc/*/fd | {lookup_cost(lookups):.2f} |")
     finally:
         for proc in sleepers:
             proc.kill()

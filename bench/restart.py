@@ -4,100 +4,54 @@ References measured in the same run:
 - `python -c pass` (the interpreter's own start-up);
 - `python -c "import aetherd.app"` (start-up plus importing the daemon).
 
-Usage: python bench/restart.py [--rounds N]
+Usage: python -m bench.restart [--rounds N] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.support import REPO, Daemon, free_port, seconds
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
-def start(port: int, tmp: Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "aetherd",
-            "serve",
-            "--port",
-            str(port),
-            "--token",
-            "bench-token-123",
-            "--root",
-            str(tmp),
-            "--data-dir",
-            str(tmp / "data"),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def wait_ready(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready(port):
-        if time.monotonic() > deadline:
-            raise TimeoutError("not ready")
-        time.sleep(0.002)
-
-
-def timed(cmd: list[str], env: dict[str, str]) -> float:
-    started = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True)
-    return time.perf_counter() - started
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="one round, for a smoke run")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds = 1
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def timed(cmd: list[str]) -> float:
+        return seconds(lambda: subprocess.run(cmd, env=env, check=True))
+
     restarts, stops, interp, imports = [], [], [], []
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         port = free_port()
-        proc = start(port, tmp, env)
-        wait_ready(port)
-        for _ in range(args.rounds):
-            started = time.perf_counter()
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
-            stopped = time.perf_counter()
-            proc = start(port, tmp, env)
-            wait_ready(port)
-            restarts.append(time.perf_counter() - started)
-            stops.append(stopped - started)
-            interp.append(timed([sys.executable, "-c", "pass"], env))
-            imports.append(timed([sys.executable, "-c", "import aetherd.app"], env))
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        daemon = Daemon(tmp, tmp / "data", port=port)
+        try:
+            daemon.wait_ready()
+            for _ in range(args.rounds):
+                started = time.perf_counter()
+                daemon.stop(30)
+                stopped = time.perf_counter()
+                daemon = Daemon(tmp, tmp / "data", port=port)
+                daemon.wait_ready()
+                restarts.append(time.perf_counter() - started)
+                stops.append(stopped - started)
+                interp.append(timed([sys.executable, "-c", "pass"]))
+                imports.append(timed([sys.executable, "-c", "import aetherd.app"]))
+        finally:
+            daemon.stop(30)
 
     def ms(values: list[float]) -> str:
         return f"{statistics.median(values) * 1000:7.1f} ms"

@@ -4,37 +4,57 @@ Every figure is printed beside its reference, measured in the same run. Servers 
 their own processes, so their CPU time can be read from /proc. Shells get an empty HOME
 (no slow ~/.bashrc). The whole run is bounded (about two minutes).
 
-    python bench/terminal.py [--mb 50] [--samples 300] [--profile]
+    python -m bench.terminal [--mb 50] [--samples 300] [--profile] [--quick]
 
 `--profile` also runs the throughput case with the daemon under cProfile and prints its
-top functions.
+top functions. `--quick` is a smoke run (2 MB, 30 samples, fewer sessions: a few seconds).
+Needs terminado (`pip install -e '.[bench]'`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import pty
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
-import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-TOKEN = "bench-token-0123456789"
-MiB = 1024 * 1024
+from bench.support import (
+    Child,
+    Daemon,
+    MiB,
+    cpu_seconds,
+    free_port,
+    percentile,
+    rss_bytes,
+    step,
+)
+
+
+@dataclass
+class Sizes:
+    """How much each case does; the defaults give the figures of docs/performance.md."""
+
+    mb: int = 50  # of base64 for throughput (at least 2: the attach case replays 1 MiB)
+    samples: int = 300  # echo samples per case
+    idle_sessions: int = 60  # for RSS per session
+    floods: int = 10
+    attaches: int = 20
+    prompts: int = 30  # aetherd and in-process pty.fork; terminado gets half
+
 
 TERMINADO_SERVER = r"""
 import sys, tornado.ioloop, tornado.web, terminado
@@ -74,64 +94,6 @@ app.router.add_get("/blast", blast)
 print("ready", flush=True)
 web.run_app(app, host="127.0.0.1", port=port, print=None)
 """
-
-
-def step(text: str) -> None:
-    """Progress on stderr (the table goes to stdout)."""
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def cpu_seconds(proc: psutil.Process) -> float:
-    times = proc.cpu_times()
-    return times.user + times.system
-
-
-class Server:
-    """A server process, started and waited for, stopped at the end."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], ready: str | None = None) -> None:
-        # Only a server that announces readiness gets a pipe (it writes one line to it);
-        # an unread pipe would fill and block the server.
-        stdout = subprocess.PIPE if ready is not None else subprocess.DEVNULL
-        self.proc = subprocess.Popen(
-            argv, env=env, stdout=stdout, stderr=subprocess.DEVNULL, text=True
-        )
-        self.ps = psutil.Process(self.proc.pid)
-        if ready is not None:
-            line = self.proc.stdout.readline() if self.proc.stdout else ""
-            if ready not in line:
-                raise RuntimeError(f"server did not start: {line!r}")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-async def wait_http(url: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            with contextlib.suppress(aiohttp.ClientError):
-                async with session.get(url) as resp:
-                    if resp.status == 200:
-                        return
-            await asyncio.sleep(0.05)
-    raise RuntimeError(f"{url} did not come up")
 
 
 def make_data(path: Path, size: int) -> None:
@@ -179,14 +141,17 @@ def raw_first_prompt(env: dict[str, str], runs: int) -> list[float]:
     return times
 
 
-# -- aetherd client ---------------------------------------------------------------------------
-class Aether:
-    """A client socket to the daemon."""
+# -- clients ----------------------------------------------------------------------------------
+P = TypeVar("P", bound="Peer")
+
+
+class Peer:
+    """One WebSocket to a server (aetherd or terminado), as an async context manager."""
 
     def __init__(self, url: str) -> None:
         self.url = url
 
-    async def __aenter__(self) -> Aether:
+    async def __aenter__(self: P) -> P:
         self.session = aiohttp.ClientSession()
         self.ws = await self.session.ws_connect(self.url, max_msg_size=0)
         return self
@@ -194,6 +159,30 @@ class Aether:
     async def __aexit__(self, *exc: Any) -> None:
         await self.ws.close()
         await self.session.close()
+
+    async def text(self, timeout: float = 60) -> str:
+        msg = await self.ws.receive(timeout=timeout)
+        if msg.type is not aiohttp.WSMsgType.TEXT:
+            raise ConnectionError(msg)
+        return str(msg.data)
+
+
+async def read_until(output: Callable[[], Awaitable[str | None]], marker: str) -> int:
+    """Read `output()` (None: not output) until `marker`; returns the characters of data seen."""
+    tail = ""
+    total = 0
+    while True:
+        data = await output()
+        if data is None:
+            continue
+        total += len(data)
+        tail = (tail + data)[-200:]
+        if marker in tail:
+            return total
+
+
+class Aether(Peer):
+    """A client socket to the daemon."""
 
     async def send(self, frame: dict[str, Any]) -> None:
         await self.ws.send_str(json.dumps(frame))
@@ -204,97 +193,84 @@ class Aether:
     async def input(self, sid: str, data: str) -> None:
         await self.send({"channel": "terminal", "type": "input", "sessionId": sid, "data": data})
 
+    async def close_session(self, sid: str) -> None:
+        await self.send({"channel": "terminal", "type": "close", "sessionId": sid})
+
     async def frame(self) -> dict[str, Any]:
-        msg = await self.ws.receive(timeout=60)
-        if msg.type is not aiohttp.WSMsgType.TEXT:
-            raise ConnectionError(msg)
-        return json.loads(msg.data)
+        return dict(json.loads(await self.text()))
+
+    async def output(self, sid: str) -> str | None:
+        frame = await self.frame()
+        if frame.get("sessionId") != sid or frame.get("type") != "output":
+            return None
+        return str(frame["data"])
 
     async def output_until(self, sid: str, marker: str) -> int:
         """Read `sid`'s output until `marker`; returns the bytes of data seen."""
-        tail = ""
-        total = 0
-        while True:
-            frame = await self.frame()
-            if frame.get("sessionId") != sid or frame.get("type") != "output":
-                continue
-            data = frame["data"]
-            total += len(data)
-            tail = (tail + data)[-200:]
-            if marker in tail:
-                return total
+        return await read_until(lambda: self.output(sid), marker)
+
+
+class Terminado(Peer):
+    """A client socket to terminado, in its `["stdin", …]`/`["stdout", …]` protocol."""
+
+    async def stdin(self, data: str) -> None:
+        await self.ws.send_str(json.dumps(["stdin", data]))
+
+    async def output(self) -> str | None:
+        kind, *rest = json.loads(await self.text())
+        return str(rest[0]) if kind == "stdout" else None
+
+    async def until(self, marker: str) -> int:
+        return await read_until(self.output, marker)
 
 
 def marker_cmd(marker: str) -> str:
     return f"printf '%s%s\\n' __ {marker}"
 
 
-async def aether_throughput(url: str, daemon: psutil.Process, env: dict, path: str) -> dict:
+async def timed_cat(
+    type_: Callable[[str], Awaitable[None]],
+    until: Callable[[str], Awaitable[int]],
+    pid: int,
+    path: str,
+) -> dict[str, float]:
+    """Type `cat path` and a marker into a shell; seconds, characters and server `pid`'s
+    CPU seconds until the marker comes back."""
+    marker = uuid.uuid4().hex[:8]
+    cpu0 = cpu_seconds(pid)
+    start = time.perf_counter()
+    await type_(f"cat {path}; {marker_cmd(marker)}\r")
+    total = await until("__" + marker)
+    elapsed = time.perf_counter() - start
+    return {"seconds": elapsed, "bytes": total, "cpu": cpu_seconds(pid) - cpu0}
+
+
+async def aether_throughput(url: str, pid: int, env: dict, path: str) -> dict[str, float]:
     async with Aether(url) as client:
         sid = "tp-" + uuid.uuid4().hex[:8]
         await client.create(sid, env=env)
         await client.output_until(sid, "#")
-        marker = uuid.uuid4().hex[:8]
-        cpu0 = cpu_seconds(daemon)
-        start = time.perf_counter()
-        await client.input(sid, f"cat {path}; {marker_cmd(marker)}\r")
-        total = await client.output_until(sid, "__" + marker)
-        elapsed = time.perf_counter() - start
-        cpu = cpu_seconds(daemon) - cpu0
-        await client.send({"channel": "terminal", "type": "close", "sessionId": sid})
-    return {"seconds": elapsed, "bytes": total, "cpu": cpu}
+        result = await timed_cat(
+            lambda text: client.input(sid, text),
+            lambda marker: client.output_until(sid, marker),
+            pid,
+            path,
+        )
+        await client.close_session(sid)
+    return result
 
 
-# -- terminado client -------------------------------------------------------------------------
-class Terminado:
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    async def __aenter__(self) -> Terminado:
-        self.session = aiohttp.ClientSession()
-        self.ws = await self.session.ws_connect(self.url, max_msg_size=0)
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.ws.close()
-        await self.session.close()
-
-    async def stdin(self, data: str) -> None:
-        await self.ws.send_str(json.dumps(["stdin", data]))
-
-    async def until(self, marker: str) -> int:
-        tail = ""
-        total = 0
-        while True:
-            msg = await self.ws.receive(timeout=60)
-            if msg.type is not aiohttp.WSMsgType.TEXT:
-                raise ConnectionError(msg)
-            kind, *rest = json.loads(msg.data)
-            if kind != "stdout":
-                continue
-            total += len(rest[0])
-            tail = (tail + rest[0])[-200:]
-            if marker in tail:
-                return total
-
-
-async def terminado_throughput(url: str, server: psutil.Process, path: str) -> dict:
+async def terminado_throughput(url: str, pid: int, path: str) -> dict[str, float]:
     async with Terminado(url) as term:
         await term.until("#")
-        marker = uuid.uuid4().hex[:8]
-        cpu0 = cpu_seconds(server)
-        start = time.perf_counter()
-        await term.stdin(f"cat {path}; {marker_cmd(marker)}\r")
-        total = await term.until("__" + marker)
-        elapsed = time.perf_counter() - start
-        cpu = cpu_seconds(server) - cpu0
+        result = await timed_cat(term.stdin, term.until, pid, path)
         await term.stdin("exit\r")
-    return {"seconds": elapsed, "bytes": total, "cpu": cpu}
+    return result
 
 
-async def bare_blast(url: str, server: psutil.Process, size: int) -> dict:
+async def bare_blast(url: str, pid: int, size: int) -> dict[str, float]:
     async with aiohttp.ClientSession() as session:
-        cpu0 = cpu_seconds(server)
+        cpu0 = cpu_seconds(pid)
         start = time.perf_counter()
         total = 0
         async with session.ws_connect(f"{url}/blast?bytes={size}", max_msg_size=0) as ws:
@@ -302,28 +278,47 @@ async def bare_blast(url: str, server: psutil.Process, size: int) -> dict:
                 if msg.type is aiohttp.WSMsgType.TEXT:
                     total += len(json.loads(msg.data)["data"])
         elapsed = time.perf_counter() - start
-        return {"seconds": elapsed, "bytes": total, "cpu": cpu_seconds(server) - cpu0}
+        return {"seconds": elapsed, "bytes": total, "cpu": cpu_seconds(pid) - cpu0}
 
 
 # -- latency ----------------------------------------------------------------------------------
-async def aether_echo(client: Aether, sid: str, samples: int) -> list[float]:
-    """Type 'x' then backspace, alternately; time each until its echo is seen."""
-    prefix = '"sessionId":' + json.dumps(sid)
+async def echo_times(
+    samples: int, type_: Callable[[str], Awaitable[None]], seen: Callable[[str], Awaitable[None]]
+) -> list[float]:
+    """Type 'x' then backspace, alternately; time each until `seen` returns on its echo."""
     times = []
     for index in range(samples):
         key = "x" if index % 2 == 0 else "\x7f"
         want = "x" if key == "x" else "\b"
         start = time.perf_counter()
-        await client.input(sid, key)
+        await type_(key)
+        await seen(want)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+async def aether_echo(client: Aether, sid: str, samples: int) -> list[float]:
+    prefix = '"sessionId":' + json.dumps(sid)
+
+    async def seen(want: str) -> None:
         while True:
-            msg = await client.ws.receive(timeout=30)
-            text = msg.data
+            text = await client.text(30)
             if prefix not in text[:120] or '"type":"output"' not in text[:60]:
                 continue  # a flood frame: not parsed
             if want in json.loads(text)["data"]:
-                break
-        times.append(time.perf_counter() - start)
-    return times
+                return
+
+    return await echo_times(samples, lambda key: client.input(sid, key), seen)
+
+
+async def terminado_echo(term: Terminado, samples: int) -> list[float]:
+    async def seen(want: str) -> None:
+        while True:
+            kind, *rest = json.loads(await term.text(30))
+            if kind == "stdout" and want in rest[0]:
+                return
+
+    return await echo_times(samples, term.stdin, seen)
 
 
 async def bare_echo(url: str, samples: int) -> list[float]:
@@ -341,22 +336,6 @@ async def bare_echo(url: str, samples: int) -> list[float]:
     return times
 
 
-async def terminado_echo(term: Terminado, samples: int) -> list[float]:
-    times = []
-    for index in range(samples):
-        key = "x" if index % 2 == 0 else "\x7f"
-        want = "x" if key == "x" else "\b"
-        start = time.perf_counter()
-        await term.stdin(key)
-        while True:
-            msg = await term.ws.receive(timeout=30)
-            kind, *rest = json.loads(msg.data)
-            if kind == "stdout" and want in rest[0]:
-                break
-        times.append(time.perf_counter() - start)
-    return times
-
-
 async def drain(ws: aiohttp.ClientWebSocketResponse, stop: asyncio.Event) -> int:
     total = 0
     while not stop.is_set():
@@ -368,56 +347,72 @@ async def drain(ws: aiohttp.ClientWebSocketResponse, stop: asyncio.Event) -> int
 
 
 async def measure_memory(
-    aurl: str, turl: str, daemon: Server, terminado: Server, env: dict, results: dict
+    aurl: str, turl: str, daemon: Child, terminado: Child, env: dict, count: int, results: dict
 ) -> None:
     """RSS growth per idle session (each has printed its prompt), on fresh servers."""
     step("memory")
-    count = 60
     async with Aether(aurl) as client:
         # Warm up: the first session pays for code paths and imports, not per session.
         await client.create("warm", env=env)
         await client.output_until("warm", "#")
-        await client.send({"channel": "terminal", "type": "close", "sessionId": "warm"})
+        await client.close_session("warm")
         while (await client.frame()).get("type") != "close":
             pass
-        rss0 = daemon.ps.memory_info().rss
+        rss0 = rss_bytes(daemon.pid)
         for index in range(count):
             await client.create(f"idle{index}", env=env)
-        seen = set()
+        seen: set[str] = set()
         while len(seen) < count:
             frame = await client.frame()
             if frame.get("type") == "output":
                 seen.add(frame["sessionId"])
             elif frame.get("channel") == "error":
                 raise RuntimeError(frame)
-        rss1 = daemon.ps.memory_info().rss
+        rss1 = rss_bytes(daemon.pid)
         for index in range(count):
-            await client.send({"channel": "terminal", "type": "close", "sessionId": f"idle{index}"})
+            await client.close_session(f"idle{index}")
         closed = 0
         while closed < count:
             closed += (await client.frame()).get("type") == "close"
     results["aetherd_rss_per_session"] = (rss1 - rss0) / count
-    trss0 = terminado.ps.memory_info().rss
+    trss0 = rss_bytes(terminado.pid)
     terms = []
     for _ in range(count):
         term = Terminado(turl)
         await term.__aenter__()
         await term.until("#")
         terms.append(term)
-    results["terminado_rss_per_session"] = (terminado.ps.memory_info().rss - trss0) / count
+    results["terminado_rss_per_session"] = (rss_bytes(terminado.pid) - trss0) / count
     for term in terms:
         await term.__aexit__()
 
 
 # -- main ----------------------------------------------------------------------------------------
-async def run(args: argparse.Namespace) -> None:
+def profiled(prof: str) -> list[str]:
+    """The interpreter's argv that runs the daemon's CLI under a CPU-time cProfile.
+
+    CPU time, not wall time: on a shared 2-core machine wall time mostly measures
+    waiting for a core."""
+    return [
+        sys.executable,
+        "-c",
+        "import cProfile, sys, time\n"
+        "from aetherd.cli import main\n"
+        "p = cProfile.Profile(time.process_time)\n"
+        "p.enable()\n"
+        "try:\n    main(sys.argv[1:])\n"
+        f"finally:\n    p.disable()\n    p.dump_stats({prof!r})\n",
+    ]
+
+
+async def run(args: argparse.Namespace, sizes: Sizes) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="aetherd-bench-"))
     home = tmp / "home"
     home.mkdir()
     root = tmp / "root"
     root.mkdir()
     data_file = tmp / "data.b64"
-    await asyncio.to_thread(make_data, data_file, args.mb * MiB)
+    await asyncio.to_thread(make_data, data_file, sizes.mb * MiB)
     shell_env = {"HOME": str(home), "PATH": os.environ["PATH"], "TERM": "xterm-256color"}
     server_env = {**os.environ, "HOME": str(home)}
     results: dict[str, Any] = {}
@@ -430,50 +425,37 @@ async def run(args: argparse.Namespace) -> None:
     results["raw_mbs"] = raw_mbs
     results["raw_cpu_ms_per_mb"] = raw[2] * 1000 / (raw[1] / 1e6)
 
-    aport, tport, bport = free_port(), free_port(), free_port()
-    daemon_argv = [sys.executable]
-    if args.profile:
-        # CPU time, not wall time: on a shared 2-core machine wall time mostly measures
-        # waiting for a core.
-        prof = str(tmp / "daemon.prof")
-        daemon_argv += [
-            "-c",
-            "import cProfile, sys, time\n"
-            "from aetherd.cli import main\n"
-            "p = cProfile.Profile(time.process_time)\n"
-            "p.enable()\n"
-            "try:\n    main(sys.argv[1:])\n"
-            f"finally:\n    p.disable()\n    p.dump_stats({prof!r})\n",
-        ]
-    else:
-        daemon_argv += ["-m", "aetherd"]
-    daemon_argv += [
-        "serve", "--host", "127.0.0.1", "--port", str(aport),
-        "--root", str(root), "--data-dir", str(tmp / "data"), "--token", TOKEN,
-        "--log-level", "warning", "--log-format", "json",
-    ]  # fmt: skip
-    daemon = Server(daemon_argv, {**server_env, "PYTHONPATH": str(ROOT)})
-    terminado = Server([sys.executable, "-c", TERMINADO_SERVER, str(tport)], server_env, "ready")
-    bare = Server([sys.executable, "-c", BARE_SERVER, str(bport)], server_env, "ready")
+    tport, bport = free_port(), free_port()
+    prof = str(tmp / "daemon.prof")
+    daemon = Daemon(
+        root,
+        tmp / "data",
+        "--log-level", "warning",
+        "--log-format", "json",
+        home=home,
+        python=profiled(prof) if args.profile else None,
+    )  # fmt: skip
+    terminado = Child([sys.executable, "-c", TERMINADO_SERVER, str(tport)], server_env, "ready")
+    bare = Child([sys.executable, "-c", BARE_SERVER, str(bport)], server_env, "ready")
     try:
-        await wait_http(f"http://127.0.0.1:{aport}/readyz")
-        aurl = f"ws://127.0.0.1:{aport}/workspaces/local/ws?token={TOKEN}"
+        await asyncio.to_thread(daemon.wait_ready, 15, 0.05)
+        aurl = daemon.ws_url
         turl = f"ws://127.0.0.1:{tport}/websocket"
         burl = f"ws://127.0.0.1:{bport}"
         env = {"HOME": str(home)}
-        await measure_memory(aurl, turl, daemon, terminado, env, results)
+        await measure_memory(aurl, turl, daemon, terminado, env, sizes.idle_sessions, results)
 
         step("throughput")
         # Throughput and CPU per MB.
         a = min(
-            [await aether_throughput(aurl, daemon.ps, env, str(data_file)) for _ in range(2)],
+            [await aether_throughput(aurl, daemon.pid, env, str(data_file)) for _ in range(2)],
             key=lambda r: r["seconds"],
         )
         t = min(
-            [await terminado_throughput(turl, terminado.ps, str(data_file)) for _ in range(2)],
+            [await terminado_throughput(turl, terminado.pid, str(data_file)) for _ in range(2)],
             key=lambda r: r["seconds"],
         )
-        b = await bare_blast(burl, bare.ps, args.mb * MiB)
+        b = await bare_blast(burl, bare.pid, sizes.mb * MiB)
         for name, r in (("aetherd", a), ("terminado", t), ("bare", b)):
             results[f"{name}_mbs"] = r["bytes"] / r["seconds"] / 1e6
             results[f"{name}_cpu_ms_per_mb"] = r["cpu"] * 1000 / (r["bytes"] / 1e6)
@@ -484,27 +466,25 @@ async def run(args: argparse.Namespace) -> None:
             await client.create("echo", env=env)
             await client.output_until("echo", "#")
             await aether_echo(client, "echo", 20)  # warm up
-            results["aetherd_idle"] = await aether_echo(client, "echo", args.samples)
-            # With 10 floods on the same socket.
-            for index in range(10):
+            results["aetherd_idle"] = await aether_echo(client, "echo", sizes.samples)
+            # With the floods on the same socket.
+            for index in range(sizes.floods):
                 await client.create(f"flood{index}", env=env, command="exec yes")
             await asyncio.sleep(0.5)
-            results["aetherd_flood"] = await aether_echo(client, "echo", args.samples)
-            for index in range(10):
-                await client.send(
-                    {"channel": "terminal", "type": "close", "sessionId": f"flood{index}"}
-                )
-            await client.send({"channel": "terminal", "type": "close", "sessionId": "echo"})
+            results["aetherd_flood"] = await aether_echo(client, "echo", sizes.samples)
+            for index in range(sizes.floods):
+                await client.close_session(f"flood{index}")
+            await client.close_session("echo")
         step("bare echo")
-        results["bare_idle"] = await bare_echo(burl, args.samples)
+        results["bare_idle"] = await bare_echo(burl, sizes.samples)
         step("terminado echo")
         async with Terminado(turl) as term:
             await term.until("#")
             await terminado_echo(term, 20)
-            results["terminado_idle"] = await terminado_echo(term, args.samples)
+            results["terminado_idle"] = await terminado_echo(term, sizes.samples)
             floods = []
             stop = asyncio.Event()
-            for _ in range(10):
+            for _ in range(sizes.floods):
                 flood = Terminado(turl)
                 await flood.__aenter__()
                 await flood.until("#")
@@ -512,7 +492,7 @@ async def run(args: argparse.Namespace) -> None:
                 floods.append(flood)
             drains = [asyncio.create_task(drain(f.ws, stop)) for f in floods]
             await asyncio.sleep(0.5)
-            results["terminado_flood"] = await terminado_echo(term, args.samples)
+            results["terminado_flood"] = await terminado_echo(term, sizes.samples)
             stop.set()
             for flood in floods:
                 await flood.__aexit__()
@@ -529,7 +509,7 @@ async def run(args: argparse.Namespace) -> None:
             await client.input("replay", f"head -c 2000000 {data_file}; {marker_cmd(marker)}\r")
             await client.output_until("replay", "__" + marker)
         attach_times = []
-        for _ in range(20):
+        for _ in range(sizes.attaches):
             start = time.perf_counter()
             async with Aether(aurl) as client:
                 await client.create("replay")
@@ -545,46 +525,44 @@ async def run(args: argparse.Namespace) -> None:
         # Create to first prompt.
         first = []
         async with Aether(aurl) as client:
-            for index in range(30):
+            for index in range(sizes.prompts):
                 start = time.perf_counter()
                 await client.create(f"p{index}", env=env)
                 while (await client.frame()).get("type") != "output":
                     pass
                 first.append(time.perf_counter() - start)
-                await client.send(
-                    {"channel": "terminal", "type": "close", "sessionId": f"p{index}"}
-                )
+                await client.close_session(f"p{index}")
         results["aetherd_first"] = first
-        results["raw_first"] = raw_first_prompt(shell_env, 30)
+        results["raw_first"] = raw_first_prompt(shell_env, sizes.prompts)
         tfirst = []
-        for _ in range(15):
+        for _ in range(max(1, sizes.prompts // 2)):
             start = time.perf_counter()
             async with Terminado(turl) as term:
-                while True:
-                    kind, *_ = json.loads((await term.ws.receive(timeout=30)).data)
-                    if kind == "stdout":
-                        break
+                while await term.output() is None:
+                    pass
                 tfirst.append(time.perf_counter() - start)
         results["terminado_first"] = tfirst
 
     finally:
-        daemon.stop()
-        terminado.stop()
-        bare.stop()
-    report(results, args)
+        daemon.stop(10)
+        terminado.stop(10)
+        bare.stop(10)
+    report(results, sizes)
     if args.profile:
         import pstats
 
-        pstats.Stats(str(tmp / "daemon.prof")).sort_stats("tottime").print_stats(25)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
-def report(r: dict[str, Any], args: argparse.Namespace) -> None:
+def report(r: dict[str, Any], sizes: Sizes) -> None:
     ms = 1000.0
 
     def lat(key: str) -> str:
-        return f"p50 {pct(r[key], 0.5) * ms:.2f} ms, p99 {pct(r[key], 0.99) * ms:.2f} ms"
+        return (
+            f"p50 {percentile(r[key], 0.5) * ms:.2f} ms, p99 {percentile(r[key], 0.99) * ms:.2f} ms"
+        )
 
-    print(f"## Terminal benchmark ({args.mb} MB of base64, {args.samples} echo samples)\n")
+    print(f"## Terminal benchmark ({sizes.mb} MB of base64, {sizes.samples} echo samples)\n")
     print("| Measure | aetherd | Reference | Ratio |")
     print("|---|---|---|---|")
     print(
@@ -604,16 +582,16 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
     )
     print(
         f"| Echo, idle | {lat('aetherd_idle')} | bare aiohttp echo {lat('bare_idle')}"
-        f" | p99 {pct(r['aetherd_idle'], 0.99) / pct(r['bare_idle'], 0.99):.2f}x (target ≤ 2x) |"
+        f" | p99 {percentile(r['aetherd_idle'], 0.99) / percentile(r['bare_idle'], 0.99):.2f}x (target ≤ 2x) |"
     )
     print(
         f"| Echo, idle | {lat('aetherd_idle')} | terminado {lat('terminado_idle')}"
-        f" | p99 {pct(r['aetherd_idle'], 0.99) / pct(r['terminado_idle'], 0.99):.2f}x |"
+        f" | p99 {percentile(r['aetherd_idle'], 0.99) / percentile(r['terminado_idle'], 0.99):.2f}x |"
     )
     print(
-        f"| Echo, 10 floods (aetherd: same socket) | {lat('aetherd_flood')} | terminado, floods on"
+        f"| Echo, {sizes.floods} floods (aetherd: same socket) | {lat('aetherd_flood')} | terminado, floods on"
         f" separate sockets: {lat('terminado_flood')} | p99"
-        f" {pct(r['aetherd_flood'], 0.99) / pct(r['terminado_flood'], 0.99):.2f}x (target ≤ 1x) |"
+        f" {percentile(r['aetherd_flood'], 0.99) / percentile(r['terminado_flood'], 0.99):.2f}x (target ≤ 1x) |"
     )
     attach = statistics.median(r["attach"])
     raw_mib = MiB / (r["raw_mbs"] * 1e6)
@@ -632,12 +610,19 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=int, default=50, help="MB of base64 to print")
-    parser.add_argument("--samples", type=int, default=300, help="echo samples per case")
+    parser.add_argument("--mb", type=int, help="MB of base64 to print (default 50)")
+    parser.add_argument("--samples", type=int, help="echo samples per case (default 300)")
     parser.add_argument("--profile", action="store_true", help="profile the daemon (cProfile)")
-    asyncio.run(run(parser.parse_args()))
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    args = parser.parse_args(argv)
+    sizes = (
+        Sizes(mb=2, samples=30, idle_sessions=10, attaches=5, prompts=6) if args.quick else Sizes()
+    )
+    sizes.mb = args.mb or sizes.mb
+    sizes.samples = args.samples or sizes.samples
+    asyncio.run(run(args, sizes))
 
 
 if __name__ == "__main__":

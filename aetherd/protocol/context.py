@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+from aetherd.protocol.models import Frame
 
 if TYPE_CHECKING:
     from aetherd.daemon import Daemon, Services
@@ -23,6 +25,32 @@ class OutboundStream(Protocol):
     def pull(self) -> str | None: ...
 
 
+T = TypeVar("T")
+
+
+class Slot(Generic[T]):
+    """A key for one piece of per-connection state (Home Assistant's `subscriptions`).
+
+    A channel declares its slot once, at module level (the key is immutable; the
+    state lives on each connection):
+
+        STREAMS = Slot("terminal.streams", dict)
+
+    and reads it with `peer.slot(STREAMS)`, which creates the value on first use with
+    `factory()`. When the connection closes, a value that has a `close()` method (sync
+    or async) is closed; then the value is dropped with the connection.
+    """
+
+    __slots__ = ("factory", "name")
+
+    def __init__(self, name: str, factory: Callable[[], T]) -> None:
+        self.name = name
+        self.factory = factory
+
+    def __repr__(self) -> str:
+        return f"Slot({self.name!r})"
+
+
 class Peer(Protocol):
     """One connected client, as the protocol layer sees it (no aiohttp here)."""
 
@@ -31,8 +59,11 @@ class Peer(Protocol):
     @property
     def closed(self) -> bool: ...
 
-    def send(self, frame: dict[str, Any] | str) -> None:
-        """Queue a frame; never blocks. A client too slow to drain its queue is dropped."""
+    def send(self, frame: Frame | str) -> None:
+        """Queue a frame (a model, or text already encoded); never blocks."""
+
+    def slot(self, key: Slot[T]) -> T:
+        """This connection's value for `key`, created on first use."""
 
     def add_cleanup(self, func: Callable[[], Any]) -> None:
         """Run `func` (sync or async) when the connection ends."""

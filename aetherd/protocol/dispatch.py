@@ -3,6 +3,12 @@
 Two-step validation, as in Home Assistant's websocket_api: first the envelope
 (`channel`, `type`, `requestId`), then the handler's own pydantic model. The result
 of a handler, or the AetherError it raises, becomes a frame in exactly one place.
+
+Before either, the decoder refuses what no handler can use, for every channel at
+once: integers outside 64 bits (SQLite, `os` calls and JavaScript clients cannot hold
+them), NaN and Infinity (not JSON), and strings with a lone UTF-16 surrogate
+(`"\\ud800"`: valid JSON, but not Unicode, so it cannot be encoded for a path, a
+PTY, SQLite or YAML). Such a frame gets INVALID_MESSAGE and nothing else runs.
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +40,92 @@ if TYPE_CHECKING:
 log = logging.getLogger("aetherd.dispatch")
 
 MAX_REQUEST_ID = 128
+# What a client sees of a bug: the details stay in the log.
+INTERNAL = AetherError(ErrorCode.INTERNAL_ERROR, "internal error; see the daemon log")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+class _OutOfRange(ValueError):
+    """A number the protocol does not carry."""
+
+
+def _parse_int(text: str) -> int:
+    if len(text) > 20:  # also keeps int() away from thousands of digits
+        raise _OutOfRange(text[:24])
+    value = int(text)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise _OutOfRange(text)
+    return value
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _OutOfRange(text[:24])
+    return value
+
+
+def _parse_constant(name: str) -> Any:
+    raise _OutOfRange(name)
+
+
+_decoder = json.JSONDecoder(
+    parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant
+)
+# A `\uD800`-`\uDFFF` escape in the text: only then can a decoded string hold a lone
+# surrogate, so the walk below runs only for frames that contain one.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _unencodable(value: Any, path: str = "") -> str | None:
+    """The location of the first string (key or value) in `value` that is not Unicode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "frame"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if _unencodable(key) is not None:
+                return path or "frame"
+            found = _unencodable(item, where)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _unencodable(item, f"{path}.{index}" if path else str(index))
+            if found is not None:
+                return found
+    return None
+
+
+def decode_frame(text: str) -> Any:
+    """Parse one text frame; raise AetherError for a number the protocol cannot carry."""
+    try:
+        return _decoder.decode(text)
+    except _OutOfRange as exc:
+        raise AetherError(
+            ErrorCode.INVALID_MESSAGE,
+            f"number out of range: {exc} (integers are 64-bit; NaN and Infinity are not JSON)",
+        ) from None
+    except (ValueError, RecursionError) as exc:
+        raise AetherError(ErrorCode.INVALID_JSON, f"malformed JSON: {exc}") from None
+
+
+def check_unicode(raw: Any, text: str) -> None:
+    """Raise AetherError when a string of the decoded frame holds a lone surrogate."""
+    if _SURROGATE_ESCAPE.search(text) is None:
+        return
+    where = _unencodable(raw)
+    if where is not None:
+        raise AetherError(
+            ErrorCode.INVALID_MESSAGE,
+            f"invalid field '{where}': text holds a lone surrogate (not Unicode); "
+            "send bytes as base64",
+            field=where,
+        )
 
 
 class Dispatcher:
@@ -67,10 +161,10 @@ class Dispatcher:
     async def handle_text(self, text: str) -> None:
         """Parse, validate and run one text frame. Never raises."""
         try:
-            raw = json.loads(text)
-        except (ValueError, RecursionError) as exc:
+            raw = decode_frame(text)
+        except AetherError as err:
             self._metrics.frame_in("unknown", len(text))
-            self.reject(AetherError(ErrorCode.INVALID_JSON, f"malformed JSON: {exc}"))
+            self.reject(err)
             return
         if not isinstance(raw, dict):
             self._metrics.frame_in("unknown", len(text))
@@ -78,6 +172,11 @@ class Dispatcher:
             return
         channel = raw.get("channel")
         self._metrics.frame_in(channel if isinstance(channel, str) else "unknown", len(text))
+        try:
+            check_unicode(raw, text)
+        except AetherError as err:
+            self.reject(err, raw)
+            return
         await self.handle_frame(raw)
 
     async def handle_frame(self, raw: dict[str, Any]) -> None:
@@ -166,15 +265,24 @@ class Dispatcher:
             raise
         except Exception:
             log.exception("handler %s/%s failed", handler.channel, handler.type)
-            err = AetherError(ErrorCode.INTERNAL_ERROR, "internal error; see the daemon log")
-            self.fail(handler.channel, handler.type, request_id, err, raw)
+            self.fail(handler.channel, handler.type, request_id, INTERNAL, raw)
             return
         finally:
             self._metrics.request_seconds.labels(handler.channel).observe(
                 time.perf_counter() - started
             )
+        try:
+            data_json = handler.encode_data(data)
+        except Exception:
+            log.exception(
+                "handler %s/%s returned data its reply does not declare",
+                handler.channel,
+                handler.type,
+            )
+            self.fail(handler.channel, handler.type, request_id, INTERNAL, raw)
+            return
         if request_id is not None:
-            self.peer.send(success_reply(handler.channel, handler.type, request_id, data))
+            self.peer.send(success_reply(handler.channel, handler.type, request_id, data_json))
 
     async def close(self) -> None:
         """Cancel this peer's in-flight concurrent handlers."""

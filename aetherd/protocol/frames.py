@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import ValidationError
+from pydantic import ConfigDict, ValidationError
 
 from aetherd.errors import AetherError, ErrorCode
+from aetherd.protocol.models import Model, encode, omitted
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str)
+_string = json.encoder.encode_basestring  # C accelerated, keeps UTF-8 as is
 
 
 def dumps(frame: dict[str, Any]) -> str:
@@ -17,51 +19,88 @@ def dumps(frame: dict[str, Any]) -> str:
     return _encoder.encode(frame)
 
 
-def success_reply(channel: str, type_: str, request_id: str, data: Any) -> dict[str, Any]:
-    """`{channel, type, requestId, success: true, data}`."""
-    return {
-        "channel": channel,
-        "type": type_,
-        "requestId": request_id,
-        "success": True,
-        "data": data,
-    }
+class SuccessReply(Model):
+    """The reply to a request that succeeded: its `data` is the handler's declared reply."""
+
+    channel: str
+    type: str
+    request_id: str
+    success: Literal[True] = True
+    data: Any = None
 
 
-def error_reply(channel: str, type_: str, request_id: str, err: AetherError) -> dict[str, Any]:
+class ErrorReply(Model):
+    """The reply to a request that failed. Some codes add fields (for example `errors`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    channel: str
+    type: str
+    request_id: str
+    success: Literal[False] = False
+    error: str
+    code: ErrorCode
+
+
+class ErrorFrame(Model):
+    """An error about a frame that had no `requestId` to reply to."""
+
+    model_config = ConfigDict(extra="allow")
+
+    channel: Literal["error"] = "error"
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    error: str
+    ref: dict[str, str] | None = omitted()
+
+
+def success_reply(channel: str, type_: str, request_id: str, data_json: str) -> str:
+    """`{channel, type, requestId, success: true, data}`, with `data` already encoded.
+
+    The bytes equal `encode(SuccessReply(...))` (a test holds them to it); building the
+    string directly saves decoding and re-encoding every reply's data.
+    """
+    return (
+        f'{{"channel":{_string(channel)},"type":{_string(type_)},'
+        f'"requestId":{_string(request_id)},"success":true,"data":{data_json}}}'
+    )
+
+
+def error_reply(channel: str, type_: str, request_id: str, err: AetherError) -> str:
     """`{channel, type, requestId, success: false, error, code, ...extra}`."""
-    frame: dict[str, Any] = {
-        "channel": channel,
-        "type": type_,
-        "requestId": request_id,
-        "success": False,
-        "error": err.message,
-        "code": err.code.value,
-    }
-    frame.update(err.extra)
-    return frame
+    return encode(
+        ErrorReply(
+            channel=channel,
+            type=type_,
+            request_id=request_id,
+            error=err.message,
+            code=err.code,
+            **err.extra,
+        )
+    )
 
 
-def error_frame(err: AetherError, ref: dict[str, Any] | None = None) -> dict[str, Any]:
+def error_frame(err: AetherError, ref: dict[str, str] | None = None) -> str:
     """`{channel: "error", type: "error", code, error, ref}` for frames without a requestId."""
-    frame: dict[str, Any] = {
-        "channel": "error",
-        "type": "error",
-        "code": err.code.value,
-        "error": err.message,
-    }
-    frame.update(err.extra)
-    if ref:
-        frame["ref"] = ref
-    return frame
+    return encode(ErrorFrame(code=err.code, error=err.message, ref=ref or None, **err.extra))
 
 
 REF_KEYS = ("channel", "type", "sessionId", "taskId")
 
 
-def make_ref(raw: dict[str, Any]) -> dict[str, Any]:
-    """The readable identifying fields of an offending frame."""
-    return {key: raw[key] for key in REF_KEYS if isinstance(raw.get(key), str)}
+def _sendable(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def make_ref(raw: dict[str, Any]) -> dict[str, str]:
+    """The readable identifying fields of an offending frame (text that can be sent)."""
+    return {key: raw[key] for key in REF_KEYS if _sendable(raw.get(key))}
 
 
 def _loc(loc: tuple[Any, ...]) -> str:

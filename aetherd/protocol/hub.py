@@ -7,6 +7,7 @@ from typing import Any
 
 from aetherd.protocol.context import Peer
 from aetherd.protocol.frames import dumps
+from aetherd.protocol.models import Frame, encode
 
 
 class Hub:
@@ -29,8 +30,13 @@ class Hub:
     def __iter__(self) -> Iterator[Peer]:
         return iter(list(self._peers.values()))
 
-    def broadcast(self, frame: dict[str, Any] | str) -> None:
+    def broadcast(self, frame: Frame | str | dict[str, Any]) -> None:
         """Queue `frame` on every live connection."""
-        text = frame if isinstance(frame, str) else dumps(frame)
+        if isinstance(frame, str):
+            text = frame
+        elif isinstance(frame, Frame):
+            text = encode(frame)
+        else:  # transitional: a hand-built dict from a channel not yet converted
+            text = dumps(frame)
         for peer in list(self._peers.values()):
             peer.send(text)

@@ -2,10 +2,10 @@
 
 A channel module declares itself once:
 
-    channel = Channel("terminal")
+    channel = Channel("terminal", pushes=(TerminalOutput, TerminalClose))
 
-    @channel.handler("resize", TerminalResize)
-    async def resize(ctx: Context, msg: TerminalResize) -> None: ...
+    @channel.handler("create", TerminalCreate, reply=TerminalSession)
+    async def create(ctx: Context, msg: TerminalCreate) -> TerminalSession: ...
 
     @channel.on_connect          # pushed to each new connection, in channel order
     async def push_sessions(ctx: Context) -> None: ...
@@ -14,6 +14,13 @@ A channel module declares itself once:
     async def wire(daemon: Daemon) -> None: ...
 
 and is listed in `aetherd.channels.CHANNELS`. Nothing else is needed to add a channel.
+
+The models themselves live in `aetherd.protocol.<channel>`: `Message` subclasses for
+what the client sends, `Frame` subclasses for what the daemon pushes, `Model`
+subclasses for reply data. `reply=` is the type of a handler's result (a model, a
+list of models, or None for a bare acknowledgement); the dispatcher serialises the
+result through it, so a handler cannot send a shape its declaration does not name.
+`errors=` lists the codes a handler may answer with, for the generated schema.
 """
 
 from __future__ import annotations
@@ -22,32 +29,23 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict
-from pydantic.alias_generators import to_camel
+from pydantic import BaseModel, TypeAdapter
+
+from aetherd.errors import ErrorCode
+from aetherd.protocol.frames import dumps
+from aetherd.protocol.models import Empty, Frame, Message
 
 if TYPE_CHECKING:
     from aetherd.daemon import Daemon
     from aetherd.protocol.context import Context
 
+__all__ = ["Channel", "Empty", "Handler", "Message", "Registry"]
+
 M = TypeVar("M", bound=BaseModel)
+ModelType = type[BaseModel]  # named here: `Handler.type` shadows the builtin in its body
 HandlerFunc = Callable[["Context", Any], Awaitable[Any]]
 ConnectHook = Callable[["Context"], Awaitable[None]]
 StartupHook = Callable[["Daemon"], Awaitable[None]]
-
-
-class Message(BaseModel):
-    """Base of every client frame model: camelCase on the wire, unknown fields ignored."""
-
-    model_config = ConfigDict(
-        extra="ignore",
-        alias_generator=to_camel,
-        populate_by_name=True,
-        frozen=True,
-    )
-
-
-class Empty(Message):
-    """A frame with no fields beyond the envelope."""
 
 
 @dataclass(frozen=True)
@@ -56,9 +54,24 @@ class Handler:
 
     channel: str
     type: str
-    model: type[BaseModel]
+    model: ModelType
     func: HandlerFunc
     concurrent: bool = False
+    reply: Any = None
+    errors: tuple[ErrorCode, ...] = ()
+    adapter: TypeAdapter[Any] | None = None
+
+    def encode_data(self, data: Any) -> str:
+        """A handler's result as JSON, checked against its declared `reply` type.
+
+        Raises `pydantic.PydanticSerializationError` when the result does not match.
+        """
+        if self.adapter is None:
+            if data is None:
+                return "null"
+            # Transitional: a handler not yet converted to a declared reply model.
+            return dumps(data)
+        return self.adapter.dump_json(data, warnings="error").decode("utf-8")
 
 
 @dataclass
@@ -67,14 +80,29 @@ class Channel:
 
     name: str
     require_request_id: bool = False
+    pushes: tuple[type[Frame], ...] = ()
     handlers: dict[str, Handler] = field(default_factory=dict)
     connect_hooks: list[ConnectHook] = field(default_factory=list)
     startup_hooks: list[StartupHook] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        for frame in self.pushes:
+            if frame.CHANNEL != self.name:
+                raise ValueError(f"{frame.__name__} is not a frame of channel {self.name!r}")
+
     def handler(
-        self, type_: str, model: type[M], *, concurrent: bool = False
+        self,
+        type_: str,
+        model: type[M],
+        *,
+        reply: Any = None,
+        errors: tuple[ErrorCode, ...] = (),
+        concurrent: bool = False,
     ) -> Callable[[Callable[[Context, M], Awaitable[Any]]], Callable[[Context, M], Awaitable[Any]]]:
         """Register `func(ctx, msg)` for frames of `type_`, validated by `model`.
+
+        `reply` is the type of the result (`data` of the success reply); None means the
+        handler returns None and the reply carries `data: null`.
 
         `concurrent=True` runs the handler in its own task (bounded per connection), so a
         slow request does not hold up the frames behind it; replies may then arrive out
@@ -86,7 +114,10 @@ class Channel:
         ) -> Callable[[Context, M], Awaitable[Any]]:
             if type_ in self.handlers:
                 raise ValueError(f"{self.name}/{type_} is registered twice")
-            self.handlers[type_] = Handler(self.name, type_, model, func, concurrent)
+            adapter = TypeAdapter(reply) if reply is not None else None
+            self.handlers[type_] = Handler(
+                self.name, type_, model, func, concurrent, reply, tuple(errors), adapter
+            )
             return func
 
         return register

@@ -27,8 +27,9 @@ from typing import Any
 from aiohttp import WSCloseCode, web
 
 from aetherd.metrics import Metrics
-from aetherd.protocol.context import OutboundStream
+from aetherd.protocol.context import OutboundStream, Slot, T
 from aetherd.protocol.frames import dumps
+from aetherd.protocol.models import Frame, encode
 from aetherd.settings import Settings
 
 log = logging.getLogger("aetherd.connection")
@@ -62,6 +63,7 @@ class Connection:
         self._pause_bytes = min(settings.send_queue_pause_bytes, settings.send_queue_bytes // 2)
         self.read_pauses = 0
         self._cleanups: list[Callable[[], Any]] = []
+        self._slots: dict[Slot[Any], Any] = {}
         self._closed = False
         self._drop_reason: str | None = None
         self.last_pong = time.monotonic()
@@ -80,11 +82,16 @@ class Connection:
         """Bytes waiting in the send queue."""
         return self._queued_bytes
 
-    def send(self, frame: dict[str, Any] | str) -> None:
+    def send(self, frame: Frame | str | dict[str, Any]) -> None:
         """Queue a frame. A peer whose queue overflows is dropped, never allowed to grow."""
         if self._closed or self._drop_reason:
             return
-        text = frame if isinstance(frame, str) else dumps(frame)
+        if isinstance(frame, str):
+            text = frame
+        elif isinstance(frame, Frame):
+            text = encode(frame)
+        else:  # transitional: a hand-built dict from a channel not yet converted
+            text = dumps(frame)
         if (
             len(self._queue) >= self._settings.send_queue_frames
             or self._queued_bytes + len(text) > self._settings.send_queue_bytes
@@ -101,6 +108,17 @@ class Connection:
     def add_cleanup(self, func: Callable[[], Any]) -> None:
         """Run `func` (sync or async) when the connection ends."""
         self._cleanups.append(func)
+
+    def slot(self, key: Slot[T]) -> T:
+        """This connection's state for `key`, created on first use, closed with the socket."""
+        try:
+            value: T = self._slots[key]
+        except KeyError:
+            value = self._slots[key] = key.factory()
+            close = getattr(value, "close", None)
+            if callable(close):
+                self._cleanups.append(close)
+        return value
 
     def add_stream(self, stream: OutboundStream) -> Callable[[], None]:
         """Let the writer pull frames from `stream`; returns its remover."""
@@ -261,6 +279,7 @@ class Connection:
                     await result
             except Exception:
                 log.exception("connection cleanup failed")
+        self._slots.clear()
         self._streams.clear()
         self._queue.clear()
         self._queued_bytes = 0

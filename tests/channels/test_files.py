@@ -143,13 +143,14 @@ async def test_non_utf8_names_over_the_socket(daemon, workspace):
         client, "read", rawPath=base64.b64encode(b"/" + base64.b64decode(raw_name)).decode()
     )
     assert data["content"] == "latin"
-    # A path sent with JSON \udcXX escapes (surrogateescape) addresses the same file.
-    rid = "esc1"
+    # A path sent with JSON \udcXX escapes (a lone surrogate) is refused before the
+    # channel sees it: rawPath is the one way to name bytes that are not UTF-8.
     await client.send(
         '{"channel":"files","type":"stat","requestId":"esc1","path":"/caf\\udce9.txt"}'
     )
-    reply = await client.expect(lambda f: f.get("requestId") == rid)
-    assert reply["success"] is True and reply["data"]["path"] == "/caf\ufffd.txt"
+    error = await client.expect_type("error", "error")
+    assert error["code"] == "INVALID_MESSAGE" and error["field"] == "path"
+    assert "requestId" not in error
     await fail(client, "read", "INVALID_PATH", rawPath="***")
 
 

@@ -293,6 +293,9 @@ async def test_rename_replace_is_detected_like_vim(store_factory, workspace):
     assert event.config.setup == "three" and event.source == "disk"
 
 
+# watchdog's inotify emitter may log this ERROR when the watched directory vanishes
+# under it (a race inside watchdog, harmless: the store re-watches).
+@pytest.mark.expect_log(r"queue_events\(\) called when the thread is inactive", required=False)
 async def test_delete_and_recreate_keeps_watching(store_factory, workspace):
     path = config_file(workspace)
     write(path, "setup: one\n")
