@@ -34,7 +34,7 @@ from aetherd.agent.sse import SSEParser
 from aetherd.services.transcript import TranscriptStore
 from aetherd.settings import Settings
 from bench.support import percentile, serve_in_process, settings_for
-from tests.agent.providers import FakeProvider, Turn
+from tests.fake_providers import FakeProvider, Turn
 
 
 @dataclass(frozen=True)

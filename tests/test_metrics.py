@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from tests.agent.providers import FakeProvider, HttpError, Turn
+from tests.fake_providers import FakeProvider, HttpError, Turn
 from tests.support import wait_for
 
 

@@ -67,8 +67,8 @@ class AgentReject(Message):
 class AgentHistory(Message):
     """`history`: page back through the transcript."""
 
-    before_seq: int | None = Field(None, ge=1)
-    limit: int | None = Field(None, ge=1)
+    before_seq: int | None = Field(None, ge=1, le=2**63 - 1)
+    limit: int | None = Field(None, ge=1, le=2**63 - 1)
 
 
 async def _guard(ctx: Context, func: Callable[[], Awaitable[Any]]) -> Any:

@@ -5,70 +5,86 @@ Every frame needs a requestId. The logic lives in `aetherd.services.config.Confi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aetherd.errors import AetherError, ErrorCode
-from aetherd.protocol import Channel, Context, Empty, Message
+from aetherd.protocol import Channel, Context, Empty
+from aetherd.protocol.config import (
+    ConfigChanged,
+    ConfigError,
+    ConfigSet,
+    ConfigSnapshot,
+    ConfigValidate,
+    ConfigValidation,
+)
 from aetherd.services.config import ConfigEvent
 
 if TYPE_CHECKING:
     from aetherd.daemon import Daemon
 
-channel = Channel("config", require_request_id=True)
+channel = Channel("config", require_request_id=True, pushes=(ConfigChanged,))
 
 
-class ConfigSet(Message):
-    """`set`: exactly one of `raw` (YAML text) or `config` (object); optional `version`."""
-
-    raw: str | None = None
-    config: dict[str, Any] | None = None
-    version: str | None = None
-
-
-class ConfigValidate(Message):
-    """`validate`: `raw` YAML text (or, as an extension, a `config` object)."""
-
-    raw: str | None = None
-    config: dict[str, Any] | None = None
-
-
-def changed_frame(event: ConfigEvent) -> dict[str, Any]:
+def changed_frame(event: ConfigEvent) -> ConfigChanged:
     """The `changed` push for one config event."""
-    return {
-        "channel": "config",
-        "type": "changed",
-        "config": event.config.model_dump(mode="json"),
-        "version": event.version,
-        "valid": event.valid,
-        "errors": event.errors,
-        "source": event.source,
-        "path": event.path,
-    }
+    return ConfigChanged(
+        config=event.config.model_dump(mode="json"),
+        version=event.version,
+        valid=event.valid,
+        errors=[ConfigError.model_validate(error) for error in event.errors],
+        source=event.source,
+        path=event.path,
+    )
 
 
-@channel.handler("get", Empty)
-async def get(ctx: Context, msg: Empty) -> dict[str, Any]:
+@channel.handler("get", Empty, reply=ConfigSnapshot)
+async def get(ctx: Context, msg: Empty) -> ConfigSnapshot:
     """The effective config, the file's text, its version and validity."""
-    return ctx.services.config.snapshot()
+    return ConfigSnapshot.model_validate(ctx.services.config.snapshot())
 
 
-@channel.handler("set", ConfigSet, concurrent=True)
-async def set_(ctx: Context, msg: ConfigSet) -> dict[str, Any]:
+@channel.handler(
+    "set",
+    ConfigSet,
+    reply=ConfigSnapshot,
+    errors=(
+        ErrorCode.INVALID_MESSAGE,
+        ErrorCode.INVALID_CONFIG,
+        ErrorCode.CONFLICT,
+        ErrorCode.FILE_TOO_LARGE,
+        ErrorCode.INVALID_PATH,
+        ErrorCode.IS_DIRECTORY,
+        ErrorCode.NOT_DIRECTORY,
+        ErrorCode.PERMISSION_DENIED,
+        ErrorCode.NO_SPACE,
+    ),
+    concurrent=True,
+)
+async def set_(ctx: Context, msg: ConfigSet) -> ConfigSnapshot:
     """Validate and write the config atomically; CONFLICT on a stale version."""
-    return await ctx.services.config.set(raw=msg.raw, config=msg.config, version=msg.version)
+    snapshot = await ctx.services.config.set(raw=msg.raw, config=msg.config, version=msg.version)
+    return ConfigSnapshot.model_validate(snapshot)
 
 
-@channel.handler("validate", ConfigValidate, concurrent=True)
-async def validate(ctx: Context, msg: ConfigValidate) -> dict[str, Any]:
+@channel.handler(
+    "validate",
+    ConfigValidate,
+    reply=ConfigValidation,
+    errors=(ErrorCode.INVALID_MESSAGE,),
+    concurrent=True,
+)
+async def validate(ctx: Context, msg: ConfigValidate) -> ConfigValidation:
     """`{valid, errors}` for the given text; nothing is written."""
     if (msg.raw is None) == (msg.config is None):
         raise AetherError(
             ErrorCode.INVALID_MESSAGE, "give exactly one of 'raw' or 'config'", field="raw"
         )
     if msg.raw is not None:
-        return await ctx.services.config.validate(msg.raw)
-    assert msg.config is not None
-    return await ctx.services.config.validate_object(msg.config)
+        result = await ctx.services.config.validate(msg.raw)
+    else:
+        assert msg.config is not None
+        result = await ctx.services.config.validate_object(msg.config)
+    return ConfigValidation.model_validate(result)
 
 
 @channel.on_startup

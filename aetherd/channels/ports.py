@@ -7,35 +7,48 @@ daemon scans only while someone is connected.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from pydantic import Field
-
-from aetherd.protocol import Channel, Context, Empty, Message
+from aetherd.errors import ErrorCode
+from aetherd.protocol import Channel, Context, Empty
+from aetherd.protocol.ports import PortEntry, PortsClose, PortsKill, PortsKillResult, PortsOpen
 from aetherd.services.ports import PortEvent, PortInfo
 
 if TYPE_CHECKING:
     from aetherd.daemon import Daemon
 
-channel = Channel("ports")
+channel = Channel("ports", pushes=(PortsOpen, PortsClose))
 
 
-class PortsKill(Message):
-    """`kill`: end the processes listening on `port`."""
+def _fields(info: PortInfo) -> dict[str, object]:
+    return {
+        "port": info.port,
+        "pid": info.pid,
+        "process": info.process,
+        "command": info.command,
+        "address": info.address,
+        "addresses": list(info.addresses),
+        "local_only": info.local_only,
+        "url": info.url,
+        "label": info.label,
+    }
 
-    port: int = Field(ge=1, le=65535)
+
+def port_entry(info: PortInfo) -> PortEntry:
+    """One port as the `list` reply carries it."""
+    return PortEntry.model_validate(_fields(info))
 
 
-def open_frame(info: PortInfo) -> dict[str, Any]:
+def open_frame(info: PortInfo) -> PortsOpen:
     """The `ports/open` frame of one port."""
-    return {"channel": "ports", "type": "open", **info.to_wire()}
+    return PortsOpen.model_validate(_fields(info))
 
 
-def event_frame(event: PortEvent) -> dict[str, Any]:
+def event_frame(event: PortEvent) -> PortsOpen | PortsClose:
     """The frame of one scanner event."""
     if event.kind == "open" and event.info is not None:
         return open_frame(event.info)
-    return {"channel": "ports", "type": "close", "port": event.port}
+    return PortsClose(port=event.port)
 
 
 @channel.on_startup
@@ -53,13 +66,20 @@ async def announce(ctx: Context) -> None:
         ctx.peer.send(open_frame(info))
 
 
-@channel.handler("list", Empty)
-async def list_ports(ctx: Context, msg: Empty) -> list[dict[str, Any]]:
-    """Every listening port, as the `open` frames carry them."""
-    return [info.to_wire() for info in await ctx.services.ports.snapshot()]
+@channel.handler("list", Empty, reply=list[PortEntry])
+async def list_ports(ctx: Context, msg: Empty) -> list[PortEntry]:
+    """Every listening port, as the `open` frames carry them, by port number."""
+    return [port_entry(info) for info in await ctx.services.ports.snapshot()]
 
 
-@channel.handler("kill", PortsKill, concurrent=True)
-async def kill(ctx: Context, msg: PortsKill) -> dict[str, Any]:
+@channel.handler(
+    "kill",
+    PortsKill,
+    reply=PortsKillResult,
+    errors=(ErrorCode.NOT_FOUND, ErrorCode.PERMISSION_DENIED),
+    concurrent=True,
+)
+async def kill(ctx: Context, msg: PortsKill) -> PortsKillResult:
     """SIGTERM the listening processes (SIGKILL after the grace period); `close` follows."""
-    return await ctx.services.ports.kill(msg.port)
+    result = await ctx.services.ports.kill(msg.port)
+    return PortsKillResult.model_validate(result)

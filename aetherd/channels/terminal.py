@@ -12,104 +12,68 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import Field
-
-from aetherd.protocol import Channel, Context, Empty, Message, Peer
+from aetherd.errors import ErrorCode
+from aetherd.protocol import Channel, Context, Empty, Peer, Slot, encode
+from aetherd.protocol.terminal import (
+    TerminalClose,
+    TerminalCloseResult,
+    TerminalCreate,
+    TerminalCreateResult,
+    TerminalInput,
+    TerminalListResult,
+    TerminalOutput,
+    TerminalResize,
+    TerminalSessionInfo,
+    TerminalSessionRef,
+    TerminalSessions,
+)
 from aetherd.services.terminal import Attachment, Exit, TerminalManager, TerminalSession
 
-channel = Channel("terminal")
+channel = Channel("terminal", pushes=(TerminalOutput, TerminalClose, TerminalSessions))
 
-SessionId = Annotated[
-    str, Field(strict=True, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
-]
-Dimension = Annotated[int, Field(strict=True, ge=1, le=1000)]
-
-_encode = json.encoder.encode_basestring
+_encode = json.encoder.encode_basestring  # C accelerated, keeps UTF-8 as is
 # Output this small is interactive (an echo, a prompt) and jumps the writer's queue.
-URGENT_BYTES = 4096  # C accelerated, keeps UTF-8 as is
-
-
-class TerminalCreate(Message):
-    """`create`: start a session, or attach to the live one with this id."""
-
-    session_id: SessionId
-    cols: Dimension | None = None
-    rows: Dimension | None = None
-    cwd: Annotated[str, Field(strict=True, max_length=4096)] | None = None
-    env: dict[str, Annotated[str, Field(strict=True)]] | None = None
-    command: Annotated[str, Field(strict=True, max_length=65536)] | None = None
-    resume_from: Annotated[int, Field(strict=True, ge=0)] | None = None
-
-
-class TerminalInput(Message):
-    """`input`: bytes for the PTY, as a string."""
-
-    session_id: SessionId
-    data: Annotated[str, Field(strict=True)]
-
-
-class TerminalResize(Message):
-    """`resize`: the new size of the PTY."""
-
-    session_id: SessionId
-    cols: Dimension
-    rows: Dimension
-
-
-class TerminalSessionRef(Message):
-    """`close` and `detach`: name a session."""
-
-    session_id: SessionId
+URGENT_BYTES = 4096
 
 
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
 
-def session_json(session: TerminalSession) -> dict[str, Any]:
+def session_info(session: TerminalSession) -> TerminalSessionInfo:
     """A session as listed on the wire."""
+    return TerminalSessionInfo(**_info_fields(session))
+
+
+def _info_fields(session: TerminalSession) -> dict[str, Any]:
+    """The fields of `TerminalSessionInfo` from the service's snake_case `info()`."""
     info = session.info()
     return {
-        "sessionId": info["session_id"],
+        "session_id": info["session_id"],
         "pid": info["pid"],
         "command": info["command"],
         "cwd": info["cwd"],
         "cols": info["cols"],
         "rows": info["rows"],
-        "createdAt": _iso(info["created_at"]),
+        "created_at": _iso(info["created_at"]),
         "clients": info["clients"],
         "exited": info["exited"],
-        "exitCode": info["exit_code"],
+        "exit_code": info["exit_code"],
         "signal": info["signal"],
         "offset": info["offset"],
-    }
-
-
-def close_frame(session_id: str, exit_: Exit) -> dict[str, Any]:
-    """`close`: how the session ended."""
-    return {
-        "channel": "terminal",
-        "type": "close",
-        "sessionId": session_id,
-        "exitCode": exit_.exit_code,
-        "signal": exit_.signal,
     }
 
 
 class TerminalStream:
     """One session's output for one socket, pulled by the connection's writer."""
 
-    def __init__(self, peer: Peer, session_id: str, attachments: dict[str, TerminalStream]) -> None:
+    def __init__(self, peer: Peer, session_id: str, streams: TerminalStreams) -> None:
         self.peer = peer
         self.session_id = session_id
-        self._attachments = attachments
-        self._prefix = (
-            '{"channel":"terminal","type":"output","sessionId":'
-            + _encode(session_id)
-            + ',"offset":'
-        )
+        self._streams = streams
+        self._prefix = output_prefix(session_id)
         self.attachment: Attachment | None = None
         self._remove: Callable[[], None] | None = None
 
@@ -134,9 +98,14 @@ class TerminalStream:
         if isinstance(item, Exit):
             # Removing a stream while the writer iterates its streams is not safe: defer.
             asyncio.get_running_loop().call_soon(self.stop)
-            return json.dumps(close_frame(self.session_id, item), separators=(",", ":"))
-        tail = ',"truncated":true}' if item.truncated else "}"
-        return f'{self._prefix}{item.offset},"data":{_encode(item.data)}{tail}'
+            return encode(
+                TerminalClose(
+                    session_id=self.session_id, exit_code=item.exit_code, signal=item.signal
+                )
+            )
+        # The hot path: the bytes of encode(TerminalOutput(...)), built without pydantic
+        # (tests/channels/test_terminal_frames.py holds the two equal).
+        return output_json(self._prefix, item.offset, item.data, item.truncated)
 
     def stop(self) -> None:
         """Detach and unregister from the writer. Idempotent."""
@@ -145,27 +114,55 @@ class TerminalStream:
         if self._remove is not None:
             self._remove()
             self._remove = None
-        if self._attachments.get(self.session_id) is self:
-            del self._attachments[self.session_id]
+        self._streams.forget(self)
 
 
-# Per socket: its streams by session id. Keyed by the connection id, which is unique
-# in the process; the entry goes when the socket closes.
-_peers: dict[str, dict[str, TerminalStream]] = {}
+def output_prefix(session_id: str) -> str:
+    """The constant head of a session's `output` frames, up to `"offset":`."""
+    return '{"channel":"terminal","type":"output","sessionId":' + _encode(session_id) + ',"offset":'
 
 
-def _streams_of(peer: Peer) -> dict[str, TerminalStream]:
-    streams = _peers.get(peer.id)
-    if streams is None:
-        streams = _peers[peer.id] = {}
+def output_json(prefix: str, offset: int, data: str, truncated: bool) -> str:
+    """`encode(TerminalOutput(...))`, built by hand: the frame most often sent."""
+    tail = ',"truncated":true}' if truncated else "}"
+    return f'{prefix}{offset},"data":{_encode(data)}{tail}'
 
-        def detach_all() -> None:
-            for stream in list(streams.values()):
-                stream.stop()
-            _peers.pop(peer.id, None)
 
-        peer.add_cleanup(detach_all)
-    return streams
+class TerminalStreams:
+    """One connection's terminal streams, by session id (the connection's `STREAMS` slot).
+
+    Closed with the connection: every stream detaches, the sessions keep running.
+    """
+
+    def __init__(self) -> None:
+        self._by_session: dict[str, TerminalStream] = {}
+
+    def get(self, session_id: str) -> TerminalStream | None:
+        """The stream of `session_id` on this connection, if attached."""
+        return self._by_session.get(session_id)
+
+    def replace(self, stream: TerminalStream) -> None:
+        """Make `stream` this connection's stream of its session, stopping an older one."""
+        old = self._by_session.get(stream.session_id)
+        if old is not None:
+            old.stop()  # a second create on the same socket restarts its replay
+        self._by_session[stream.session_id] = stream
+
+    def forget(self, stream: TerminalStream) -> None:
+        """Drop `stream` (called by `stream.stop`)."""
+        if self._by_session.get(stream.session_id) is stream:
+            del self._by_session[stream.session_id]
+
+    def __len__(self) -> int:
+        return len(self._by_session)
+
+    def close(self) -> None:
+        """Detach every stream of the connection."""
+        for stream in list(self._by_session.values()):
+            stream.stop()
+
+
+STREAMS: Slot[TerminalStreams] = Slot("terminal.streams", TerminalStreams)
 
 
 def _manager(ctx: Context) -> TerminalManager:
@@ -173,17 +170,26 @@ def _manager(ctx: Context) -> TerminalManager:
 
 
 def _attach(ctx: Context, session: TerminalSession, resume_from: int | None) -> None:
-    streams = _streams_of(ctx.peer)
-    old = streams.get(session.id)
-    if old is not None:
-        old.stop()  # a second create on the same socket restarts its replay
+    streams = ctx.peer.slot(STREAMS)
     stream = TerminalStream(ctx.peer, session.id, streams)
-    streams[session.id] = stream
+    streams.replace(stream)
     stream.start(session.attach(ctx.peer.wake, resume_from))
 
 
-@channel.handler("create", TerminalCreate)
-async def create(ctx: Context, msg: TerminalCreate) -> dict[str, Any]:
+@channel.handler(
+    "create",
+    TerminalCreate,
+    reply=TerminalCreateResult,
+    errors=(
+        ErrorCode.INVALID_MESSAGE,
+        ErrorCode.INVALID_PATH,
+        ErrorCode.NOT_FOUND,
+        ErrorCode.NOT_DIRECTORY,
+        ErrorCode.LIMIT_EXCEEDED,
+        ErrorCode.BUSY,
+    ),
+)
+async def create(ctx: Context, msg: TerminalCreate) -> TerminalCreateResult:
     """Start a session, or attach to the live one with this id (replaying its ring)."""
     manager = _manager(ctx)
     session = manager.find(msg.session_id)
@@ -202,46 +208,58 @@ async def create(ctx: Context, msg: TerminalCreate) -> dict[str, Any]:
     elif session.alive and (msg.cols is not None or msg.rows is not None):
         session.resize(msg.cols or session.cols, msg.rows or session.rows)
     _attach(ctx, session, msg.resume_from)
-    return {**session_json(session), "attached": attached}
+    return TerminalCreateResult(**_info_fields(session), attached=attached)
 
 
-@channel.handler("input", TerminalInput)
+@channel.handler(
+    "input",
+    TerminalInput,
+    errors=(ErrorCode.SESSION_NOT_FOUND, ErrorCode.LIMIT_EXCEEDED),
+)
 async def input_(ctx: Context, msg: TerminalInput) -> None:
     """Write to the PTY (never blocks; bounded pending input)."""
     session = _manager(ctx).get(msg.session_id)
     session.write(msg.data.encode("utf-8", "surrogatepass"))
 
 
-@channel.handler("resize", TerminalResize)
+@channel.handler("resize", TerminalResize, errors=(ErrorCode.SESSION_NOT_FOUND,))
 async def resize(ctx: Context, msg: TerminalResize) -> None:
     """Resize the PTY (the program gets SIGWINCH)."""
     _manager(ctx).get(msg.session_id).resize(msg.cols, msg.rows)
 
 
-@channel.handler("close", TerminalSessionRef, concurrent=True)
-async def close(ctx: Context, msg: TerminalSessionRef) -> dict[str, Any]:
+@channel.handler(
+    "close",
+    TerminalSessionRef,
+    reply=TerminalCloseResult,
+    errors=(ErrorCode.SESSION_NOT_FOUND,),
+    concurrent=True,
+)
+async def close(ctx: Context, msg: TerminalSessionRef) -> TerminalCloseResult:
     """End the session: SIGHUP its processes, SIGKILL after the grace period."""
     exit_ = await _manager(ctx).close(msg.session_id)
-    return {"sessionId": msg.session_id, "exitCode": exit_.exit_code, "signal": exit_.signal}
+    return TerminalCloseResult(
+        session_id=msg.session_id, exit_code=exit_.exit_code, signal=exit_.signal
+    )
 
 
-@channel.handler("detach", TerminalSessionRef)
+@channel.handler("detach", TerminalSessionRef, errors=(ErrorCode.SESSION_NOT_FOUND,))
 async def detach(ctx: Context, msg: TerminalSessionRef) -> None:
     """Stop streaming this session to this socket; the session keeps running."""
     _manager(ctx).get(msg.session_id)
-    stream = _streams_of(ctx.peer).get(msg.session_id)
+    stream = ctx.peer.slot(STREAMS).get(msg.session_id)
     if stream is not None:
         stream.stop()
 
 
-@channel.handler("list", Empty)
-async def list_(ctx: Context, msg: Empty) -> dict[str, Any]:
+@channel.handler("list", Empty, reply=TerminalListResult)
+async def list_(ctx: Context, msg: Empty) -> TerminalListResult:
     """Every session, live or exited-retained."""
-    return {"sessions": [session_json(s) for s in _manager(ctx).sessions()]}
+    return TerminalListResult(sessions=[session_info(s) for s in _manager(ctx).sessions()])
 
 
 @channel.on_connect
 async def push_sessions(ctx: Context) -> None:
     """Tell a new socket which sessions it can reattach to."""
-    sessions = [session_json(s) for s in _manager(ctx).sessions()]
-    ctx.peer.send({"channel": "terminal", "type": "sessions", "sessions": sessions})
+    sessions = [session_info(s) for s in _manager(ctx).sessions()]
+    ctx.peer.send(TerminalSessions(sessions=sessions))

@@ -75,6 +75,7 @@ MIGRATIONS: list[str] = [
 ]
 
 MERGED_TYPES = ("text", "thinking")
+MAX_SEQ = (1 << 63) - 1  # SQLite's INTEGER range: a larger bound would not bind
 EVENT_OVERHEAD = 100  # bytes an event adds to a frame beyond its payload (type, seq, ids)
 ACTIVE_STATUSES = ("queued", "running", "awaiting_input")
 
@@ -83,6 +84,30 @@ def _log_failure(future: Any) -> None:
     exc = future.exception()
     if exc is not None:
         log.error("committing transcript events failed: %s", exc)
+
+
+def require_text(name: str, value: str | None) -> None:
+    """INVALID_MESSAGE naming `name` when `value` cannot be stored (a lone surrogate)."""
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise AetherError(
+            ErrorCode.INVALID_MESSAGE,
+            f"invalid field '{name}': text that cannot be encoded as UTF-8",
+            field=name,
+        ) from None
+
+
+def _storable(value: Any) -> Any:
+    """A text column's value with lone surrogates replaced by `?` (as `encode` does on the wire)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "replace").decode("utf-8")
+    return value
 
 
 def utc_now() -> str:
@@ -225,12 +250,23 @@ class TranscriptStore:
 
         Synchronous and cheap: call it on the event loop. The event dict returned is
         `{taskId, seq, createdAt, type, **fields}`.
+
+        A payload holding a lone surrogate (a file name that is not UTF-8, a provider's
+        `\\ud800` escape) is stored with JSON escapes, which SQLite accepts and
+        `json.loads` reads back as the same text; a task id that cannot be encoded is
+        refused (INVALID_MESSAGE) before a seq is handed out.
         """
+        require_text("taskId", task_id)
+        require_text("type", type_)
+        payload = json.dumps(fields, ensure_ascii=False, separators=(",", ":"), default=str)
+        try:
+            payload.encode("utf-8")
+        except UnicodeEncodeError:
+            payload = json.dumps(fields, ensure_ascii=True, separators=(",", ":"), default=str)
         self._seq += 1
         created = utc_now()
         event = {"type": type_, "taskId": task_id, "seq": self._seq, "createdAt": created}
         event.update(fields)
-        payload = json.dumps(fields, ensure_ascii=False, separators=(",", ":"), default=str)
         self._pending.append((self._seq, task_id, type_, created, payload))
         self._schedule_flush()
         return event
@@ -277,7 +313,16 @@ class TranscriptStore:
     async def create_task(
         self, task_id: str, prompt: str, provider: str | None, model: str | None, status: str
     ) -> None:
-        """Insert a task; CONFLICT if its id is taken."""
+        """Insert a task; CONFLICT if its id is taken, INVALID_MESSAGE for text that
+        cannot be encoded (`taskId`, `prompt`, `provider`, `model`)."""
+        for name, value in (
+            ("taskId", task_id),
+            ("prompt", prompt),
+            ("provider", provider),
+            ("model", model),
+            ("status", status),
+        ):
+            require_text(name, value)
 
         def run() -> None:
             assert self._conn is not None
@@ -311,6 +356,9 @@ class TranscriptStore:
         unknown = set(fields) - allowed
         if unknown:
             raise ValueError(f"unknown task columns {sorted(unknown)}")
+        require_text("taskId", task_id)
+        # Text from a model or a tool (final answer, error) is stored, surrogates replaced.
+        fields = {name: _storable(value) for name, value in fields.items()}
 
         def run() -> None:
             assert self._conn is not None
@@ -323,7 +371,8 @@ class TranscriptStore:
         await self._call(run)
 
     async def get_task(self, task_id: str) -> dict[str, Any] | None:
-        """One task's row as a dict, or None."""
+        """One task's row as a dict, or None; INVALID_MESSAGE for an unencodable id."""
+        require_text("taskId", task_id)
 
         def run() -> dict[str, Any] | None:
             assert self._conn is not None
@@ -374,7 +423,7 @@ class TranscriptStore:
         def run() -> tuple[list[dict[str, Any]], int, bool]:
             assert self._conn is not None
             self._drain()
-            bound = before_seq if before_seq is not None else (1 << 62)
+            bound = MAX_SEQ if before_seq is None else max(0, min(before_seq, MAX_SEQ))
             rows = self._conn.execute(
                 "SELECT seq, task_id, type, created_at, payload FROM events "
                 "WHERE seq < ? ORDER BY seq DESC LIMIT ?",
@@ -416,6 +465,9 @@ class TranscriptStore:
 
     async def save_settings(self, values: dict[str, Any]) -> None:
         """Persist agent defaults (a None value deletes the key)."""
+        for key, value in values.items():
+            require_text(key, key)
+            require_text(key, value if isinstance(value, str) else None)
 
         def run() -> None:
             assert self._conn is not None

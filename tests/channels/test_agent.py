@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from aetherd.logs import redactor
-from tests.agent.providers import FakeProvider, HttpError, ToolUse, Turn
 from tests.conftest import TOKEN
+from tests.fake_providers import FakeProvider, HttpError, ToolUse, Turn
 from tests.support import WsClient, connect, wait_for
 from tests.test_cli import _read_port, _wait_ready, aetherd_command, child_env
 

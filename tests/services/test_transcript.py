@@ -118,6 +118,53 @@ async def test_history_pages_and_byte_bound(tmp_path):
     await store.stop()
 
 
+async def test_unencodable_text_is_a_clean_error_and_never_poisons_the_queue(tmp_path):
+    store = await open_store(tmp_path / "a.sqlite3")
+    try:
+        for task_id, prompt, field in (("t\ud800", "p", "taskId"), ("t1", "p\udfff", "prompt")):
+            with pytest.raises(AetherError) as info:
+                await store.create_task(task_id, prompt, "openai", "m", "queued")
+            assert info.value.code.value == "INVALID_MESSAGE"
+            assert info.value.extra["field"] == field
+        with pytest.raises(AetherError) as info:
+            await store.get_task("t\ud800")
+        assert info.value.code.value == "INVALID_MESSAGE"
+        with pytest.raises(AetherError):
+            store.append("t\ud800", "status", {"status": "queued"})
+        assert store.latest_seq == 0  # a refused event takes no seq
+        # Event text from a tool or a model (an undecodable file name) is stored escaped
+        # and read back as the same text; the rows around it are committed too.
+        store.append("t1", "text", {"messageId": "m", "content": "a"})
+        store.append("t1", "tool_result", {"toolCallId": "c", "result": "name-\udcff"})
+        store.append("t1", "text", {"messageId": "n", "content": "b"})
+        await store.flush()
+        events, latest, _ = await store.history(limit=10, max_bytes=1 << 20)
+        assert latest == 3 and [e["seq"] for e in events] == [1, 2, 3]
+        assert events[1]["result"] == "name-\udcff"
+        # A final answer with a surrogate is stored, replaced, rather than failing the task.
+        await store.create_task("t1", "p", "openai", "m", "queued")
+        await store.update_task("t1", final_text="x\ud800y", status="completed")
+        assert (await store.get_task("t1"))["final_text"] == "x?y"
+    finally:
+        await store.stop()
+
+
+async def test_before_seq_beyond_64_bits_is_bounded(tmp_path):
+    store = await open_store(tmp_path / "a.sqlite3")
+    try:
+        for i in range(3):
+            store.append("t", "status", {"status": str(i)})
+        for bound in (2**63, 2**63 - 1, 10**30):
+            events, latest, more = await store.history(
+                before_seq=bound, limit=10, max_bytes=1 << 20
+            )
+            assert [e["seq"] for e in events] == [1, 2, 3] and latest == 3 and not more
+        events, latest, _ = await store.history(before_seq=-(2**70), limit=10, max_bytes=1 << 20)
+        assert events == [] and latest == 0
+    finally:
+        await store.stop()
+
+
 def test_merge_keeps_messages_apart_and_takes_the_last_seq():
     events = [
         {"type": "text", "messageId": "a", "content": "he", "seq": 1},

@@ -1,0 +1,138 @@
+"""Terminal frames: the hand-built `output` encoder equals the model, and the bytes stay.
+
+The channel keeps one hand-built encoder on its hot path (`output`); these tests hold
+it to `encode(TerminalOutput(...))` byte for byte, and pin the exact bytes of the other
+frames so that moving them to models changed nothing on the wire.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from aetherd.channels.terminal import STREAMS, output_json, output_prefix, session_info
+from aetherd.protocol import encode
+from aetherd.protocol.terminal import (
+    TerminalClose,
+    TerminalCloseResult,
+    TerminalCreateResult,
+    TerminalListResult,
+    TerminalOutput,
+    TerminalSessionInfo,
+    TerminalSessions,
+)
+from tests.support import wait_for
+
+OUTPUT_CASES = [
+    ("s1", 0, "", False),
+    ("s1", 0, "hello\r\n$ ", True),
+    ("a.b:c-D_9", 7, "héllo wörld ✓ 😀 日本語", False),
+    ("s", 3, "\x1b[1;31mred\x1b[0m\x07\x00\x08\x0b\x0c\x7f\x1f", True),
+    ("s", 1, '"quoted" \\back\\slash\\ /slash/ \t\n\r', False),
+    ("s", 2**53 + 1, "\u2028\u2029\ufffd\u0085", True),
+    ("s", 2**63 - 1, "big offset", False),
+    ("x" * 128, 123_456_789_012, "x" * 70_000, True),
+]
+
+
+@pytest.mark.parametrize(("sid", "offset", "data", "truncated"), OUTPUT_CASES)
+def test_hand_built_output_equals_the_model(sid: str, offset: int, data: str, truncated: bool):
+    fast = output_json(output_prefix(sid), offset, data, truncated)
+    model = encode(
+        TerminalOutput(
+            session_id=sid, offset=offset, data=data, truncated=True if truncated else None
+        )
+    )
+    assert fast == model
+    frame = json.loads(fast)
+    assert frame["data"] == data and frame["offset"] == offset
+    assert ("truncated" in frame) is truncated
+
+
+def test_output_never_says_truncated_false():
+    with pytest.raises(ValueError):
+        TerminalOutput(session_id="s", offset=0, data="", truncated=False)
+
+
+def test_close_frame_bytes():
+    assert (
+        encode(TerminalClose(session_id="s1", exit_code=None, signal=9))
+        == '{"channel":"terminal","type":"close","sessionId":"s1","exitCode":null,"signal":9}'
+    )
+    assert (
+        encode(TerminalClose(session_id="é", exit_code=3, signal=None))
+        == '{"channel":"terminal","type":"close","sessionId":"é","exitCode":3,"signal":null}'
+    )
+
+
+INFO = {
+    "session_id": "s1",
+    "pid": 42,
+    "command": "bash",
+    "cwd": "/",
+    "cols": 80,
+    "rows": 24,
+    "created_at": "2026-12-02T21:00:00.123Z",
+    "clients": 1,
+    "exited": False,
+    "exit_code": None,
+    "signal": None,
+    "offset": 10,
+}
+INFO_JSON = (
+    '{"sessionId":"s1","pid":42,"command":"bash","cwd":"/","cols":80,"rows":24,'
+    '"createdAt":"2026-12-02T21:00:00.123Z","clients":1,"exited":false,'
+    '"exitCode":null,"signal":null,"offset":10}'
+)
+
+
+def test_session_frames_and_replies_bytes():
+    info = TerminalSessionInfo(**INFO)
+    assert encode(info) == INFO_JSON
+    assert (
+        encode(TerminalSessions(sessions=[info]))
+        == '{"channel":"terminal","type":"sessions","sessions":[' + INFO_JSON + "]}"
+    )
+    assert encode(TerminalListResult(sessions=[])) == '{"sessions":[]}'
+    assert encode(TerminalCreateResult(**INFO, attached=True)) == (
+        INFO_JSON[:-1] + ',"attached":true}'
+    )
+    assert (
+        encode(TerminalCloseResult(session_id="s1", exit_code=0, signal=None))
+        == '{"sessionId":"s1","exitCode":0,"signal":null}'
+    )
+
+
+async def test_live_session_maps_to_the_listed_shape(daemon):
+    client = await daemon.connect()
+    await client.expect_type("terminal", "sessions")
+    reply = await client.request("terminal", "create", sessionId="m1", command="sleep 60")
+    assert reply["success"] is True
+    data = reply["data"]
+    assert list(data) == [*(TerminalSessionInfo.model_fields[k].alias for k in INFO), "attached"]
+    session = daemon.daemon.services.terminals.get("m1")
+    listed = json.loads(encode(session_info(session)))
+    assert listed["sessionId"] == "m1" and listed["clients"] == 1
+    assert listed["createdAt"].endswith("Z") and listed["pid"] == data["pid"]
+
+
+async def test_streams_live_on_the_connection_and_close_with_it(daemon):
+    terminals = daemon.daemon.services.terminals
+    client = await daemon.connect()
+    await client.expect_type("terminal", "sessions")
+    for sid in ("p1", "p2"):
+        reply = await client.request("terminal", "create", sessionId=sid, command="sleep 60")
+        assert reply["success"] is True
+    peers = list(daemon.daemon.hub)
+    assert len(peers) == 1
+    streams = peers[0].slot(STREAMS)
+    assert len(streams) == 2
+    assert [len(terminals.get(sid).attachments) for sid in ("p1", "p2")] == [1, 1]
+    await client.close()
+    await wait_for(
+        lambda: all(not terminals.get(sid).attachments for sid in ("p1", "p2")),
+        timeout=5,
+    )
+    assert len(streams) == 0  # the sessions themselves keep running
+    assert all(terminals.get(sid).alive for sid in ("p1", "p2"))
