@@ -19,7 +19,7 @@ from aetherd import __version__, systemd
 from aetherd.channels import CHANNELS
 from aetherd.daemon import Daemon, build_services
 from aetherd.errors import SettingsError
-from aetherd.logs import AccessLogger, quiet_bad_requests
+from aetherd.logs import AccessLogger, install_log_filters
 from aetherd.protocol import Hub, Registry
 from aetherd.settings import Settings
 from aetherd.transport.access import AUTH, DAEMON, TRANSPORT, TransportState
@@ -46,7 +46,7 @@ def create_app(settings: Settings, tokens: TokenSetup | None = None) -> web.Appl
         guard=ConnectionGuard(settings.max_pending_connections, settings.accept_error_log_interval),
         prefix=f"{os.getpid():x}",
     )
-    quiet_bad_requests()
+    install_log_filters()
     add_routes(app)
     app.cleanup_ctx.append(_services_ctx)
     app.on_shutdown.append(close_sockets)

@@ -100,11 +100,28 @@ class BadRequestFilter(logging.Filter):
         return True
 
 
-def quiet_bad_requests() -> None:
-    """Install `BadRequestFilter` on aiohttp's server logger (once)."""
-    logger = logging.getLogger("aiohttp.server")
-    if not any(isinstance(f, BadRequestFilter) for f in logger.filters):
-        logger.addFilter(BadRequestFilter())
+class BenignWatchdogFilter(logging.Filter):
+    """watchdog 7.1 logs at ERROR when an inotify event arrives while its emitter is
+    stopping ("queue_events() called when the thread is inactive"): a race in its own
+    shutdown that loses nothing. It becomes a DEBUG record."""
+
+    MESSAGE = "called when the thread is inactive"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and self.MESSAGE in str(record.msg):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+def install_log_filters() -> None:
+    """Install the filters that reword third-party records (once per logger)."""
+    for name, kind in (
+        ("aiohttp.server", BadRequestFilter),
+        ("watchdog.observers.inotify", BenignWatchdogFilter),
+    ):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
 
 
 class JsonFormatter(logging.Formatter):
@@ -166,7 +183,7 @@ def setup_logging(log_format: str = "auto", level: str = "info", stream: Any = N
     root.setLevel(level.upper())
     # aiohttp's own access log is replaced by AccessLogger below.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    quiet_bad_requests()
+    install_log_filters()
 
 
 class AccessLogger(AbstractAccessLogger):
