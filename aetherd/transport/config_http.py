@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from aetherd.services.config import config_schema
+from aetherd.config_model import config_schema
 from aetherd.transport.access import check_access
 
 
