@@ -24,7 +24,9 @@ from aetherd.protocol import Hub, Registry
 from aetherd.settings import Settings
 from aetherd.transport.access import AUTH, DAEMON, TRANSPORT, TransportState
 from aetherd.transport.auth import Authenticator, TokenSetup, connect_url, setup_tokens
+from aetherd.transport.browser import add_browser_http
 from aetherd.transport.guard import ConnectionGuard, GuardedSite
+from aetherd.transport.proxy import add_preview_proxy
 from aetherd.transport.routes import add_routes
 
 log = logging.getLogger("aetherd")
@@ -49,6 +51,8 @@ def create_app(settings: Settings, tokens: TokenSetup | None = None) -> web.Appl
     install_log_filters()
     add_routes(app)
     app.cleanup_ctx.append(_services_ctx)
+    add_preview_proxy(app)  # section 13
+    add_browser_http(app, settings)  # section 16
     app.on_shutdown.append(close_sockets)
     return app
 

@@ -53,5 +53,12 @@ def check_access(request: web.Request) -> web.Response | None:
         return json_error(404, "Workspace not found")
     if not request.app[AUTH].verify(extract_token(request)):
         return json_error(401, "Unauthorized")
-    request.app[TRANSPORT].guard.trust(request.protocol)
+    trust_connection(request)
     return None
+
+
+def trust_connection(request: web.Request) -> None:
+    """This request authenticated: its connection no longer counts as pending."""
+    state = request.app.get(TRANSPORT)
+    if state is not None:
+        state.guard.trust(request.protocol)

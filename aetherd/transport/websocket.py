@@ -16,7 +16,7 @@ import time
 from aiohttp import WSMsgType, web
 
 from aetherd.errors import AetherError, ErrorCode
-from aetherd.logs import connection_id
+from aetherd.logs import CLIENT_ADDRESS, connection_id
 from aetherd.protocol.context import Context
 from aetherd.protocol.dispatch import Dispatcher
 from aetherd.transport.access import DAEMON, TRANSPORT, check_access, json_error
@@ -90,7 +90,8 @@ class WebSocketHandler:
         services.metrics.connections_opened.inc()
         services.activity.connection_opened()
         self.daemon.hub.add(conn)
-        log.info("connected", extra={"remote": self.request.remote})
+        remote = self.request.get(CLIENT_ADDRESS) or self.request.remote
+        log.info("connected", extra={"remote": remote})
         return (
             asyncio.create_task(conn.run_writer(), name=f"{conn.id}-writer"),
             asyncio.create_task(conn.supervise(), name=f"{conn.id}-supervisor"),
