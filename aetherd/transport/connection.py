@@ -28,7 +28,6 @@ from aiohttp import WSCloseCode, web
 
 from aetherd.metrics import Metrics
 from aetherd.protocol.context import OutboundStream, Slot, T
-from aetherd.protocol.frames import dumps
 from aetherd.protocol.models import Frame, encode
 from aetherd.settings import Settings
 
@@ -82,16 +81,16 @@ class Connection:
         """Bytes waiting in the send queue."""
         return self._queued_bytes
 
-    def send(self, frame: Frame | str | dict[str, Any]) -> None:
-        """Queue a frame. A peer whose queue overflows is dropped, never allowed to grow."""
+    def send(self, frame: Frame | str) -> None:
+        """Queue a frame (a model, or text already encoded); never blocks.
+
+        A peer whose queue overflows is dropped, never allowed to grow.
+        """
+        if not isinstance(frame, (str, Frame)):
+            raise TypeError(f"send takes a Frame model, not {type(frame).__name__}")
         if self._closed or self._drop_reason:
             return
-        if isinstance(frame, str):
-            text = frame
-        elif isinstance(frame, Frame):
-            text = encode(frame)
-        else:  # transitional: a hand-built dict from a channel not yet converted
-            text = dumps(frame)
+        text = frame if isinstance(frame, str) else encode(frame)
         if (
             len(self._queue) >= self._settings.send_queue_frames
             or self._queued_bytes + len(text) > self._settings.send_queue_bytes
