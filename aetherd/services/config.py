@@ -112,6 +112,20 @@ _EVENT_FILTER = [
 ]
 # A burst of events longer than this many debounce periods is read anyway.
 _MAX_DEBOUNCE_EXTENSIONS = 20
+
+
+def _demote_stopped_emitter(record: logging.LogRecord) -> bool:
+    """watchdog's inotify emitter logs an ERROR when its thread is stopped while a read
+    is returning (we unschedule a watch when the config's directory goes or changes):
+    that emitter is being retired, so its last event is not wanted. Keep the line, at
+    DEBUG, so the daemon's log holds no false alarm."""
+    if record.levelno >= logging.ERROR and "called when the thread is inactive" in str(record.msg):
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    return True
+
+
+logging.getLogger("watchdog.observers.inotify").addFilter(_demote_stopped_emitter)
+
 # Bound on one watchdog control call (schedule, unschedule, stop): they join threads
 # without a timeout, so they run in a daemon thread the loop waits on this long at most.
 _WATCH_CONTROL_TIMEOUT = 5.0
@@ -501,12 +515,14 @@ class ConfigStore:
             result = callback(value)
             if inspect.isawaitable(result):  # tolerate async callbacks: run them as tasks
                 task = asyncio.ensure_future(result)
-                self._tasks.append(task)  # type: ignore[arg-type]
-                task.add_done_callback(
-                    lambda t: self._tasks.remove(t) if t in self._tasks else None
-                )  # type: ignore[arg-type]
+                self._tasks.append(task)
+                task.add_done_callback(self._forget)
         except Exception:
             log.exception("config subscriber %r failed", callback)
+
+    def _forget(self, task: asyncio.Future[Any]) -> None:
+        if task in self._tasks:
+            self._tasks.remove(task)
 
     def _emit(self, source: Literal["client", "disk"]) -> None:
         state = self._state
@@ -571,7 +587,7 @@ class ConfigStore:
         return ("yaml", st.st_ino, st.st_size, st.st_mtime_ns)
 
     # -- watching --------------------------------------------------------------------
-    def _desired_watch_dirs(self) -> set[str]:
+    def _desired_watch_dirs(self) -> frozenset[str]:
         root = str(self.jail.root)
         dirs: set[str] = set()
         for lexical in (self._yaml_lexical, self._legacy_lexical):
@@ -583,7 +599,7 @@ class ConfigStore:
                     break
                 directory = parent
             dirs.add(directory)
-        return dirs
+        return frozenset(dirs)
 
     async def _update_watches(self) -> None:
         """Move the watches where they belong, off the event loop and bounded in time."""
@@ -609,7 +625,7 @@ class ConfigStore:
                 # A directory that was deleted (and maybe recreated) has a dead watch.
                 with contextlib.suppress(Exception):
                     observer.unschedule(watch)
-                del self._watches[directory]
+                self._watches.pop(directory, None)  # a timed-out placement may race
         for directory in desired - set(self._watches):
             try:
                 st = os.stat(directory)
