@@ -379,7 +379,9 @@ class PreviewProxy:
         self.relayed += 1
         self._note_address(port, upstream)
         try:
-            out = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            sized = upstream.content_length is not None and upstream.content_length > 0
+            response_class = _HeadersWithBody if sized else web.StreamResponse
+            out = response_class(status=upstream.status, reason=upstream.reason)
             out.headers.extend(
                 rules.downstream_headers(upstream.headers.items(), port=port, prefix=prefix)
             )
@@ -497,28 +499,46 @@ async def _body(request: web.Request, progress: list[float]) -> AsyncIterator[by
 
 
 async def _with_progress(awaitable: Awaitable[T], timeout: float, progress: list[float]) -> T:
-    """Await `awaitable`, failing with UpstreamTimeout after `timeout` s without progress
-    (a request body still flowing counts as progress)."""
+    """Await `awaitable` in this task, failing with UpstreamTimeout after `timeout` s
+    without progress (a request body still flowing counts as progress).
+
+    A timer cancels the current task when the deadline passes with no progress; no extra
+    task is created (this is on every proxied request's path)."""
     loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(awaitable)
-    try:
-        for _ in range(1_000_000):
-            remaining = progress[0] + timeout - loop.time()
-            if remaining <= 0:
-                break
-            done, _ = await asyncio.wait({task}, timeout=remaining)
-            if done:
-                return task.result()
+    task = asyncio.current_task()
+    assert task is not None
+    fired = False
+    handle: asyncio.TimerHandle | None = None
+
+    def check() -> None:
+        nonlocal fired, handle
+        due = progress[0] + timeout
+        if loop.time() < due:
+            handle = loop.call_at(due, check)
+            return
+        fired = True
         task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        raise UpstreamTimeout
-    except BaseException:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-        raise
+
+    handle = loop.call_at(progress[0] + timeout, check)
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        if not fired:
+            raise
+        uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+        if uncancel is not None:
+            uncancel()
+        raise UpstreamTimeout from None
+    finally:
+        if handle is not None:
+            handle.cancel()
+
+
+class _HeadersWithBody(web.StreamResponse):
+    """A response whose headers go out with the first body chunk (one send for a small
+    body, not two). Used when the upstream announced a Content-Length."""
+
+    _send_headers_immediately = False
 
 
 async def _pump(
