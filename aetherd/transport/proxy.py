@@ -22,7 +22,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +33,7 @@ from yarl import URL
 
 from aetherd.daemon import Daemon
 from aetherd.logs import CLIENT_ADDRESS, request_key
+from aetherd.metrics import Sample
 from aetherd.services.ports import NEVER_REPORTED, is_loopback
 from aetherd.transport import proxy_rules as rules
 from aetherd.transport.auth import SUBPROTOCOL_SCHEMES, Authenticator, Presented
@@ -139,8 +140,9 @@ class PreviewProxy:
         self.preferred: dict[int, str] = {}
         self.active: dict[int, int] = {}
         self.session: aiohttp.ClientSession | None = None
-        self.relayed = 0
+        self.relayed = {"http": 0, "websocket": 0}
         self.upstream_errors = 0
+        self.rejected = {"not_found": 0, "unauthorized": 0, "limit": 0}
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -166,6 +168,36 @@ class PreviewProxy:
         if self.session is not None:
             await self.session.close()
             self.session = None
+
+    def metrics(self) -> Iterator[Sample]:
+        """Counters for /metrics (registered with the daemon's metrics at start)."""
+        for kind, count in self.relayed.items():
+            yield Sample(
+                "aetherd_proxy_requests",
+                "Requests and WebSocket upgrades relayed to workspace ports",
+                count,
+                {"kind": kind},
+                kind="counter",
+            )
+        for reason, count in self.rejected.items():
+            yield Sample(
+                "aetherd_proxy_rejected",
+                "Proxied requests refused before the upstream",
+                count,
+                {"reason": reason},
+                kind="counter",
+            )
+        yield Sample(
+            "aetherd_proxy_upstream_errors",
+            "Upstream refusals, timeouts and broken bodies",
+            self.upstream_errors,
+            kind="counter",
+        )
+        yield Sample(
+            "aetherd_proxy_active",
+            "Proxied requests and sockets in flight",
+            sum(self.active.values()),
+        )
 
     # -- the daemon's view of ports -----------------------------------------------------
     def bind_address(self, port: int) -> str | None:
@@ -258,9 +290,13 @@ class PreviewProxy:
             port, refused_ports=refused, public=public, authenticated=authenticated
         )
         if decision is rules.Access.NOT_FOUND:
+            self.rejected["not_found"] += 1
             return web.json_response({"error": "Port not found"}, status=404)
         if decision is rules.Access.UNAUTHORIZED:
+            self.rejected["unauthorized"] += 1
             return web.json_response({"error": "Unauthorized"}, status=401)
+        # Using the preview is using the workspace (idle detection, section 7).
+        self.daemon.services.activity.touch()
         assert port is not None
         query = rules.strip_query_param(
             request.rel_url.raw_query_string, "token", lambda value: not self._verifies(value)
@@ -270,6 +306,7 @@ class PreviewProxy:
             return self._exchange(request, scope, prefix, path, query)
         count = self.active.get(port, 0)
         if count >= self.settings.proxy_max_connections_per_port:
+            self.rejected["limit"] += 1
             return web.json_response(
                 {"error": f"Too many connections to port {port}"},
                 status=503,
@@ -376,7 +413,7 @@ class PreviewProxy:
             self.upstream_errors += 1
             log.info("port %d: upstream error: %s", port, exc)
             return _html(502, rules.unavailable_page(port), **{"Retry-After": "2"})
-        self.relayed += 1
+        self.relayed["http"] += 1
         self._note_address(port, upstream)
         try:
             sized = upstream.content_length is not None and upstream.content_length > 0
@@ -458,7 +495,7 @@ class PreviewProxy:
             self.upstream_errors += 1
             log.info("port %d: WebSocket upstream error: %s", port, exc)
             return _html(502, rules.unavailable_page(port), **{"Retry-After": "2"})
-        self.relayed += 1
+        self.relayed["websocket"] += 1
         chosen = upstream.protocol or scheme_word
         downstream = web.WebSocketResponse(
             protocols=(chosen,) if chosen else (),
@@ -598,6 +635,7 @@ def add_preview_proxy(app: web.Application) -> None:
         mixed = key + b"".join(getattr(app[AUTH], "_tokens", []))
         proxy = PreviewProxy(daemon, app[AUTH], hashlib.sha256(mixed).digest())
         app[PROXY] = proxy
+        daemon.services.metrics.add_source(proxy)
         await proxy.start()
         try:
             yield
