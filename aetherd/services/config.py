@@ -609,7 +609,7 @@ class ConfigStore:
                 # A directory that was deleted (and maybe recreated) has a dead watch.
                 with contextlib.suppress(Exception):
                     observer.unschedule(watch)
-                del self._watches[directory]
+                self._watches.pop(directory, None)  # a timed-out placement may race
         for directory in desired - set(self._watches):
             try:
                 st = os.stat(directory)
