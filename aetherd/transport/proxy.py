@@ -297,8 +297,10 @@ class PreviewProxy:
         if decision is rules.Access.UNAUTHORIZED:
             self.rejected["unauthorized"] += 1
             return web.json_response({"error": "Unauthorized"}, status=401)
-        # Using the preview is using the workspace (idle detection, section 7).
+        # Using the preview is using the workspace (idle detection, section 7), and this
+        # connection is no longer an unauthenticated one for the connection guard.
         self.daemon.services.activity.touch()
+        trust_connection(request)
         assert port is not None
         query = rules.strip_query_param(
             request.rel_url.raw_query_string, "token", lambda value: not self._verifies(value)
