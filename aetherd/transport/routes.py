@@ -19,7 +19,7 @@ from aetherd.logs import connection_id
 from aetherd.metrics import CONTENT_TYPE
 from aetherd.protocol.context import Context
 from aetherd.protocol.dispatch import Dispatcher
-from aetherd.transport import config_http
+from aetherd.transport import config_http, protocol_http
 from aetherd.transport.auth import Authenticator, extract_token
 from aetherd.transport.connection import Connection
 from aetherd.transport.files_http import add_file_routes
@@ -195,4 +195,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/workspaces/{workspace_id}/ws", websocket)
     app.router.add_get("/workspaces/{workspace_id}/info", info)
     config_http.add_routes(app)
+    protocol_http.add_routes(app)
     add_file_routes(app)  # files: bulk transfer
