@@ -20,6 +20,7 @@ from aetherd.metrics import Metrics
 from aetherd.services.activity import ActivityTracker
 from aetherd.services.boot import BootRunner, SessionLauncher
 from aetherd.services.config import ConfigStore
+from aetherd.services.executors import Executors
 from aetherd.services.fs import FileLimits, FileSystem
 from aetherd.services.idle import IdleAction
 from aetherd.services.jail import Jail
@@ -57,7 +58,13 @@ class Services:
         self._started: list[Any] = []
         self.metrics = Metrics()
         self.activity = ActivityTracker()
-        self.jail = Jail(settings.root)
+        # First in, so stopped last: every service's file work is done before the pools go.
+        self.executors = Executors(
+            file_threads=settings.file_io_threads,
+            shutdown_timeout=min(5.0, settings.shutdown_timeout / 2),
+        )
+        self._lifecycle.append(self.executors)
+        self.jail = Jail(settings.root, self.executors.file)
         self.metrics.add_source(self.activity)
 
     def add(self, service: S) -> S:

@@ -141,6 +141,12 @@ class Settings(BaseModel):
     files_http_sendfile: bool = Field(
         True, description="Send HTTP downloads with sendfile(2) (else chunked reads in a thread)"
     )
+    file_io_threads: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Threads of the file I/O executor (files, HTTP transfers, agent tools, config)",
+    )
     watcher_enabled: bool = Field(True, description="Watch the workspace and push files/change")
     watcher_debounce: float = Field(
         0.1, ge=0, description="Seconds events on one path are coalesced before they are sent"
@@ -284,6 +290,9 @@ class Settings(BaseModel):
     )
     config_max_bytes: int = Field(MiB, ge=1024, description="Largest config file accepted")
     config_max_terminals: int = Field(64, ge=1, description="Most terminals a config may declare")
+    config_max_depth: int = Field(
+        64, ge=4, le=1000, description="Deepest nesting a config document may have (INVALID_CONFIG)"
+    )
     boot_restart_delay: float = Field(
         1.0, gt=0, description="First delay before restarting a boot terminal (doubles each time)"
     )

@@ -1,6 +1,8 @@
 """The agent's tools, jailed to the workspace with the daemon's one `Jail`.
 
-File tools do blocking I/O, so they run in a thread. `bash` runs a real subprocess
+File tools do blocking I/O, so they run in the jail's file executor, and they read and
+write only through `aetherd.services.fileio` (no symlink followed, no FIFO opened for a
+blocking read, writes through the one atomic writer). `bash` runs a real subprocess
 in the workspace root, in its own process group (so abort and timeout kill the whole
 group), with capped output. Every failure a tool can have becomes `ToolError`, which
 the loop returns to the model as an error result; the task goes on.
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from aetherd.errors import AetherError
+from aetherd.services.fileio import AtomicWriter, os_error, read_regular
 from aetherd.services.jail import Jail
 
 DEFAULT_IGNORE = ("node_modules", ".git", ".next", "dist", "build", "__pycache__")
@@ -208,21 +211,18 @@ class Tools:
         if name not in FILE_TOOLS:
             raise ToolError(f"unknown tool {name!r}")
         func = getattr(self, f"_{name}")
-        return await asyncio.to_thread(func, args)
+        return await self.jail.executor.run(func, args)
 
     # -- file tools (run in a thread) ---------------------------------------------------
     def _read_text(self, real: Path, wire: str) -> str:
         try:
-            if real.is_dir():
-                raise ToolError(f"{wire} is a directory")
-            size = real.stat().st_size
-            if size > MAX_FILE_BYTES:
-                raise ToolError(f"{wire} is {size} bytes; larger than {MAX_FILE_BYTES}")
-            data = real.read_bytes()
-        except FileNotFoundError:
-            raise ToolError(f"{wire} does not exist") from None
-        except OSError as exc:
-            raise ToolError(f"cannot read {wire}: {exc.strerror}") from None
+            data, st = read_regular(self.jail, real, wire, MAX_FILE_BYTES)
+        except AetherError as err:
+            if err.code.value == "NOT_FOUND":
+                raise ToolError(f"{wire} does not exist") from None
+            raise ToolError(err.message) from None
+        if len(data) > MAX_FILE_BYTES:
+            raise ToolError(f"{wire} is {st.st_size} bytes; larger than {MAX_FILE_BYTES}")
         if b"\x00" in data[:8192]:
             raise ToolError(f"{wire} is a binary file")
         return data.decode("utf-8", "replace")
@@ -239,23 +239,22 @@ class Tools:
             text = "".join(lines[start:end])
         return cap(text, self.limits.output_max)
 
-    def _write_atomic(self, real: Path, content: str) -> None:
-        real.parent.mkdir(parents=True, exist_ok=True)
-        tmp = real.parent / f".{real.name}.aetherd-agent-{os.getpid()}.tmp"
-        mode = None
-        with contextlib.suppress(FileNotFoundError):
-            mode = real.stat().st_mode & 0o7777
+    def _write_atomic(self, real: Path, content: str, wire: str) -> None:
+        """The daemon's one atomic writer (fileio.AtomicWriter): random temp name, mode kept."""
         try:
-            with open(tmp, "w", encoding="utf-8", newline="") as handle:
-                handle.write(content)
-                handle.flush()
-                os.fsync(handle.fileno())
-            if mode is not None:
-                os.chmod(tmp, mode)
-            os.replace(tmp, real)
+            data = content.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ToolError("the content is not valid Unicode text (a lone surrogate)") from None
+        writer = AtomicWriter(self.jail, real)
+        try:
+            writer.open()
+            writer.write(data)
+            writer.commit()
+        except OSError as exc:
+            writer.abort()
+            raise ToolError(f"cannot write {os_error(exc, wire).message}") from None
         except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            writer.abort()
             raise
 
     def _write_file(self, args: dict[str, Any]) -> str:
@@ -266,10 +265,7 @@ class Tools:
         wire = self.jail.to_wire(real)
         if self.jail.is_root(real) or real.is_dir():
             raise ToolError(f"{wire} is a directory")
-        try:
-            self._write_atomic(real, content)
-        except OSError as exc:
-            raise ToolError(f"cannot write {wire}: {exc.strerror}") from None
+        self._write_atomic(real, content, wire)
         return f"wrote {len(content.encode('utf-8'))} bytes to {wire}"
 
     def _edit_file(self, args: dict[str, Any]) -> str:
@@ -288,10 +284,7 @@ class Tools:
             raise ToolError(
                 f"old_string occurs {count} times in {wire}; include more context to make it unique"
             )
-        try:
-            self._write_atomic(real, text.replace(old, new, 1))
-        except OSError as exc:
-            raise ToolError(f"cannot write {wire}: {exc.strerror}") from None
+        self._write_atomic(real, text.replace(old, new, 1), wire)
         return f"edited {wire}"
 
     def _list_files(self, args: dict[str, Any]) -> str:
@@ -372,12 +365,14 @@ class Tools:
                 rel = os.path.relpath(path, base) if base.is_dir() else os.path.basename(path)
                 if not (name_regex.match(rel) or name_regex.match(os.path.basename(path))):
                     continue
+            real = os.path.realpath(path)
+            if not self.jail.is_inside(real):
+                continue
             try:
-                if os.path.getsize(path) > MAX_FILE_BYTES:
-                    continue
-                with open(path, "rb") as handle:
-                    data = handle.read()
-            except OSError:
+                data, _ = read_regular(self.jail, real, path, MAX_FILE_BYTES)
+            except AetherError:
+                continue  # gone, unreadable, or not a regular file (a FIFO, a device)
+            if len(data) > MAX_FILE_BYTES:
                 continue
             if b"\x00" in data[:8192]:
                 continue

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from aetherd.services.config import ConfigStore, TerminalSpec, WorkspaceConfig
+from aetherd.config_model import TerminalSpec, WorkspaceConfig
+from aetherd.services.config import ConfigStore
 from aetherd.services.jail import Jail
 from aetherd.services.terminal import TerminalManager
 from aetherd.settings import Settings

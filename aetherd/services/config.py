@@ -1,4 +1,7 @@
-"""The workspace config: model, load, validate, atomic write, disk watching, subscribers.
+"""The live workspace config store: load, validate, atomic write, disk watching, subscribers.
+
+The model and its (pure) parser are in `aetherd.config_model`; their names are
+re-exported here for existing callers.
 
 `ConfigStore` owns `.aether/config.yaml` (a setting). It keeps `current`, the last
 good validated `WorkspaceConfig`, and tells two kinds of listeners about changes:
@@ -20,47 +23,70 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import hashlib
 import inspect
-import json
 import logging
 import os
 import stat as stat_mod
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-import yaml
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    WithJsonSchema,
-)
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from aetherd.config_model import (
+    LEGACY_KEYS,
+    MAX_EXPANDED_NODES,
+    AgentSpec,
+    FilesSpec,
+    Parsed,
+    PortSpec,
+    TerminalSpec,
+    WorkspaceConfig,
+    config_schema,
+    decode_config,
+    dump_yaml,
+    parse_legacy,
+    parse_yaml,
+    schema_text,
+    summary,
+    validate_data,
+    version_of,
+)
 from aetherd.errors import AetherError, ErrorCode
+from aetherd.services.fileio import UNLIMITED, os_error, read_regular, write_atomic
 from aetherd.services.jail import Jail
 from aetherd.settings import Settings
 
+__all__ = [
+    "LEGACY_KEYS",
+    "MAX_EXPANDED_NODES",
+    "AgentSpec",
+    "ConfigEvent",
+    "ConfigStore",
+    "FilesSpec",
+    "Parsed",
+    "PortSpec",
+    "TerminalSpec",
+    "WorkspaceConfig",
+    "config_schema",
+    "dump_yaml",
+    "parse_legacy",
+    "parse_yaml",
+    "schema_text",
+    "validate_data",
+    "version_of",
+]
+
 log = logging.getLogger("aetherd.config")
 
-LEGACY_KEYS = ("setup", "setup_on_boot", "terminals")
 # Events that say the file (or a directory on its way) changed; opened/closed-no-write
 # are our own reads and would otherwise make the watcher re-read forever.
 _RELEVANT_EVENTS = frozenset({"created", "deleted", "modified", "moved", "closed"})
 # A burst of events longer than this many debounce periods is read anyway.
 _MAX_DEBOUNCE_EXTENSIONS = 20
-# A document of more nodes than this, once aliases are expanded, is refused before
-# validation ("billion laughs": a 1 KiB file can name a billion nodes).
-MAX_EXPANDED_NODES = 1_000_000
 # Bound on one watchdog control call (schedule, unschedule, stop): they join threads
 # without a timeout, so they run in a daemon thread the loop waits on this long at most.
 _WATCH_CONTROL_TIMEOUT = 5.0
@@ -112,349 +138,6 @@ async def _wait_event(event: asyncio.Event, timeout: float) -> bool:
     return bool(done)
 
 
-# -- The model --------------------------------------------------------------------------
-
-
-def _scalar_to_str(value: Any) -> Any:
-    """Env values may be written as YAML numbers or booleans; they become strings."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    return value
-
-
-EnvValue = Annotated[
-    str,
-    BeforeValidator(_scalar_to_str),
-    WithJsonSchema({"type": ["string", "number", "boolean"]}),
-]
-EnvMap = dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], EnvValue]
-PortNumber = Annotated[int, Field(ge=1, le=65535)]
-
-
-class _Strict(BaseModel):
-    """Unknown keys are errors, so that typos do not pass silently."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class TerminalSpec(_Strict):
-    """A terminal the workspace declares; autostarted ones run as session `boot:<name>`."""
-
-    name: str = Field(
-        min_length=1,
-        max_length=64,
-        pattern=r"^[A-Za-z0-9._-]+$",
-        description="Unique name; the session id is boot:<name>",
-    )
-    command: str = Field(min_length=1, description="Shell command to run")
-    cwd: str | None = Field(None, description="Working directory, relative to the workspace root")
-    env: EnvMap = Field(
-        default_factory=dict,
-        description="Extra environment variables",
-        json_schema_extra={"additionalProperties": False},
-    )
-    port: PortNumber | None = Field(
-        None, description="Port the command serves; exported as PORT unless env sets it"
-    )
-    autostart: bool = Field(True, description="Start at daemon start")
-    restart: Literal["never", "on-failure", "always"] = Field(
-        "never", description="What to do when the command exits"
-    )
-
-
-class PortSpec(_Strict):
-    """How one port is shown."""
-
-    label: str | None = Field(None, max_length=200, description="Name shown for the port")
-    visibility: Literal["private", "public"] = Field("private", description="Preview visibility")
-    ignore: bool = Field(False, description="Never report this port")
-
-
-class AgentSpec(_Strict):
-    """Defaults for the agent."""
-
-    provider: str | None = Field(None, description="Provider name, for example anthropic")
-    model: str | None = Field(None, description="Model name")
-    permission_mode: str | None = Field(None, description="Default permission mode")
-
-
-class FilesSpec(_Strict):
-    """File watcher options."""
-
-    ignore: list[str] = Field(default_factory=list, description="Extra ignore globs")
-
-
-class WorkspaceConfig(_Strict):
-    """The workspace config file (`.aether/config.yaml`). Every key is optional."""
-
-    model_config = ConfigDict(extra="forbid", title="aetherd workspace config")
-
-    setup: str | None = Field(None, description="Run once, the first time the daemon starts")
-    setup_on_boot: str | None = Field(
-        None, description="Run at every daemon start, in the session boot:setup"
-    )
-    terminals: list[TerminalSpec] = Field(default_factory=list)
-    ports: dict[PortNumber, PortSpec] = Field(
-        default_factory=dict,
-        json_schema_extra={"propertyNames": {"pattern": "^[0-9]{1,5}$"}},
-    )
-    env: EnvMap = Field(
-        default_factory=dict,
-        description="Added to every terminal and agent command",
-        json_schema_extra={"additionalProperties": False},
-    )
-    agent: AgentSpec = Field(default_factory=AgentSpec)
-    files: FilesSpec = Field(default_factory=FilesSpec)
-
-
-def config_schema() -> dict[str, Any]:
-    """The JSON Schema of the config file, generated from the model."""
-    schema = WorkspaceConfig.model_json_schema()
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
-
-
-def schema_text() -> str:
-    """The committed form of the schema (docs/config.schema.json)."""
-    return json.dumps(config_schema(), indent=2, ensure_ascii=False) + "\n"
-
-
-# -- Parsing and validation ----------------------------------------------------------------
-
-
-@dataclass
-class Parsed:
-    """The outcome of validating one text or object."""
-
-    config: WorkspaceConfig | None
-    errors: list[dict[str, Any]]
-
-    @property
-    def valid(self) -> bool:
-        """True when there are no errors."""
-        return self.config is not None and not self.errors
-
-
-def version_of(data: bytes) -> str:
-    """The version of a file's bytes (a missing file has the version of no bytes)."""
-    return hashlib.sha256(data).hexdigest()[:32]
-
-
-def _error(loc: list[Any], message: str, node: Any = None) -> dict[str, Any]:
-    line, column = _locate(node, loc) if node is not None else (None, None)
-    return {"loc": loc, "line": line, "column": column, "message": message}
-
-
-def _locate(node: Any, loc: list[Any]) -> tuple[int | None, int | None]:
-    """The 1-based line and column of `loc` in a composed YAML node tree."""
-    mark = node.start_mark
-    current = node
-    for part in loc:
-        if isinstance(current, yaml.MappingNode):
-            found = None
-            for key, value in current.value:
-                if isinstance(key, yaml.ScalarNode) and key.value == str(part):
-                    found = (key, value)
-            if found is None:
-                break
-            mark, current = found[0].start_mark, found[1]
-        elif isinstance(current, yaml.SequenceNode) and isinstance(part, int):
-            if not 0 <= part < len(current.value):
-                break
-            current = current.value[part]
-            mark = current.start_mark
-        else:
-            break
-    return mark.line + 1, mark.column + 1
-
-
-def _message(err: Any) -> str:
-    if err["type"] == "extra_forbidden":
-        return f"unknown key {str(err['loc'][-1])!r}" if err["loc"] else "unknown key"
-    return str(err["msg"]).removeprefix("Value error, ")
-
-
-def validate_data(data: Any, node: Any = None, *, max_terminals: int = 64) -> Parsed:
-    """Validate a decoded document; `node` (composed YAML) gives errors their line."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        return Parsed(None, [_error([], "the config must be a mapping of keys", node)])
-    try:
-        config = WorkspaceConfig.model_validate(data)
-    except ValidationError as exc:
-        errors = []
-        for err in exc.errors(include_url=False, include_input=False):
-            loc = [p for p in err["loc"] if p != "[key]"]
-            errors.append(_error(loc, _message(err), node))
-        return Parsed(None, errors)
-    errors = []
-    if len(config.terminals) > max_terminals:
-        errors.append(_error(["terminals"], f"at most {max_terminals} terminals", node))
-    seen: set[str] = set()
-    for index, terminal in enumerate(config.terminals):
-        if terminal.name in seen:
-            message = f"duplicate terminal name {terminal.name!r}"
-            errors.append(_error(["terminals", index, "name"], message, node))
-        seen.add(terminal.name)
-    return Parsed(None, errors) if errors else Parsed(config, [])
-
-
-def _decode(data: bytes) -> tuple[str | None, dict[str, Any] | None]:
-    try:
-        return data.decode("utf-8"), None
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        return None, {"loc": [], "line": line, "column": None, "message": "not valid UTF-8"}
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> dict[str, Any]:
-    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc)
-    context = getattr(exc, "context", None)
-    message = f"YAML syntax error: {problem}" + (f" ({context})" if context else "")
-    return {
-        "loc": [],
-        "line": mark.line + 1 if mark is not None else None,
-        "column": mark.column + 1 if mark is not None else None,
-        "message": message,
-    }
-
-
-def _compose(text: str) -> tuple[Any, Any]:
-    """Compose and construct one YAML document: (node, data). Raises yaml.YAMLError."""
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    finally:
-        loader.dispose()
-    return node, data
-
-
-def _children(node: Any) -> list[Any]:
-    if isinstance(node, yaml.MappingNode):
-        return [part for pair in node.value for part in pair]
-    if isinstance(node, yaml.SequenceNode):
-        return list(node.value)
-    return []
-
-
-def _structure_problems(root: Any) -> list[dict[str, Any]]:
-    """Recursive aliases, alias bombs and duplicate keys, found on the node graph."""
-    sizes: dict[int, int] = {}
-    visiting: set[int] = set()
-    stack: list[tuple[Any, bool]] = [(root, False)]
-    while stack:
-        node, finished = stack.pop()
-        if finished:
-            visiting.discard(id(node))
-            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in _children(node))
-            if sizes[id(node)] > MAX_EXPANDED_NODES:
-                message = f"the document expands to more than {MAX_EXPANDED_NODES} values"
-                return [_error([], message, root)]
-            continue
-        if id(node) in sizes:
-            continue
-        if id(node) in visiting:
-            mark = node.start_mark
-            return [
-                {
-                    "loc": [],
-                    "line": mark.line + 1,
-                    "column": mark.column + 1,
-                    "message": "recursive alias",
-                }
-            ]
-        visiting.add(id(node))
-        stack.append((node, True))
-        stack.extend((child, False) for child in _children(node) if id(child) not in sizes)
-    errors: list[dict[str, Any]] = []
-    seen_nodes: set[int] = set()
-    walk: list[tuple[Any, list[Any]]] = [(root, [])]
-    while walk:
-        node, loc = walk.pop()
-        if id(node) in seen_nodes:
-            continue
-        seen_nodes.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            keys: set[str] = set()
-            for key, value in node.value:
-                name = key.value if isinstance(key, yaml.ScalarNode) else None
-                if name is not None and name != "<<":
-                    if name in keys:
-                        mark = key.start_mark
-                        errors.append(
-                            {
-                                "loc": [*loc, name],
-                                "line": mark.line + 1,
-                                "column": mark.column + 1,
-                                "message": f"duplicate key {name!r}",
-                            }
-                        )
-                    keys.add(name)
-                walk.append((value, [*loc, name if name is not None else "?"]))
-        elif isinstance(node, yaml.SequenceNode):
-            walk.extend((item, [*loc, index]) for index, item in enumerate(node.value))
-    errors.sort(key=lambda e: e["line"])
-    return errors
-
-
-def parse_yaml(text: str, *, max_terminals: int = 64) -> Parsed:
-    """Parse and validate YAML config text; errors point at YAML lines."""
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is not None:
-            # Before construction: merge keys (`<<`) are flattened into the nodes then.
-            problems = _structure_problems(node)
-            if problems:
-                return Parsed(None, problems)
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.YAMLError as exc:
-        return Parsed(None, [_yaml_problem(exc)])
-    except (ValueError, RecursionError) as exc:  # e.g. a huge integer, absurd nesting
-        return Parsed(None, [{"loc": [], "line": None, "column": None, "message": str(exc)}])
-    finally:
-        loader.dispose()
-    return validate_data(data, node, max_terminals=max_terminals)
-
-
-def parse_legacy(text: str, *, max_terminals: int = 64) -> Parsed:
-    """Read the older `.aether/environment.json`: only setup, setup_on_boot and terminals."""
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        line = getattr(exc, "lineno", None)
-        column = getattr(exc, "colno", None)
-        message = f"JSON syntax error: {getattr(exc, 'msg', exc)}"
-        return Parsed(None, [{"loc": [], "line": line, "column": column, "message": message}])
-    except RecursionError as exc:
-        return Parsed(None, [{"loc": [], "line": None, "column": None, "message": str(exc)}])
-    node = None
-    with contextlib.suppress(yaml.YAMLError, ValueError, RecursionError):
-        node = _compose(text)[0]  # JSON is (nearly) YAML: the nodes give lines
-    if isinstance(data, dict):
-        data = {key: value for key, value in data.items() if key in LEGACY_KEYS}
-    return validate_data(data, node, max_terminals=max_terminals)
-
-
-def dump_yaml(data: dict[str, Any]) -> str:
-    """YAML text for a config object, keys in the order given."""
-    if not data:
-        return ""
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
-
-
-def _summary(errors: list[dict[str, Any]]) -> str:
-    first = errors[0]
-    where = f"line {first['line']}: " if first.get("line") else ""
-    loc = ".".join(str(p) for p in first["loc"])
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"invalid config: {where}{loc + ': ' if loc else ''}{first['message']}{more}"
-
-
 # -- The store ---------------------------------------------------------------------------
 
 
@@ -477,6 +160,7 @@ class _DiskRead:
     data: bytes
     too_large: bool
     signature: tuple[Any, ...]
+    problem: str | None = None  # e.g. "not a regular file": the file exists but is unusable
 
 
 @dataclass
@@ -616,7 +300,7 @@ class ConfigStore:
             text = dump_yaml(config) if parsed.valid else ""
         if not parsed.valid:
             raise AetherError(
-                ErrorCode.INVALID_CONFIG, _summary(parsed.errors), errors=parsed.errors
+                ErrorCode.INVALID_CONFIG, summary(parsed.errors), errors=parsed.errors
             )
         data = text.encode("utf-8")
         if len(data) > self.settings.config_max_bytes:
@@ -626,7 +310,7 @@ class ConfigStore:
             )
         assert parsed.config is not None
         async with self._lock:
-            disk = await asyncio.to_thread(self._read_disk)
+            disk = await self.jail.executor.run(self._read_disk)
             on_disk = version_of(disk.data)
             if version is not None and version != on_disk:
                 raise AetherError(
@@ -635,7 +319,7 @@ class ConfigStore:
                     currentVersion=on_disk,
                 )
             target = self._write_target()
-            signature = await asyncio.to_thread(self._write_atomic, target, data)
+            signature = await self.jail.executor.run(self._write_atomic, target, data)
             self._signature = signature
             self._state = _State(
                 kind="yaml",
@@ -653,7 +337,7 @@ class ConfigStore:
         """Re-read the file now; True when its version changed (then `changed` is emitted)."""
         async with self._lock:
             await self._update_watches()
-            disk = await asyncio.to_thread(self._read_disk)
+            disk = await self.jail.executor.run(self._read_disk)
             self._signature = disk.signature
             new_version = version_of(disk.data)
             if new_version == self._state.version and disk.kind == self._state.kind:
@@ -674,7 +358,7 @@ class ConfigStore:
             else:
                 log.warning(
                     "config file is invalid; keeping the last good config: %s",
-                    _summary(parsed.errors),
+                    summary(parsed.errors),
                 )
             self._emit("disk")
             return True
@@ -690,7 +374,7 @@ class ConfigStore:
         self._observer.start()
         async with self._lock:
             await self._update_watches()
-            disk = await asyncio.to_thread(self._read_disk)
+            disk = await self.jail.executor.run(self._read_disk)
             self._signature = disk.signature
             parsed = await self._parse_disk(disk)
             self._state = _State(
@@ -705,7 +389,7 @@ class ConfigStore:
                 self.current = parsed.config
             else:
                 log.warning(
-                    "config file is invalid; using the defaults: %s", _summary(parsed.errors)
+                    "config file is invalid; using the defaults: %s", summary(parsed.errors)
                 )
         self._started = True
         for callback in list(self._subscribers):
@@ -753,24 +437,32 @@ class ConfigStore:
         if len(raw.encode("utf-8", "surrogatepass")) > self.settings.config_max_bytes:
             message = f"the config is larger than {self.settings.config_max_bytes} bytes"
             return Parsed(None, [{"loc": [], "line": None, "column": None, "message": message}])
-        return await asyncio.to_thread(
-            parse_yaml, raw, max_terminals=self.settings.config_max_terminals
+        # Off the loop, in the bounded file executor; the parser bounds depth itself.
+        return await self.jail.executor.run(self._parse, parse_yaml, raw)
+
+    def _parse(self, parse: Callable[..., Parsed], text: str) -> Parsed:
+        return parse(
+            text,
+            max_terminals=self.settings.config_max_terminals,
+            max_depth=self.settings.config_max_depth,
         )
 
     async def _parse_disk(self, disk: _DiskRead) -> Parsed:
         if disk.kind == "missing":
             return Parsed(WorkspaceConfig(), [])
+        if disk.problem is not None:
+            return Parsed(
+                None, [{"loc": [], "line": None, "column": None, "message": disk.problem}]
+            )
         if disk.too_large:
             message = f"the file is larger than {self.settings.config_max_bytes} bytes"
             return Parsed(None, [{"loc": [], "line": None, "column": None, "message": message}])
-        text, problem = _decode(disk.data)
+        text, problem = decode_config(disk.data)
         if text is None:
             assert problem is not None
             return Parsed(None, [problem])
         parse = parse_legacy if disk.kind == "legacy" else parse_yaml
-        return await asyncio.to_thread(
-            parse, text, max_terminals=self.settings.config_max_terminals
-        )
+        return await self.jail.executor.run(self._parse, parse, text)
 
     def _apply(self, config: WorkspaceConfig) -> None:
         if config == self.current:
@@ -803,35 +495,34 @@ class ConfigStore:
         """The real path to write: symlinks followed, but only inside the root."""
         return self.jail.resolve(self.jail.to_wire(self._yaml_lexical))
 
-    def _read_one(self, path: Path) -> tuple[bytes, bool, tuple[Any, ...]] | None:
+    def _read_one(self, path: Path, lexical: str) -> _DiskRead | None:
+        """One candidate file (through the shared opener: no FIFO wait, no symlink race)."""
         limit = self.settings.config_max_bytes
+        wire = self.jail.to_wire(lexical)
         try:
-            with path.open("rb") as handle:
-                st = os.fstat(handle.fileno())
-                if not stat_mod.S_ISREG(st.st_mode):
-                    return None
-                data = handle.read(limit + 1)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            return None
-        except OSError as exc:
-            log.warning("cannot read %s: %s", path, exc.strerror)
-            return None
+            data, st = read_regular(self.jail, path, wire, limit)
+        except AetherError as err:
+            if err.code in (ErrorCode.NOT_FOUND, ErrorCode.NOT_DIRECTORY, ErrorCode.IS_DIRECTORY):
+                return None
+            log.warning("cannot read the config file %s", err.message)
+            return _DiskRead("yaml", path, b"", False, ("unreadable", err.message), err.message)
         signature = (st.st_ino, st.st_size, st.st_mtime_ns)
         if len(data) > limit:
-            return b"", True, signature
-        return data, False, signature
+            return _DiskRead("yaml", path, b"", True, signature)
+        return _DiskRead("yaml", path, data, False, signature)
 
     def _read_disk(self) -> _DiskRead:
-        """Read the YAML file, else the legacy JSON one (in a thread)."""
+        """Read the YAML file, else the legacy JSON one (in the file executor)."""
         for kind, lexical in (("yaml", self._yaml_lexical), ("legacy", self._legacy_lexical)):
             real = Path(os.path.realpath(lexical))
             if not self.jail.is_inside(str(real)):
                 log.warning("%s resolves outside the workspace; ignored", lexical)
                 continue
-            got = self._read_one(real)
+            got = self._read_one(real, lexical)
             if got is not None:
-                data, too_large, signature = got
-                return _DiskRead(kind, real, data, too_large, (kind, *signature))  # type: ignore[arg-type]
+                got.kind = kind  # type: ignore[assignment]
+                got.signature = (kind, *got.signature)
+                return got
         return _DiskRead("missing", Path(self._yaml_lexical), b"", False, ("missing",))
 
     def _stat_signature(self) -> tuple[Any, ...]:
@@ -845,41 +536,13 @@ class ConfigStore:
         return ("missing",)
 
     def _write_atomic(self, target: Path, data: bytes) -> tuple[Any, ...]:
-        """Temp file in the same directory, fsync, rename over, fsync the directory."""
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not self.jail.is_inside(os.path.realpath(target.parent)):
-            raise AetherError(ErrorCode.INVALID_PATH, "the config directory leaves the workspace")
+        """The daemon's one atomic writer; the mode of an existing file is kept."""
+        wire = self.jail.to_wire(self._yaml_lexical)
         try:
-            mode = stat_mod.S_IMODE(os.stat(target).st_mode)
-        except FileNotFoundError:
-            mode = 0o644
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp, mode)
-            os.replace(tmp, target)
+            st = write_atomic(self.jail, target, data, UNLIMITED)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            code = {
-                errno.ENOSPC: ErrorCode.NO_SPACE,
-                errno.EDQUOT: ErrorCode.NO_SPACE,
-                errno.EACCES: ErrorCode.PERMISSION_DENIED,
-                errno.EPERM: ErrorCode.PERMISSION_DENIED,
-                errno.EROFS: ErrorCode.PERMISSION_DENIED,
-                errno.EISDIR: ErrorCode.IS_DIRECTORY,
-                errno.ENOTDIR: ErrorCode.NOT_DIRECTORY,
-            }.get(exc.errno or 0, ErrorCode.INTERNAL_ERROR)
-            raise AetherError(code, f"cannot write the config: {exc.strerror}") from None
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        st = os.stat(target)
+            err = os_error(exc, wire)
+            raise AetherError(err.code, f"cannot write the config: {err.message}") from None
         return ("yaml", st.st_ino, st.st_size, st.st_mtime_ns)
 
     # -- watching --------------------------------------------------------------------
@@ -967,13 +630,9 @@ class ConfigStore:
         while not self._stopping:
             await asyncio.sleep(self.settings.config_poll_interval)
             try:
-                signature = await asyncio.to_thread(self._stat_signature)
+                signature = await self.jail.executor.run(self._stat_signature)
                 if signature != self._signature or not self._watches:
                     assert self._kick is not None
                     self._kick.set()
             except Exception:
                 log.exception("config poll failed")
-
-
-if __name__ == "__main__":  # python -m aetherd.services.config > docs/config.schema.json
-    print(schema_text(), end="")

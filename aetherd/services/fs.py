@@ -12,13 +12,9 @@ sends back as `rawPath` to address the same file.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import contextlib
-import errno
 import os
-import secrets
 import shutil
 import stat as stat_mod
 from collections.abc import Callable
@@ -28,26 +24,45 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aetherd.errors import AetherError, ErrorCode
+from aetherd.services.fileio import (
+    TEMP_NEW,
+    TEMP_PREFIX,
+    TEMP_UPD,
+    AtomicWriter,
+    advance_mtime,
+    current_umask,
+    is_temp_name,
+    open_append,
+    open_workspace_file,
+    os_error,
+    read_regular,
+    wire_text,
+    write_atomic,
+)
 from aetherd.services.jail import Jail
+
+__all__ = [
+    "TEMP_NEW",
+    "TEMP_PREFIX",
+    "TEMP_UPD",
+    "AtomicWriter",
+    "FileLimits",
+    "FileSystem",
+    "decode_raw_path",
+    "is_temp_name",
+    "os_error",
+    "path_fields",
+    "raw_b64",
+    "wire_text",
+    "write_atomic",
+]
 
 MiB = 1024 * 1024
 BINARY_SNIFF = 8192
-TEMP_PREFIX = ".~aetherd-"
-TEMP_NEW = ".new"  # temp file of a write that creates its target
-TEMP_UPD = ".upd"  # temp file of a write that replaces an existing target
 T = TypeVar("T")
 
 
 # -- Wire helpers -------------------------------------------------------------------------
-
-
-def wire_text(text: str) -> str:
-    """`text` made sendable: undecodable bytes (lone surrogates) become U+FFFD."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def raw_b64(text: str) -> str | None:
@@ -56,7 +71,11 @@ def raw_b64(text: str) -> str | None:
         text.encode("utf-8")
         return None
     except UnicodeEncodeError:
+        pass
+    try:
         return base64.b64encode(text.encode("utf-8", "surrogateescape")).decode("ascii")
+    except UnicodeEncodeError:  # a lone surrogate names no file: there are no bytes to give
+        return None
 
 
 def path_fields(key: str, wire_path: str) -> dict[str, str]:
@@ -107,171 +126,6 @@ def _mtime_dt(st: os.stat_result) -> datetime:
     return datetime.fromtimestamp(seconds, timezone.utc).replace(microsecond=nanos // 1000)
 
 
-def os_error(exc: OSError, wire_path: str) -> AetherError:
-    """The stable code for an OS error; the message names only the client's path."""
-    shown = wire_text(wire_path)
-    code = exc.errno
-    table: dict[int, tuple[ErrorCode, str]] = {
-        errno.ENOENT: (ErrorCode.NOT_FOUND, "no such file or directory"),
-        errno.EEXIST: (ErrorCode.ALREADY_EXISTS, "already exists"),
-        errno.ENOTEMPTY: (ErrorCode.CONFLICT, "directory is not empty"),
-        errno.EISDIR: (ErrorCode.IS_DIRECTORY, "is a directory"),
-        errno.ENOTDIR: (ErrorCode.NOT_DIRECTORY, "not a directory"),
-        errno.EACCES: (ErrorCode.PERMISSION_DENIED, "permission denied"),
-        errno.EPERM: (ErrorCode.PERMISSION_DENIED, "operation not permitted"),
-        errno.EROFS: (ErrorCode.PERMISSION_DENIED, "read-only file system"),
-        errno.ENOSPC: (ErrorCode.NO_SPACE, "no space left on device"),
-        errno.EDQUOT: (ErrorCode.NO_SPACE, "disk quota exceeded"),
-        errno.EFBIG: (ErrorCode.FILE_TOO_LARGE, "file too large"),
-        errno.ENAMETOOLONG: (ErrorCode.INVALID_PATH, "name too long"),
-        errno.ELOOP: (ErrorCode.INVALID_PATH, "too many levels of symbolic links"),
-        errno.EINVAL: (ErrorCode.INVALID_PATH, "invalid argument"),
-        errno.EXDEV: (ErrorCode.INVALID_PATH, "crosses a mount point"),
-    }
-    found = table.get(code or 0)
-    if found is None:
-        return AetherError(ErrorCode.INTERNAL_ERROR, f"{shown}: {exc.strerror or exc}")
-    return AetherError(found[0], f"{shown}: {found[1]}")
-
-
-def _current_umask() -> int:
-    """The process umask, read without changing it (os.umask is racy across threads)."""
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/self/status", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    return 0o022
-
-
-def is_temp_name(name: str) -> bool:
-    """True for the temp files of an atomic write (the watcher hides them)."""
-    return name.startswith(TEMP_PREFIX) and name.endswith((TEMP_NEW, TEMP_UPD))
-
-
-# -- Atomic write ---------------------------------------------------------------------------
-
-
-class AtomicWriter:
-    """Write a file atomically: temp file in the same directory, fsync, rename, keep mode.
-
-    Synchronous (call it from a thread). `write()` chunks, then `commit()`; on any
-    failure `abort()` removes the temp file and the target stays as it was.
-    """
-
-    def __init__(self, target: Path, max_size: int, umask: int | None = None) -> None:
-        self.target = target
-        self.max_size = max_size
-        self.size = 0
-        self._fd: int | None = None
-        self.temp: Path | None = None
-        try:
-            self._old: os.stat_result | None = os.stat(target)
-        except FileNotFoundError:
-            self._old = None
-        if self._old is not None and stat_mod.S_ISDIR(self._old.st_mode):
-            raise IsADirectoryError(errno.EISDIR, "is a directory")
-        self._umask = _current_umask() if umask is None else umask
-
-    @property
-    def existed(self) -> bool:
-        """True when the target existed when the write began."""
-        return self._old is not None
-
-    def open(self) -> AtomicWriter:
-        """Create the temp file (O_EXCL, mode 0600 until commit)."""
-        suffix = TEMP_UPD if self._old is not None else TEMP_NEW
-        for _ in range(16):
-            temp = self.target.parent / f"{TEMP_PREFIX}{secrets.token_hex(6)}{suffix}"
-            try:
-                self._fd = os.open(
-                    temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
-                )
-            except FileExistsError:
-                continue
-            self.temp = temp
-            return self
-        raise FileExistsError(errno.EEXIST, "could not create a temp file")
-
-    def write(self, data: bytes | memoryview | list[bytes]) -> None:
-        """Append `data` to the temp file; EFBIG beyond `max_size`."""
-        assert self._fd is not None
-        if isinstance(data, list):
-            data = data[0] if len(data) == 1 else b"".join(data)
-        self.size += len(data)
-        if self.size > self.max_size:
-            raise OSError(errno.EFBIG, "file too large")
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-
-    def commit(self) -> os.stat_result:
-        """fsync, set the mode (and owner) of the old file, rename over the target."""
-        assert self._fd is not None and self.temp is not None
-        fd = self._fd
-        if self._old is not None:
-            mode = stat_mod.S_IMODE(self._old.st_mode)
-            if os.geteuid() == 0 and (self._old.st_uid, self._old.st_gid) != (0, 0):
-                with contextlib.suppress(OSError):
-                    os.fchown(fd, self._old.st_uid, self._old.st_gid)
-        else:
-            mode = 0o666 & ~self._umask
-        os.fchmod(fd, mode)
-        if self._old is not None:
-            _advance_mtime(fd, self._old)
-        os.fsync(fd)
-        os.close(fd)
-        self._fd = None
-        os.replace(self.temp, self.target)
-        self.temp = None
-        _fsync_dir(self.target.parent)
-        return os.stat(self.target)
-
-    def abort(self) -> None:
-        """Drop the temp file; the target is untouched."""
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = None
-        if self.temp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self.temp)
-            self.temp = None
-
-
-def _advance_mtime(fd: int, old: os.stat_result) -> None:
-    """Make sure `modified` changes on every write, even within one coarse clock tick.
-
-    File times come from the kernel's coarse clock (a few ms), so two quick writes
-    could report the same `modified` and defeat `expectedModified`. The microsecond
-    form is what clients see, so the new time is at least 1 µs after the old one.
-    """
-    st = os.fstat(fd)
-    if st.st_mtime_ns // 1000 <= old.st_mtime_ns // 1000:
-        os.utime(fd, ns=(st.st_atime_ns, (old.st_mtime_ns // 1000 + 1) * 1000))
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_atomic(target: Path, data: bytes, max_size: int) -> os.stat_result:
-    """Write `data` to `target` atomically (synchronous; see AtomicWriter)."""
-    writer = AtomicWriter(target, max_size).open()
-    try:
-        writer.write(data)
-        return writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-
-
 # -- The service ----------------------------------------------------------------------------
 
 
@@ -290,12 +144,12 @@ class FileSystem:
     def __init__(self, jail: Jail, limits: FileLimits | None = None) -> None:
         self.jail = jail
         self.limits = limits or FileLimits()
-        self._umask = _current_umask()
+        self._umask = current_umask()
 
     # -- plumbing
     async def _run(self, wire_path: str, func: Callable[..., T], *args: Any) -> T:
         try:
-            return await asyncio.to_thread(func, *args)
+            return await self.jail.executor.run(func, *args)
         except AetherError:
             raise
         except OSError as exc:
@@ -411,16 +265,8 @@ class FileSystem:
 
     # -- read
     def _read(self, wire_path: str, offset: int, length: int | None) -> dict[str, Any]:
-        real = self.jail.resolve(wire_path)
-        fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd, st = open_workspace_file(self.jail, wire_path)
         try:
-            st = os.fstat(fd)
-            if stat_mod.S_ISDIR(st.st_mode):
-                raise AetherError(ErrorCode.IS_DIRECTORY, f"{wire_text(wire_path)}: is a directory")
-            if not stat_mod.S_ISREG(st.st_mode):
-                raise AetherError(
-                    ErrorCode.INVALID_PATH, f"{wire_text(wire_path)}: not a regular file"
-                )
             size = st.st_size
             if size > self.limits.max_file_size:
                 raise AetherError(
@@ -468,16 +314,7 @@ class FileSystem:
         return await self._run(wire_path, self._read, wire_path, offset, length)
 
     def _read_bytes(self, wire_path: str, limit: int) -> bytes:
-        real = self.jail.resolve(wire_path)
-        with open(os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW), "rb") as handle:
-            st = os.fstat(handle.fileno())
-            if stat_mod.S_ISDIR(st.st_mode):
-                raise AetherError(ErrorCode.IS_DIRECTORY, f"{wire_text(wire_path)}: is a directory")
-            if not stat_mod.S_ISREG(st.st_mode):
-                raise AetherError(
-                    ErrorCode.INVALID_PATH, f"{wire_text(wire_path)}: not a regular file"
-                )
-            data = handle.read(limit + 1)
+        data, st = read_regular(self.jail, self.jail.resolve(wire_path), wire_path, limit)
         if len(data) > limit:
             raise AetherError(
                 ErrorCode.FILE_TOO_LARGE,
@@ -516,22 +353,19 @@ class FileSystem:
                 ErrorCode.FILE_TOO_LARGE,
                 f"{wire_text(wire)}: {total} bytes is more than the {limit}-byte limit",
             )
-        real.parent.mkdir(parents=True, exist_ok=True)
         if append:
-            fd = os.open(
-                real, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666 & ~self._umask
-            )
+            fd, _ = open_append(self.jail, real, wire, self._umask)
             try:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
                 if current is not None:
-                    _advance_mtime(fd, current)
+                    advance_mtime(fd, current)
                 st = os.fstat(fd)
             finally:
                 os.close(fd)
         else:
-            writer = AtomicWriter(real, limit, self._umask).open()
+            writer = AtomicWriter(self.jail, real, limit, self._umask).open()
             try:
                 writer.write(data)
                 # Checked again right before the rename: the narrowest window we can get.
@@ -575,8 +409,9 @@ class FileSystem:
             if wire == "/":
                 raise AetherError(ErrorCode.IS_DIRECTORY, "/: is a directory")
             real = self.jail.resolve(wire_path)
-            real.parent.mkdir(parents=True, exist_ok=True)
-            return wire, AtomicWriter(real, self.limits.max_file_size, self._umask).open()
+            return wire, AtomicWriter(
+                self.jail, real, self.limits.max_file_size, self._umask
+            ).open()
 
         return await self._run(wire_path, begin)
 
@@ -594,26 +429,12 @@ class FileSystem:
 
     async def abort_upload(self, writer: AtomicWriter) -> None:
         """Drop an upload's temp file."""
-        await asyncio.to_thread(writer.abort)
+        await self.jail.executor.run(writer.abort)
 
     async def open_download(self, wire_path: str) -> tuple[int, os.stat_result]:
         """An open read-only fd of a regular file and its stat; the caller closes the fd."""
 
-        def opener() -> tuple[int, os.stat_result]:
-            real = self.jail.resolve(wire_path)
-            fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-            st = os.fstat(fd)
-            if stat_mod.S_ISDIR(st.st_mode):
-                os.close(fd)
-                raise AetherError(ErrorCode.IS_DIRECTORY, f"{wire_text(wire_path)}: is a directory")
-            if not stat_mod.S_ISREG(st.st_mode):
-                os.close(fd)
-                raise AetherError(
-                    ErrorCode.INVALID_PATH, f"{wire_text(wire_path)}: not a regular file"
-                )
-            return fd, st
-
-        return await self._run(wire_path, opener)
+        return await self._run(wire_path, open_workspace_file, self.jail, wire_path)
 
     # -- mkdir
     def _mkdir(self, wire_path: str) -> dict[str, Any]:

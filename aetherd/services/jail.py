@@ -7,6 +7,10 @@ Wire paths are root-relative with a leading `/`; relative paths resolve against
 the root too. A path is accepted only if, after normalising `..` and resolving
 every symlink (chains included), it is the root or lies below it. Error messages
 echo only what the client sent, never where a symlink points.
+
+The jail also carries the executor that runs the workspace's blocking file I/O
+(`Jail.executor`), so that every service handed the jail runs its disk work in the
+same bounded pool. The threat model is in docs/protocol.md ("The path jail").
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 from pathlib import Path
 
 from aetherd.errors import AetherError, ErrorCode
+from aetherd.services.executors import BoundedExecutor
 
 MAX_PATH_BYTES = 4096  # PATH_MAX on Linux
 MAX_NAME_BYTES = 255  # NAME_MAX on Linux
@@ -28,9 +33,17 @@ def _invalid(wire_path: str, why: str) -> AetherError:
 class Jail:
     """Resolves wire paths against a root directory without ever leaving it."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, executor: BoundedExecutor | None = None) -> None:
         self.root = Path(os.path.realpath(root))
         self._root_str = str(self.root)
+        self._executor = executor
+
+    @property
+    def executor(self) -> BoundedExecutor:
+        """The pool for this workspace's file I/O (a small private one if none was given)."""
+        if self._executor is None:
+            self._executor = BoundedExecutor("file", 8)
+        return self._executor
 
     def is_inside(self, real: str) -> bool:
         """True when the already-resolved `real` is the root or below it."""
@@ -42,7 +55,15 @@ class Jail:
             raise _invalid(str(wire_path), "not a string")
         if "\x00" in wire_path:
             raise _invalid(wire_path.replace("\x00", "\\0"), "contains a NUL byte")
-        encoded = wire_path.encode("utf-8", "surrogateescape")
+        try:
+            # surrogateescape: names that are not UTF-8 on disk arrive as U+DC80..U+DCFF
+            # (see rawPath). Any other lone surrogate names no file at all.
+            encoded = wire_path.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raise _invalid(
+                wire_path.encode("utf-8", "backslashreplace").decode("ascii", "replace"),
+                "contains a lone surrogate (not valid Unicode text)",
+            ) from None
         if len(encoded) > MAX_PATH_BYTES:
             raise _invalid(wire_path, f"longer than {MAX_PATH_BYTES} bytes")
         parts = [p for p in wire_path.split("/") if p not in ("", ".")]

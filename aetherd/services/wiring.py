@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from aetherd.config_model import WorkspaceConfig
     from aetherd.daemon import Services
-    from aetherd.services.config import WorkspaceConfig
 
 
 def wire_config(services: Services) -> None:

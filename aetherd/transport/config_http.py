@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from aetherd.services.config import config_schema
+from aetherd.config_model import config_schema
 
 
 async def config_schema_handler(request: web.Request) -> web.Response:

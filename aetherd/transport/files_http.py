@@ -34,7 +34,15 @@ STATUS = {
     ErrorCode.CONFLICT: 409,
     ErrorCode.ALREADY_EXISTS: 409,
 }
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
+# Beyond any file size. Digits past this length are not converted (int() of thousands of
+# digits is slow, and refused beyond sys.get_int_max_str_digits()).
+_HUGE = 10**18
+
+
+def _position(digits: str) -> int:
+    """A byte position of a Range header; absurdly long numbers count as `_HUGE`."""
+    return int(digits) if len(digits) <= 18 else _HUGE
 
 
 def _error(err: AetherError, status: int | None = None) -> web.Response:
@@ -68,12 +76,12 @@ def parse_range(header: str, size: int) -> tuple[int, int] | bool | None:
     if not first and not last:
         return None
     if not first:  # suffix: the last N bytes
-        count = int(last)
+        count = _position(last)
         if count == 0 or size == 0:
             return False
         return max(0, size - count), size - 1
-    start = int(first)
-    end = int(last) if last else size - 1
+    start = _position(first)
+    end = _position(last) if last else size - 1
     if start >= size or end < start:
         return False
     return start, min(end, size - 1)
@@ -143,7 +151,9 @@ async def get_content(request: web.Request) -> web.StreamResponse:
         if request.method == "HEAD":
             return response
         if length > 0:
-            await _send_body(request, response, fd, start, length, daemon.settings)
+            await _send_body(
+                request, response, fd, start, length, daemon.settings, services.fs.jail.executor
+            )
         await response.write_eof()
         return response
     finally:
@@ -157,17 +167,18 @@ async def _send_body(
     offset: int,
     count: int,
     settings: Any,
+    executor: Any,
 ) -> None:
     """Send `count` bytes of `fd` from `offset`: sendfile(2) when possible, else chunks.
 
     sendfile copies in the kernel, so nothing passes through Python's memory; the
-    readahead is started in a thread first (posix_fadvise WILLNEED) so that the
+    readahead is started in the file executor first (posix_fadvise WILLNEED) so that the
     kernel's copy rarely waits for the disk on the event loop.
     """
     transport = request.transport
     if settings.files_http_sendfile and transport is not None:
         with contextlib.suppress(OSError, AttributeError):
-            await asyncio.to_thread(os.posix_fadvise, fd, offset, count, os.POSIX_FADV_WILLNEED)
+            await executor.run(os.posix_fadvise, fd, offset, count, os.POSIX_FADV_WILLNEED)
         with os.fdopen(os.dup(fd), "rb") as fobj:
             try:
                 await asyncio.get_running_loop().sendfile(transport, fobj, offset, count)
@@ -177,7 +188,7 @@ async def _send_body(
     chunk = settings.files_http_chunk
     remaining = count
     while remaining > 0:
-        data = await asyncio.to_thread(os.pread, fd, min(chunk, remaining), offset)
+        data = await executor.run(os.pread, fd, min(chunk, remaining), offset)
         if not data:
             break  # the file shrank while we sent it; the client sees a short body
         await response.write(data)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import aiohttp
 
-from aetherd.services.config import config_schema, version_of
+from aetherd.config_model import config_schema, version_of
 from tests.conftest import TOKEN
 
 FAST = {"config_debounce": 0.05, "config_poll_interval": 0}

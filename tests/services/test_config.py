@@ -11,10 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from aetherd.errors import AetherError, ErrorCode
-from aetherd.services.config import (
-    ConfigEvent,
-    ConfigStore,
+from aetherd.config_model import (
     WorkspaceConfig,
     parse_legacy,
     parse_yaml,
@@ -22,6 +19,8 @@ from aetherd.services.config import (
     validate_data,
     version_of,
 )
+from aetherd.errors import AetherError, ErrorCode
+from aetherd.services.config import ConfigEvent, ConfigStore
 
 DOCS_SCHEMA = Path(__file__).resolve().parents[2] / "docs" / "config.schema.json"
 
@@ -157,7 +156,7 @@ def test_legacy_json_reads_only_its_keys():
 
 def test_committed_schema_equals_the_generated_one():
     assert DOCS_SCHEMA.read_text() == schema_text(), (
-        "regenerate: python -m aetherd.services.config > docs/config.schema.json"
+        "regenerate: python -m aetherd.config_model > docs/config.schema.json"
     )
     schema = json.loads(schema_text())
     assert schema["additionalProperties"] is False
@@ -490,3 +489,40 @@ async def test_set_onto_a_directory_is_refused(store_factory, workspace):
         await store.set(raw="setup: x\n")
     assert info.value.code is ErrorCode.IS_DIRECTORY
     assert not list(config_file(workspace).parent.glob(".config.yaml.*"))
+
+
+def test_the_parser_bounds_nesting_and_refuses_bad_text():
+    for bomb in ("[" * 20_000, "{" * 20_000, "a: " + "[" * 65 + "]" * 65):
+        parsed = parse_yaml(bomb)
+        assert not parsed.valid
+        assert parsed.errors[0]["message"] == "the document is nested deeper than 64 levels"
+    assert (
+        parse_yaml("a: " + "[" * 10 + "]" * 10, max_depth=8)
+        .errors[0]["message"]
+        .startswith("the document is nested deeper")
+    )
+    block = "".join(" " * i + f"k{i}:\n" for i in range(100)) + " " * 100 + "v\n"
+    assert "nested deeper" in parse_yaml(block).errors[0]["message"]
+    assert parse_yaml("env:\n  A: [1]\n").errors  # ordinary errors are unchanged
+    assert parse_yaml("setup: echo [[ -f x ]]\n").valid
+    surrogate = parse_yaml("setup: '\ud800'\n")
+    assert surrogate.errors[0]["message"] == "not valid Unicode text (a lone surrogate)"
+    assert "YAML syntax error" in parse_yaml("setup: \x01\n").errors[0]["message"]
+    assert parse_legacy('{"setup": "\ud800"}').errors[0]["line"] == 1
+
+
+async def test_store_refuses_surrogates_and_a_fifo_config(make_settings, workspace):
+    (workspace / ".aether").mkdir()
+    os.mkfifo(workspace / ".aether" / "config.yaml")
+    store = ConfigStore(make_settings(config_poll_interval=0))
+    await asyncio.wait_for(store.start(), 10)  # once: blocked for good on the FIFO
+    try:
+        assert store.valid is False
+        assert "not a regular file" in store.snapshot()["errors"][0]["message"]
+        for kwargs in ({"raw": "setup: \ud800\n"}, {"config": {"setup": "\ud800"}}):
+            with pytest.raises(AetherError) as info:
+                await store.set(**kwargs)
+            assert info.value.code is ErrorCode.INVALID_CONFIG
+        assert (workspace / ".aether" / "config.yaml").is_fifo()
+    finally:
+        await store.stop()

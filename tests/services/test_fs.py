@@ -270,9 +270,10 @@ async def test_non_utf8_names_are_listed_safely_and_round_trip(tree):
 WRITER_SCRIPT = r"""
 import sys
 from pathlib import Path
-from aetherd.services.fs import AtomicWriter
+from aetherd.services.fileio import AtomicWriter
+from aetherd.services.jail import Jail
 target, chunks = Path(sys.argv[1]), int(sys.argv[2])
-writer = AtomicWriter(target, 1 << 30).open()
+writer = AtomicWriter(Jail(target.parent), target, 1 << 30).open()
 for i in range(chunks):
     writer.write(b"N" * 65536)
     print("chunk", i, flush=True)

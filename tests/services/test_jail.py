@@ -100,3 +100,15 @@ def test_root_is_recognised(tree):
     jail = tree[0]
     assert jail.is_root(jail.resolve("/src/.."))
     assert not jail.is_root(jail.resolve("/src"))
+
+
+def test_lone_surrogates_are_invalid_paths(tmp_path):
+    jail = Jail(tmp_path)
+    for path in ("/\ud800", "/a/\udfff/b", "\ud83d"):
+        with pytest.raises(AetherError) as info:
+            jail.resolve(path)
+        assert info.value.code is ErrorCode.INVALID_PATH
+        assert "lone surrogate" in info.value.message
+        info.value.message.encode("utf-8")
+    # Undecodable bytes of real names (surrogate escapes) are fine.
+    assert jail.resolve("/caf\udce9") == Path(jail.root) / "caf\udce9"
