@@ -1,25 +1,49 @@
 """The files channel (PROTOCOL.md section 3). Every frame needs a requestId.
 
 Thin handlers over `services.fs` (jailed file operations, disk work in threads) and
-`services.watcher` (change events, broadcast to every connection).
+`services.watcher` (change events, broadcast to every connection). The service
+answers with wire-shaped dicts; each is validated into its reply model here, so a
+shape the protocol does not declare never reaches a client.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from typing import TYPE_CHECKING, Any, Literal
-
-from pydantic import Field
+from typing import TYPE_CHECKING, Any
 
 from aetherd.errors import AetherError, ErrorCode
-from aetherd.protocol import Channel, Context, Message
+from aetherd.protocol import Channel, Context
+from aetherd.protocol.files import (
+    DeleteRequest,
+    FileContent,
+    FileEntry,
+    FilePath,
+    FileRenamed,
+    FilesChange,
+    FilesResync,
+    FileStat,
+    FileWritten,
+    PathRequest,
+    ReadRequest,
+    RenameRequest,
+    WriteRequest,
+)
 from aetherd.services.fs import decode_raw_path
 
 if TYPE_CHECKING:
     from aetherd.daemon import Daemon
 
-channel = Channel("files", require_request_id=True)
+channel = Channel("files", require_request_id=True, pushes=(FilesChange, FilesResync))
+
+# What any path can answer: a bad path (jail), or an OS error of the shared errno table.
+_PATH_ERRORS = (
+    ErrorCode.INVALID_MESSAGE,  # neither `path` nor `rawPath`
+    ErrorCode.INVALID_PATH,
+    ErrorCode.NOT_FOUND,
+    ErrorCode.NOT_DIRECTORY,
+    ErrorCode.PERMISSION_DENIED,
+)
 
 
 def _pick(value: str | None, raw: str | None, name: str) -> str:
@@ -31,51 +55,51 @@ def _pick(value: str | None, raw: str | None, name: str) -> str:
     return value
 
 
-class PathRequest(Message):
-    path: str | None = None
-    raw_path: str | None = None
-
-    @property
-    def target(self) -> str:
-        return _pick(self.path, self.raw_path, "path")
+def _target(msg: PathRequest) -> str:
+    return _pick(msg.path, msg.raw_path, "path")
 
 
-class ReadRequest(PathRequest):
-    offset: int = Field(0, ge=0)
-    length: int | None = Field(None, ge=0)
+@channel.handler(
+    "list",
+    PathRequest,
+    reply=list[FileEntry],
+    errors=(*_PATH_ERRORS, ErrorCode.LIMIT_EXCEEDED),
+    concurrent=True,
+)
+async def list_(ctx: Context, msg: PathRequest) -> list[FileEntry]:
+    """The entries of a directory: directories first, then by name."""
+    entries = await ctx.services.fs.list(_target(msg))
+    return [FileEntry.model_validate(entry) for entry in entries]
 
 
-class WriteRequest(PathRequest):
-    content: str
-    encoding: Literal["utf-8", "utf8", "base64"] = "utf-8"
-    append: bool = False
-    expected_modified: str | None = None
+@channel.handler(
+    "read",
+    ReadRequest,
+    reply=FileContent,
+    errors=(*_PATH_ERRORS, ErrorCode.IS_DIRECTORY, ErrorCode.FILE_TOO_LARGE),
+    concurrent=True,
+)
+async def read(ctx: Context, msg: ReadRequest) -> FileContent:
+    """One page of a file."""
+    page = await ctx.services.fs.read(_target(msg), msg.offset, msg.length)
+    return FileContent.model_validate(page)
 
 
-class DeleteRequest(PathRequest):
-    recursive: bool = True
-
-
-class RenameRequest(Message):
-    old_path: str | None = None
-    new_path: str | None = None
-    raw_old_path: str | None = None
-    raw_new_path: str | None = None
-    overwrite: bool = False
-
-
-@channel.handler("list", PathRequest, concurrent=True)
-async def list_(ctx: Context, msg: PathRequest) -> Any:
-    return await ctx.services.fs.list(msg.target)
-
-
-@channel.handler("read", ReadRequest, concurrent=True)
-async def read(ctx: Context, msg: ReadRequest) -> Any:
-    return await ctx.services.fs.read(msg.target, msg.offset, msg.length)
-
-
-@channel.handler("write", WriteRequest, concurrent=True)
-async def write(ctx: Context, msg: WriteRequest) -> Any:
+@channel.handler(
+    "write",
+    WriteRequest,
+    reply=FileWritten,
+    errors=(
+        *_PATH_ERRORS,
+        ErrorCode.IS_DIRECTORY,
+        ErrorCode.FILE_TOO_LARGE,
+        ErrorCode.NO_SPACE,
+        ErrorCode.CONFLICT,
+    ),
+    concurrent=True,
+)
+async def write(ctx: Context, msg: WriteRequest) -> FileWritten:
+    """Write a file atomically (or append); CONFLICT when `expectedModified` is stale."""
     if msg.encoding == "base64":
         try:
             data = base64.b64decode(msg.content, validate=True)
@@ -94,31 +118,69 @@ async def write(ctx: Context, msg: WriteRequest) -> Any:
                 "invalid field 'content': holds a lone surrogate; send binary as base64",
                 field="content",
             ) from None
-    return await ctx.services.fs.write(
-        msg.target, data, append=msg.append, expected_modified=msg.expected_modified
+    written = await ctx.services.fs.write(
+        _target(msg), data, append=msg.append, expected_modified=msg.expected_modified
     )
+    return FileWritten.model_validate(written)
 
 
-@channel.handler("mkdir", PathRequest, concurrent=True)
-async def mkdir(ctx: Context, msg: PathRequest) -> Any:
-    return await ctx.services.fs.mkdir(msg.target)
+@channel.handler(
+    "mkdir",
+    PathRequest,
+    reply=FilePath,
+    errors=(*_PATH_ERRORS, ErrorCode.ALREADY_EXISTS, ErrorCode.NO_SPACE),
+    concurrent=True,
+)
+async def mkdir(ctx: Context, msg: PathRequest) -> FilePath:
+    """Create a directory and its parents; an existing directory is fine."""
+    return FilePath.model_validate(await ctx.services.fs.mkdir(_target(msg)))
 
 
-@channel.handler("delete", DeleteRequest, concurrent=True)
-async def delete(ctx: Context, msg: DeleteRequest) -> Any:
-    return await ctx.services.fs.delete(msg.target, recursive=msg.recursive)
+@channel.handler(
+    "delete",
+    DeleteRequest,
+    reply=FilePath,
+    errors=(*_PATH_ERRORS, ErrorCode.CONFLICT),
+    concurrent=True,
+)
+async def delete(ctx: Context, msg: DeleteRequest) -> FilePath:
+    """Delete a file, a link, or a directory (CONFLICT: not empty and not recursive)."""
+    deleted = await ctx.services.fs.delete(_target(msg), recursive=msg.recursive)
+    return FilePath.model_validate(deleted)
 
 
-@channel.handler("rename", RenameRequest, concurrent=True)
-async def rename(ctx: Context, msg: RenameRequest) -> Any:
+@channel.handler(
+    "rename",
+    RenameRequest,
+    reply=FileRenamed,
+    errors=(
+        *_PATH_ERRORS,
+        ErrorCode.ALREADY_EXISTS,
+        ErrorCode.IS_DIRECTORY,
+        ErrorCode.NO_SPACE,
+        ErrorCode.CONFLICT,
+    ),
+    concurrent=True,
+)
+async def rename(ctx: Context, msg: RenameRequest) -> FileRenamed:
+    """Move `oldPath` to `newPath`; ALREADY_EXISTS unless `overwrite`."""
     old = _pick(msg.old_path, msg.raw_old_path, "oldPath")
     new = _pick(msg.new_path, msg.raw_new_path, "newPath")
-    return await ctx.services.fs.rename(old, new, overwrite=msg.overwrite)
+    renamed = await ctx.services.fs.rename(old, new, overwrite=msg.overwrite)
+    return FileRenamed.model_validate(renamed)
 
 
-@channel.handler("stat", PathRequest, concurrent=True)
-async def stat(ctx: Context, msg: PathRequest) -> Any:
-    return await ctx.services.fs.stat(msg.target)
+@channel.handler("stat", PathRequest, reply=FileStat, errors=_PATH_ERRORS, concurrent=True)
+async def stat(ctx: Context, msg: PathRequest) -> FileStat:
+    """A file's type, size, time and mode; a symlink is reported as its target."""
+    return FileStat.model_validate(await ctx.services.fs.stat(_target(msg)))
+
+
+def event_frame(event: dict[str, Any]) -> FilesChange | FilesResync:
+    """The frame of one watcher event (`{"type": "change" | "resync", ...}`)."""
+    if event.get("type") == "resync":
+        return FilesResync.model_validate(event)
+    return FilesChange.model_validate(event)
 
 
 @channel.on_startup
@@ -129,6 +191,6 @@ async def wire_watcher(daemon: Daemon) -> None:
         return
 
     def forward(event: dict[str, Any]) -> None:
-        daemon.hub.broadcast({"channel": "files", **event})
+        daemon.hub.broadcast(event_frame(event))
 
     watcher.subscribe(forward)
