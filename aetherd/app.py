@@ -20,6 +20,8 @@ from aetherd.logs import AccessLogger
 from aetherd.protocol import Hub, Registry
 from aetherd.settings import Settings
 from aetherd.transport.auth import Authenticator, TokenSetup, connect_url, setup_tokens
+from aetherd.transport.browser import add_browser_http
+from aetherd.transport.proxy import add_preview_proxy
 from aetherd.transport.routes import AUTH, DAEMON, add_routes
 
 log = logging.getLogger("aetherd")
@@ -39,6 +41,8 @@ def create_app(settings: Settings, tokens: TokenSetup | None = None) -> web.Appl
     app[AUTH] = Authenticator(settings, tokens.tokens)
     add_routes(app)
     app.cleanup_ctx.append(_services_ctx)
+    add_preview_proxy(app)  # section 13
+    add_browser_http(app, settings)  # section 16
     app.on_shutdown.append(close_sockets)
     return app
 

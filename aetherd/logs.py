@@ -10,11 +10,22 @@ import sys
 import time
 from typing import Any
 
+from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 connection_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "aetherd_connection_id", default=None
 )
+
+
+def request_key(name: str, kind: type) -> Any:
+    """A typed request-storage key (`web.RequestKey` on aiohttp >= 3.13, else the name)."""
+    factory = getattr(web, "RequestKey", None)
+    return factory(name, kind) if factory is not None else name
+
+
+CLIENT_ADDRESS = request_key("aetherd_client_address", str)
+"""The real client address of a request, behind trusted proxies (transport/browser.py)."""
 
 _TOKEN_QUERY = re.compile(r"((?:^|[?&])(?:token|access_token)=)[^&\s]*", re.IGNORECASE)
 _STD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "conn"}
@@ -130,7 +141,8 @@ class AccessLogger(AbstractAccessLogger):
             redact_url(request.path_qs),
             response.status,
             extra={
-                "remote": request.remote,
+                # The real client behind a trusted proxy (aetherd/transport/browser.py).
+                "remote": request.get(CLIENT_ADDRESS) or request.remote,
                 "durationMs": round(duration * 1000, 2),
             },
         )

@@ -11,7 +11,9 @@ setting needs one line here and nothing else:
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import string
 from collections.abc import Mapping
 from pathlib import Path
@@ -207,6 +209,80 @@ class Settings(BaseModel):
         for port in value:
             if not 1 <= port <= 65535:
                 raise ValueError(f"port {port} is out of range 1-65535")
+        return value
+
+    # -- Preview proxy and HTTP for browsers (issue 14) -----------------------------------
+    preview_host: str = Field(
+        "",
+        description="Host form of the preview proxy, e.g. {port}-{workspacePrefix}.preview.example.com",
+    )
+    proxy_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds an upstream may go without progress before its headers (504)",
+    )
+    proxy_connect_timeout: float = Field(
+        5.0, gt=0, description="Seconds to connect to a workspace port (504 beyond)"
+    )
+    proxy_max_connections_per_port: int = Field(
+        256, ge=1, description="Concurrent proxied requests and sockets per port (503 beyond)"
+    )
+    proxy_ws_max_message: int = Field(
+        16 * MiB, ge=1024, description="Largest WebSocket message relayed by the preview proxy"
+    )
+    proxy_cookie_max_age: int = Field(
+        86400, ge=60, description="Lifetime in seconds of the preview cookie set by ?token="
+    )
+    cors_origins: tuple[str, ...] = Field(
+        (), description="Origins allowed to call the HTTP endpoints from a browser, comma-separated"
+    )
+    trusted_proxies: tuple[str, ...] = Field(
+        ("127.0.0.0/8", "::1/128"),
+        description="CIDRs whose X-Forwarded-For is believed, comma-separated",
+    )
+
+    @field_validator("cors_origins", "trusted_proxies", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in value:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"origin {origin!r} must look like https://host[:port]")
+        return tuple(origin.rstrip("/") for origin in value)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not an address or CIDR") from None
+        return value
+
+    @field_validator("preview_host")
+    @classmethod
+    def _preview_host(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return value
+        try:
+            fields = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
+        except ValueError as exc:
+            raise ValueError(f"malformed pattern: {exc}") from None
+        if fields.count("port") != 1:
+            raise ValueError("the pattern must hold {port} exactly once")
+        unknown = sorted({f for f in fields if f not in PREVIEW_PLACEHOLDERS})
+        if unknown:
+            raise ValueError(f"unknown placeholder {{{unknown[0]}}}")
+        if "/" in value:
+            raise ValueError("a host pattern has no path")
         return value
 
     # -- Agent channel (issue: agent) -----------------------------------------------------

@@ -161,8 +161,8 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     args = parser.parse_args(argv)
     if args.quick:
-        args.cycles, args.idle_seconds, args.interval = 3, 0.5, 0.2
-        args.sleepers, args.repeats, args.settle = 5, 10, 0.2
+        args.cycles, args.idle_seconds, args.interval = 3, 0.3, 0.2
+        args.sleepers, args.repeats, args.settle = 5, 10, 0.1
 
     workdir = Path(tempfile.mkdtemp(prefix="aetherd-bench-ports-"))
     sleepers: list[subprocess.Popen[bytes]] = []

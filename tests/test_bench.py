@@ -50,9 +50,10 @@ def test_benchmark_imports(name: str) -> None:
         assert callable(module.main)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def quick_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, subprocess.Popen]]:
-    """Every benchmark's quick run, started at once; killed at the end if still running."""
+    """Every benchmark's quick run, started at once when the module begins (the other
+    tests run meanwhile); killed at the end if still running."""
     home = tmp_path_factory.mktemp("bench-home")
     env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(REPO)}
     env.pop("ANTHROPIC_API_KEY", None)

@@ -18,12 +18,15 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from tests.support import connect, free_port
 from tests.test_cli import REPO, child_env
 
 pytestmark = pytest.mark.slow
 WAIT = 30.0
+PREVIEW_HOST = "{port}-{workspacePrefix}.preview.example.com"
 
 
 def documented_nginx_config() -> str:
@@ -43,6 +46,7 @@ class DaemonProcess:
     data_dir: Path
     tmp: Path
     proc: subprocess.Popen | None = None
+    extra: tuple[str, ...] = ("--preview-host", PREVIEW_HOST)
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
@@ -61,6 +65,7 @@ class DaemonProcess:
                 str(self.root),
                 "--data-dir",
                 str(self.data_dir),
+                *self.extra,
             ],
             env=child_env(self.tmp),
             stdout=subprocess.DEVNULL,
@@ -306,3 +311,108 @@ async def test_terminal_streaming_through_the_proxy(proxy: Proxy):
         assert received == 3_000_000 and "STREAM_END" in tail
     finally:
         await client.close()
+
+
+@pytest.fixture
+async def app_port() -> AsyncIterator[int]:
+    """A workspace app on 127.0.0.1: echoes requests, and a WebSocket echo."""
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "path": request.raw_path,
+                "headers": dict(request.headers),
+                "body": (await request.read()).decode(),
+            }
+        )
+
+    async def ws_echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(protocols=("app-proto",))
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                await ws.send_str("echo:" + msg.data)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", ws_echo)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield server.port
+    finally:
+        await server.close()
+
+
+async def test_a_workspace_port_through_nginx_path_form(proxy: Proxy, app_port: int):
+    base = proxy.url(f"/workspaces/ws-a/ports/{app_port}")
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with aiohttp.ClientSession(cookie_jar=jar) as session:
+        async with session.get(f"{base}/page?x=1") as resp:
+            assert resp.status == 401
+        # B's token does not open A's ports.
+        async with session.get(f"{base}/page?x=1&token={proxy.b.token}") as resp:
+            assert resp.status == 401
+        async with session.get(
+            f"{base}/page?x=1&token={proxy.a.token}", allow_redirects=False
+        ) as resp:
+            assert resp.status == 302
+            assert resp.headers["Location"] == f"/workspaces/ws-a/ports/{app_port}/page?x=1"
+        async with session.post(f"{base}/page?x=1", data=b"posted") as resp:  # the cookie now
+            assert resp.status == 200
+            echoed = await resp.json()
+        assert echoed["path"] == "/page?x=1" and echoed["body"] == "posted"
+        assert echoed["headers"]["Host"] == f"localhost:{app_port}"
+        assert echoed["headers"]["X-Forwarded-Prefix"] == f"/workspaces/ws-a/ports/{app_port}"
+        assert echoed["headers"]["X-Forwarded-For"] == "127.0.0.1, 127.0.0.1"  # client, nginx
+        assert "aetherd_preview" not in echoed["headers"].get("Cookie", "")
+        ws_url = proxy.url(f"/workspaces/ws-a/ports/{app_port}/ws", "ws")
+        async with session.ws_connect(ws_url, protocols=("app-proto",)) as ws:
+            assert ws.protocol == "app-proto"
+            await ws.send_str("through nginx")
+            assert (await ws.receive(timeout=WAIT)).data == "echo:through nginx"
+    log = (proxy.prefix / "access.log").read_text()
+    assert f"/workspaces/ws-a/ports/{app_port}/page" in log and "token-" not in log
+
+
+async def test_a_workspace_port_through_nginx_host_form(proxy: Proxy, app_port: int):
+    host = f"{app_port}-ws-a.preview.example.com"
+    async with aiohttp.ClientSession() as session:
+        headers = {"Host": host}
+        async with session.get(
+            proxy.url(f"/root?token={proxy.a.token}"), headers=headers, allow_redirects=False
+        ) as resp:
+            assert resp.status == 302 and resp.headers["Location"] == "/root"
+            cookie = resp.cookies["aetherd_preview"].value
+        headers["Cookie"] = f"aetherd_preview={cookie}"
+        async with session.get(proxy.url("/root"), headers=headers) as resp:
+            assert resp.status == 200
+            echoed = await resp.json()
+        assert echoed["path"] == "/root"
+        assert echoed["headers"]["X-Forwarded-Host"] == host
+        assert "X-Forwarded-Prefix" not in echoed["headers"]
+        # A workspace prefix the gateway does not know.
+        async with session.get(
+            proxy.url("/"), headers={"Host": f"{app_port}-nope.preview.example.com"}
+        ) as resp:
+            assert resp.status == 404
+
+
+async def test_nginx_error_log_keeps_tokens_out_while_a_daemon_is_down(proxy: Proxy, app_port: int):
+    assert proxy.a.stop() == 0
+    async with aiohttp.ClientSession() as session:
+        for path in (
+            f"/workspaces/ws-a/ports/{app_port}/",
+            "/workspaces/ws-a/info",
+            "/workspaces/ws-a/ws",
+        ):
+            async with session.get(proxy.url(f"{path}?token={proxy.a.token}")) as resp:
+                assert resp.status == 502
+        async with session.get(
+            proxy.url(f"/?token={proxy.a.token}"),
+            headers={"Host": f"{app_port}-ws-a.preview.example.com"},
+        ) as resp:
+            assert resp.status == 502
+    errors = (proxy.prefix / "error.log").read_text()
+    assert proxy.a.token not in errors

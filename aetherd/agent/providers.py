@@ -27,9 +27,9 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -180,6 +180,62 @@ def _loads(data: str) -> Any:
         raise ProviderError(f"malformed stream data: {data[:200]!r}") from None
 
 
+@dataclass(frozen=True)
+class Request:
+    """What a provider sends: where, with which headers, which JSON body."""
+
+    url: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+class Dialect(Protocol):
+    """What differs between providers: the request, and how the stream's events fold
+    into pieces (`feed`) and the response's blocks (`end`). One per model call."""
+
+    @property
+    def stopped(self) -> bool:
+        """The stream said it is complete; no further event is read."""
+
+    def request(
+        self,
+        config: ProviderConfig,
+        system: str,
+        conversation: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+    ) -> Request:
+        """The HTTP request of this call."""
+
+    def feed(self, event: SSEEvent) -> Iterator[Delta]:
+        """Fold one SSE event in; yield its pieces; raise ProviderError on a stream error."""
+
+    def end(self) -> TurnEnd:
+        """The whole response, or ProviderError when the stream ended early."""
+
+
+async def _stream(
+    session: aiohttp.ClientSession,
+    config: ProviderConfig,
+    dialect: Dialect,
+    system: str,
+    conversation: list[dict[str, Any]],
+    tools: list[dict[str, Any]],
+) -> AsyncIterator[Delta | TurnEnd]:
+    """The skeleton of every model call: POST with retries, read SSE, let the dialect
+    fold each event, release the connection, end with the dialect's `TurnEnd`."""
+    request = dialect.request(config, system, conversation, tools)
+    resp = await _post_with_retry(session, config, request.url, request.headers, request.body)
+    try:
+        async for event in _events(resp):
+            for delta in dialect.feed(event):
+                yield delta
+            if dialect.stopped:
+                break
+    finally:
+        resp.release()
+    yield dialect.end()
+
+
 # -- Anthropic --------------------------------------------------------------------------
 
 
@@ -236,7 +292,138 @@ def anthropic_messages(conversation: list[dict[str, Any]]) -> list[dict[str, Any
     return out
 
 
-async def anthropic_stream(
+class AnthropicDialect:
+    """The Messages API: request, and the stream's events folded into blocks."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[int, dict[str, Any]] = {}
+        self.json_parts: dict[int, list[str]] = {}
+        self.stop_reason: str | None = None
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.stopped = False
+
+    @staticmethod
+    def request(
+        config: ProviderConfig,
+        system: str,
+        conversation: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+    ) -> Request:
+        """`POST {base}/v1/messages` with the key in `x-api-key`."""
+        body: dict[str, Any] = {
+            "model": config.model,
+            "max_tokens": config.max_tokens,
+            "system": system,
+            "messages": anthropic_messages(conversation),
+            "tools": [
+                {"name": t["name"], "description": t["description"], "input_schema": t["schema"]}
+                for t in tools
+            ],
+            "stream": True,
+        }
+        if config.thinking_budget > 0:
+            body["thinking"] = {"type": "enabled", "budget_tokens": config.thinking_budget}
+            body["max_tokens"] = max(config.max_tokens, config.thinking_budget + 1024)
+        headers = {
+            "x-api-key": config.api_key,
+            "anthropic-version": ANTHROPIC_VERSION,
+            "content-type": "application/json",
+            "accept": "text/event-stream",
+            **config.extra_headers,
+        }
+        return Request(config.base_url.rstrip("/") + "/v1/messages", headers, body)
+
+    def feed(self, event: SSEEvent) -> Iterator[Delta]:
+        """Fold one SSE event in; yield the text and thinking pieces it carries."""
+        if event.event == "ping" or not event.data:
+            return
+        data = _loads(event.data)
+        kind = data.get("type", event.event) if isinstance(data, dict) else event.event
+        blocks, json_parts = self.blocks, self.json_parts
+        if kind == "error":
+            err = data.get("error") or {}
+            raise ProviderError(f"{err.get('type', 'error')}: {err.get('message', 'stream error')}")
+        if kind == "message_start":
+            usage = (data.get("message") or {}).get("usage") or {}
+            self.input_tokens = int(usage.get("input_tokens") or 0) + int(
+                usage.get("cache_read_input_tokens") or 0
+            )
+            self.output_tokens = int(usage.get("output_tokens") or 0)
+        elif kind == "content_block_start":
+            index = int(data["index"])
+            start = data.get("content_block") or {}
+            btype = start.get("type")
+            if btype == "text":
+                blocks[index] = {"type": "text", "text": start.get("text", "")}
+                if start.get("text"):
+                    yield Delta("text", index, start["text"])
+            elif btype == "thinking":
+                blocks[index] = {
+                    "type": "thinking",
+                    "thinking": start.get("thinking", ""),
+                    "signature": start.get("signature", ""),
+                }
+            elif btype == "redacted_thinking":
+                blocks[index] = {"type": "redacted_thinking", "data": start.get("data", "")}
+            elif btype in ("tool_use", "server_tool_use"):
+                blocks[index] = {
+                    "type": "tool_call",
+                    "id": start.get("id", ""),
+                    "name": start.get("name", ""),
+                    "arguments": "",
+                }
+                json_parts[index] = []
+                if start.get("input"):
+                    json_parts[index].append(json.dumps(start["input"]))
+        elif kind == "content_block_delta":
+            index = int(data["index"])
+            delta = data.get("delta") or {}
+            dtype = delta.get("type")
+            block = blocks.get(index)
+            if block is None:
+                return
+            if dtype == "text_delta":
+                block["text"] += delta.get("text", "")
+                yield Delta("text", index, delta.get("text", ""))
+            elif dtype == "thinking_delta":
+                block["thinking"] += delta.get("thinking", "")
+                yield Delta("thinking", index, delta.get("thinking", ""))
+            elif dtype == "signature_delta":
+                block["signature"] = block.get("signature", "") + delta.get("signature", "")
+            elif dtype == "input_json_delta":
+                json_parts.setdefault(index, []).append(delta.get("partial_json", ""))
+        elif kind == "content_block_stop":
+            index = int(data["index"])
+            if index in json_parts and index in blocks:
+                blocks[index]["arguments"] = "".join(json_parts.pop(index))
+        elif kind == "message_delta":
+            self.stop_reason = (data.get("delta") or {}).get("stop_reason") or self.stop_reason
+            usage = data.get("usage") or {}
+            if usage.get("output_tokens") is not None:
+                self.output_tokens = int(usage["output_tokens"])
+            if usage.get("input_tokens"):
+                self.input_tokens = int(usage["input_tokens"])
+        elif kind == "message_stop":
+            self.stopped = True
+
+    def end(self) -> TurnEnd:
+        """The response's blocks; PROVIDER_ERROR when the stream ended before message_stop."""
+        if not self.stopped:
+            raise ProviderError("the stream ended before message_stop")
+        blocks = self.blocks
+        for index, parts in self.json_parts.items():  # blocks never stopped: keep what came
+            if index in blocks:
+                blocks[index]["arguments"] = "".join(parts)
+        return TurnEnd(
+            [blocks[i] for i in sorted(blocks)],
+            self.stop_reason,
+            self.input_tokens,
+            self.output_tokens,
+        )
+
+
+def anthropic_stream(
     session: aiohttp.ClientSession,
     config: ProviderConfig,
     system: str,
@@ -244,116 +431,7 @@ async def anthropic_stream(
     tools: list[dict[str, Any]],
 ) -> AsyncIterator[Delta | TurnEnd]:
     """One streamed Messages API call."""
-    body: dict[str, Any] = {
-        "model": config.model,
-        "max_tokens": config.max_tokens,
-        "system": system,
-        "messages": anthropic_messages(conversation),
-        "tools": [
-            {"name": t["name"], "description": t["description"], "input_schema": t["schema"]}
-            for t in tools
-        ],
-        "stream": True,
-    }
-    if config.thinking_budget > 0:
-        body["thinking"] = {"type": "enabled", "budget_tokens": config.thinking_budget}
-        body["max_tokens"] = max(config.max_tokens, config.thinking_budget + 1024)
-    headers = {
-        "x-api-key": config.api_key,
-        "anthropic-version": ANTHROPIC_VERSION,
-        "content-type": "application/json",
-        "accept": "text/event-stream",
-        **config.extra_headers,
-    }
-    url = config.base_url.rstrip("/") + "/v1/messages"
-    resp = await _post_with_retry(session, config, url, headers, body)
-    blocks: dict[int, dict[str, Any]] = {}
-    json_parts: dict[int, list[str]] = {}
-    stop_reason: str | None = None
-    input_tokens = output_tokens = 0
-    stopped = False
-    try:
-        async for event in _events(resp):
-            if event.event == "ping" or not event.data:
-                continue
-            data = _loads(event.data)
-            kind = data.get("type", event.event) if isinstance(data, dict) else event.event
-            if kind == "error":
-                err = data.get("error") or {}
-                raise ProviderError(
-                    f"{err.get('type', 'error')}: {err.get('message', 'stream error')}"
-                )
-            if kind == "message_start":
-                usage = (data.get("message") or {}).get("usage") or {}
-                input_tokens = int(usage.get("input_tokens") or 0) + int(
-                    usage.get("cache_read_input_tokens") or 0
-                )
-                output_tokens = int(usage.get("output_tokens") or 0)
-            elif kind == "content_block_start":
-                index = int(data["index"])
-                start = data.get("content_block") or {}
-                btype = start.get("type")
-                if btype == "text":
-                    blocks[index] = {"type": "text", "text": start.get("text", "")}
-                    if start.get("text"):
-                        yield Delta("text", index, start["text"])
-                elif btype == "thinking":
-                    blocks[index] = {
-                        "type": "thinking",
-                        "thinking": start.get("thinking", ""),
-                        "signature": start.get("signature", ""),
-                    }
-                elif btype == "redacted_thinking":
-                    blocks[index] = {"type": "redacted_thinking", "data": start.get("data", "")}
-                elif btype in ("tool_use", "server_tool_use"):
-                    blocks[index] = {
-                        "type": "tool_call",
-                        "id": start.get("id", ""),
-                        "name": start.get("name", ""),
-                        "arguments": "",
-                    }
-                    json_parts[index] = []
-                    if start.get("input"):
-                        json_parts[index].append(json.dumps(start["input"]))
-            elif kind == "content_block_delta":
-                index = int(data["index"])
-                delta = data.get("delta") or {}
-                dtype = delta.get("type")
-                block = blocks.get(index)
-                if block is None:
-                    continue
-                if dtype == "text_delta":
-                    block["text"] += delta.get("text", "")
-                    yield Delta("text", index, delta.get("text", ""))
-                elif dtype == "thinking_delta":
-                    block["thinking"] += delta.get("thinking", "")
-                    yield Delta("thinking", index, delta.get("thinking", ""))
-                elif dtype == "signature_delta":
-                    block["signature"] = block.get("signature", "") + delta.get("signature", "")
-                elif dtype == "input_json_delta":
-                    json_parts.setdefault(index, []).append(delta.get("partial_json", ""))
-            elif kind == "content_block_stop":
-                index = int(data["index"])
-                if index in json_parts and index in blocks:
-                    blocks[index]["arguments"] = "".join(json_parts.pop(index))
-            elif kind == "message_delta":
-                stop_reason = (data.get("delta") or {}).get("stop_reason") or stop_reason
-                usage = data.get("usage") or {}
-                if usage.get("output_tokens") is not None:
-                    output_tokens = int(usage["output_tokens"])
-                if usage.get("input_tokens"):
-                    input_tokens = int(usage["input_tokens"])
-            elif kind == "message_stop":
-                stopped = True
-                break
-    finally:
-        resp.release()
-    if not stopped:
-        raise ProviderError("the stream ended before message_stop")
-    for index, parts in json_parts.items():  # blocks never stopped: keep what came
-        if index in blocks:
-            blocks[index]["arguments"] = "".join(parts)
-    yield TurnEnd([blocks[i] for i in sorted(blocks)], stop_reason, input_tokens, output_tokens)
+    return _stream(session, config, AnthropicDialect(), system, conversation, tools)
 
 
 # -- OpenAI Chat Completions (OpenAI, OpenRouter, Ollama, vLLM, llama.cpp) ---------------
@@ -388,7 +466,126 @@ def openai_messages(system: str, conversation: list[dict[str, Any]]) -> list[dic
     return out
 
 
-async def openai_stream(
+class OpenAIDialect:
+    """Chat Completions: request, and the stream's chunks folded into blocks."""
+
+    TEXT, THINKING = 0, 1  # block slots: thinking and text each get one; tools after
+
+    def __init__(self) -> None:
+        self.text_parts: list[str] = []
+        self.thinking_parts: list[str] = []
+        self.calls: dict[int, dict[str, Any]] = {}
+        self.stop_reason: str | None = None
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.stopped = False  # `data: [DONE]` arrived
+
+    @staticmethod
+    def request(
+        config: ProviderConfig,
+        system: str,
+        conversation: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+    ) -> Request:
+        """`POST {base}/chat/completions` with a bearer key."""
+        body: dict[str, Any] = {
+            "model": config.model,
+            "messages": openai_messages(system, conversation),
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": t["name"],
+                        "description": t["description"],
+                        "parameters": t["schema"],
+                    },
+                }
+                for t in tools
+            ],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        # api.openai.com's newer models refuse `max_tokens`; compatible servers know only it.
+        if "api.openai.com" in config.base_url:
+            body["max_completion_tokens"] = config.max_tokens
+        else:
+            body["max_tokens"] = config.max_tokens
+        headers = {
+            "authorization": f"Bearer {config.api_key}",
+            "content-type": "application/json",
+            "accept": "text/event-stream",
+            **config.extra_headers,
+        }
+        return Request(config.base_url.rstrip("/") + "/chat/completions", headers, body)
+
+    def feed(self, event: SSEEvent) -> Iterator[Delta]:
+        """Fold one chunk in; yield the text and reasoning pieces it carries."""
+        data_text = event.data.strip()
+        if not data_text:
+            return
+        if data_text == "[DONE]":
+            self.stopped = True
+            return
+        data = _loads(data_text)
+        if not isinstance(data, dict):
+            return
+        if data.get("error"):
+            err = data["error"]
+            message = err.get("message") if isinstance(err, dict) else str(err)
+            raise ProviderError(str(message or "stream error"))
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            self.input_tokens = int(usage.get("prompt_tokens") or self.input_tokens)
+            self.output_tokens = int(usage.get("completion_tokens") or self.output_tokens)
+        calls = self.calls
+        for choice in data.get("choices") or []:
+            delta = choice.get("delta") or {}
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if isinstance(reasoning, str) and reasoning:
+                self.thinking_parts.append(reasoning)
+                yield Delta("thinking", self.THINKING, reasoning)
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                self.text_parts.append(content)
+                yield Delta("text", self.TEXT, content)
+            for call in delta.get("tool_calls") or []:
+                index = int(call.get("index", len(calls)))
+                slot = calls.setdefault(index, {"id": "", "name": "", "arguments": []})
+                if call.get("id"):
+                    slot["id"] = call["id"]
+                function = call.get("function") or {}
+                if function.get("name") and not slot["name"]:
+                    slot["name"] = function["name"]
+                if function.get("arguments"):
+                    slot["arguments"].append(function["arguments"])
+            if choice.get("finish_reason"):
+                self.stop_reason = choice["finish_reason"]
+
+    def end(self) -> TurnEnd:
+        """The response's blocks; PROVIDER_ERROR when it ended before [DONE] or a finish."""
+        if not self.stopped and self.stop_reason is None:
+            raise ProviderError("the stream ended before [DONE]")
+        blocks: list[dict[str, Any]] = []
+        if self.thinking_parts:
+            blocks.append(
+                {"type": "thinking", "thinking": "".join(self.thinking_parts), "signature": ""}
+            )
+        if self.text_parts:
+            blocks.append({"type": "text", "text": "".join(self.text_parts)})
+        for index in sorted(self.calls):
+            slot = self.calls[index]
+            blocks.append(
+                {
+                    "type": "tool_call",
+                    "id": slot["id"] or f"call_{index}",
+                    "name": slot["name"],
+                    "arguments": "".join(slot["arguments"]),
+                }
+            )
+        return TurnEnd(blocks, self.stop_reason, self.input_tokens, self.output_tokens)
+
+
+def openai_stream(
     session: aiohttp.ClientSession,
     config: ProviderConfig,
     system: str,
@@ -396,104 +593,7 @@ async def openai_stream(
     tools: list[dict[str, Any]],
 ) -> AsyncIterator[Delta | TurnEnd]:
     """One streamed Chat Completions call."""
-    body: dict[str, Any] = {
-        "model": config.model,
-        "messages": openai_messages(system, conversation),
-        "tools": [
-            {
-                "type": "function",
-                "function": {
-                    "name": t["name"],
-                    "description": t["description"],
-                    "parameters": t["schema"],
-                },
-            }
-            for t in tools
-        ],
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    # api.openai.com's newer models refuse `max_tokens`; compatible servers know only it.
-    if "api.openai.com" in config.base_url:
-        body["max_completion_tokens"] = config.max_tokens
-    else:
-        body["max_tokens"] = config.max_tokens
-    headers = {
-        "authorization": f"Bearer {config.api_key}",
-        "content-type": "application/json",
-        "accept": "text/event-stream",
-        **config.extra_headers,
-    }
-    url = config.base_url.rstrip("/") + "/chat/completions"
-    resp = await _post_with_retry(session, config, url, headers, body)
-    TEXT, THINKING = 0, 1  # block slots: thinking and text each get one; tools after
-    text_parts: list[str] = []
-    thinking_parts: list[str] = []
-    calls: dict[int, dict[str, Any]] = {}
-    stop_reason: str | None = None
-    input_tokens = output_tokens = 0
-    done = False
-    try:
-        async for event in _events(resp):
-            data_text = event.data.strip()
-            if not data_text:
-                continue
-            if data_text == "[DONE]":
-                done = True
-                break
-            data = _loads(data_text)
-            if not isinstance(data, dict):
-                continue
-            if data.get("error"):
-                err = data["error"]
-                message = err.get("message") if isinstance(err, dict) else str(err)
-                raise ProviderError(str(message or "stream error"))
-            usage = data.get("usage")
-            if isinstance(usage, dict):
-                input_tokens = int(usage.get("prompt_tokens") or input_tokens)
-                output_tokens = int(usage.get("completion_tokens") or output_tokens)
-            for choice in data.get("choices") or []:
-                delta = choice.get("delta") or {}
-                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-                if isinstance(reasoning, str) and reasoning:
-                    thinking_parts.append(reasoning)
-                    yield Delta("thinking", THINKING, reasoning)
-                content = delta.get("content")
-                if isinstance(content, str) and content:
-                    text_parts.append(content)
-                    yield Delta("text", TEXT, content)
-                for call in delta.get("tool_calls") or []:
-                    index = int(call.get("index", len(calls)))
-                    slot = calls.setdefault(index, {"id": "", "name": "", "arguments": []})
-                    if call.get("id"):
-                        slot["id"] = call["id"]
-                    function = call.get("function") or {}
-                    if function.get("name") and not slot["name"]:
-                        slot["name"] = function["name"]
-                    if function.get("arguments"):
-                        slot["arguments"].append(function["arguments"])
-                if choice.get("finish_reason"):
-                    stop_reason = choice["finish_reason"]
-    finally:
-        resp.release()
-    if not done and stop_reason is None:
-        raise ProviderError("the stream ended before [DONE]")
-    blocks: list[dict[str, Any]] = []
-    if thinking_parts:
-        blocks.append({"type": "thinking", "thinking": "".join(thinking_parts), "signature": ""})
-    if text_parts:
-        blocks.append({"type": "text", "text": "".join(text_parts)})
-    for index in sorted(calls):
-        slot = calls[index]
-        blocks.append(
-            {
-                "type": "tool_call",
-                "id": slot["id"] or f"call_{index}",
-                "name": slot["name"],
-                "arguments": "".join(slot["arguments"]),
-            }
-        )
-    yield TurnEnd(blocks, stop_reason, input_tokens, output_tokens)
+    return _stream(session, config, OpenAIDialect(), system, conversation, tools)
 
 
 def stream_turn(

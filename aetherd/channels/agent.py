@@ -1,4 +1,8 @@
-"""The agent channel (PROTOCOL.md section 4): thin handlers over `services.agent`.
+"""The agent channel (docs/protocol.md section 4): thin handlers over `services.agent`.
+
+The service emits domain events (`aetherd.agent.events`); this module turns each
+recorded event into its frame (`aetherd.protocol.agent`), encoded once per event
+however many connections receive it.
 
 Replay on connect: the connection's subscriber is registered BEFORE the history is
 read. Events that arrive meanwhile are held back; once the history frame (covering
@@ -12,150 +16,180 @@ agent `error` event (`error`, `code`), since it belongs to no task.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import Field
-
-from aetherd.errors import AetherError
-from aetherd.protocol import Channel, Message
+from aetherd.agent.events import Recorded
+from aetherd.agent.runner import HistoryPage
+from aetherd.errors import AetherError, ErrorCode
+from aetherd.protocol import Channel, encode
+from aetherd.protocol.agent import (
+    PUSHES,
+    AbortReply,
+    AgentAbort,
+    AgentApprove,
+    AgentErrorEvent,
+    AgentHistory,
+    AgentHistoryFrame,
+    AgentPrompt,
+    AgentReject,
+    AgentSettings,
+    AgentToolResponse,
+    DecisionReply,
+    HistoryReply,
+    PromptReply,
+    SettingsReply,
+    ToolResponseReply,
+    event_item,
+)
 from aetherd.protocol.context import Context
 
-channel = Channel("agent")
+channel = Channel("agent", pushes=PUSHES)
+
+T = TypeVar("T")
+FRAME_KEY = "agent.frame"  # where a recorded event keeps its encoded frame
 
 
-class AgentPrompt(Message):
-    """`prompt`: start (or queue) a task."""
-
-    prompt: str
-    task_id: str | None = None
-
-
-class AgentSettings(Message):
-    """`settings`: persist the agent's defaults."""
-
-    provider: str | None = None
-    model: str | None = None
-    permission_mode: str | None = None
+def frame_text(recorded: Recorded) -> str:
+    """The event's push frame, encoded once and kept on the recorded event."""
+    text = recorded.cache.get(FRAME_KEY)
+    if text is None:
+        text = recorded.cache[FRAME_KEY] = encode(event_item(recorded.record(), frame=True))
+    return str(text)
 
 
-class AgentAbort(Message):
-    """`abort`: cancel a task."""
-
-    task_id: str
-
-
-class AgentToolResponse(Message):
-    """`tool_response`: answer an `ask_user` call."""
-
-    tool_call_id: str
-    result: str
+def history_reply(page: HistoryPage) -> HistoryReply:
+    """A transcript page as the `history` reply's data."""
+    return HistoryReply(
+        events=[event_item(e) for e in page.events],
+        latest_seq=page.latest_seq,
+        has_more=page.has_more,
+        pending=[event_item(e) for e in page.pending],
+    )
 
 
-class AgentApprove(Message):
-    """`approve`: allow a pending permission request (its id travels as `requestId`)."""
-
-    request_id: str
-
-
-class AgentReject(Message):
-    """`reject`: deny a pending permission request, optionally saying why."""
-
-    request_id: str
-    reason: str | None = None
-
-
-class AgentHistory(Message):
-    """`history`: page back through the transcript."""
-
-    before_seq: int | None = Field(None, ge=1, le=2**63 - 1)
-    limit: int | None = Field(None, ge=1, le=2**63 - 1)
-
-
-async def _guard(ctx: Context, func: Callable[[], Awaitable[Any]]) -> Any:
+async def _guard(ctx: Context, func: Callable[[], Awaitable[T]]) -> T | None:
     """Run `func`; without a requestId, report a failure as an agent `error` event."""
     try:
         return await func()
     except AetherError as err:
         if ctx.request_id is not None:
             raise
-        frame = {"channel": "agent", "type": "error", "error": err.message, "code": err.code.value}
-        frame.update(err.extra)
-        ctx.peer.send(frame)
+        ctx.peer.send(AgentErrorEvent(error=err.message, code=err.code, **err.extra))
         return None
 
 
-@channel.handler("prompt", AgentPrompt, concurrent=True)
-async def prompt(ctx: Context, msg: AgentPrompt) -> Any:
+@channel.handler(
+    "prompt",
+    AgentPrompt,
+    reply=PromptReply | None,
+    errors=(
+        ErrorCode.INVALID_MESSAGE,
+        ErrorCode.CONFLICT,
+        ErrorCode.LIMIT_EXCEEDED,
+        ErrorCode.PROVIDER_NOT_CONFIGURED,
+    ),
+    concurrent=True,
+)
+async def prompt(ctx: Context, msg: AgentPrompt) -> PromptReply | None:
     """Queue a task; `data: {taskId, status}`."""
 
-    async def run() -> Any:
-        result = await ctx.services.agent.prompt(msg.prompt, msg.task_id)
-        if result.get("code") and ctx.request_id is not None:
+    async def run() -> PromptReply:
+        queued = await ctx.services.agent.prompt(msg.prompt, msg.task_id)
+        if queued.code is not None and ctx.request_id is not None:
             # The task failed at once (no key): its `done` is out; the reply fails too.
-            raise AetherError(result["code"], result["error"], taskId=result["taskId"])
-        return result
+            raise AetherError(
+                ErrorCode(queued.code), queued.error or queued.code, taskId=queued.task_id
+            )
+        return PromptReply(task_id=queued.task_id, status=queued.status)
 
     return await _guard(ctx, run)
 
 
-@channel.handler("settings", AgentSettings, concurrent=True)
-async def settings(ctx: Context, msg: AgentSettings) -> Any:
+@channel.handler(
+    "settings",
+    AgentSettings,
+    reply=SettingsReply | None,
+    errors=(ErrorCode.INVALID_MESSAGE,),
+    concurrent=True,
+)
+async def settings(ctx: Context, msg: AgentSettings) -> SettingsReply | None:
     """Persist defaults; `data: {provider, model, permissionMode}` in force."""
 
-    async def run() -> Any:
-        return await ctx.services.agent.update_settings(
-            msg.provider, msg.model, msg.permission_mode
+    async def run() -> SettingsReply:
+        now = await ctx.services.agent.update_settings(msg.provider, msg.model, msg.permission_mode)
+        return SettingsReply(
+            provider=now.provider, model=now.model, permission_mode=now.permission_mode
         )
 
     return await _guard(ctx, run)
 
 
-@channel.handler("abort", AgentAbort, concurrent=True)
-async def abort(ctx: Context, msg: AgentAbort) -> Any:
+@channel.handler(
+    "abort",
+    AgentAbort,
+    reply=AbortReply | None,
+    errors=(ErrorCode.TASK_NOT_FOUND, ErrorCode.CONFLICT, ErrorCode.INVALID_MESSAGE),
+    concurrent=True,
+)
+async def abort(ctx: Context, msg: AgentAbort) -> AbortReply | None:
     """Cancel a task; the reply follows its `done`."""
 
-    async def run() -> Any:
-        return await ctx.services.agent.abort(msg.task_id)
+    async def run() -> AbortReply:
+        return AbortReply(task_id=await ctx.services.agent.abort(msg.task_id))
 
     return await _guard(ctx, run)
 
 
-@channel.handler("tool_response", AgentToolResponse)
-async def tool_response(ctx: Context, msg: AgentToolResponse) -> Any:
+@channel.handler(
+    "tool_response",
+    AgentToolResponse,
+    reply=ToolResponseReply | None,
+    errors=(ErrorCode.NOT_FOUND,),
+)
+async def tool_response(ctx: Context, msg: AgentToolResponse) -> ToolResponseReply | None:
     """Answer an `ask_user` call."""
 
-    async def run() -> Any:
-        return ctx.services.agent.answer(msg.tool_call_id, msg.result)
+    async def run() -> ToolResponseReply:
+        task_id = ctx.services.agent.answer(msg.tool_call_id, msg.result)
+        return ToolResponseReply(tool_call_id=msg.tool_call_id, task_id=task_id)
 
     return await _guard(ctx, run)
 
 
-@channel.handler("approve", AgentApprove)
-async def approve(ctx: Context, msg: AgentApprove) -> Any:
+async def _decide(
+    ctx: Context, request_id: str, approved: bool, reason: str | None
+) -> DecisionReply | None:
+    async def run() -> DecisionReply:
+        task_id = ctx.services.agent.decide(request_id, approved, reason)
+        return DecisionReply(request_id=request_id, task_id=task_id, approved=approved)
+
+    return await _guard(ctx, run)
+
+
+@channel.handler("approve", AgentApprove, reply=DecisionReply | None, errors=(ErrorCode.NOT_FOUND,))
+async def approve(ctx: Context, msg: AgentApprove) -> DecisionReply | None:
     """Allow a pending permission request."""
-
-    async def run() -> Any:
-        return ctx.services.agent.decide(msg.request_id, True)
-
-    return await _guard(ctx, run)
+    return await _decide(ctx, msg.request_id, True, None)
 
 
-@channel.handler("reject", AgentReject)
-async def reject(ctx: Context, msg: AgentReject) -> Any:
+@channel.handler("reject", AgentReject, reply=DecisionReply | None, errors=(ErrorCode.NOT_FOUND,))
+async def reject(ctx: Context, msg: AgentReject) -> DecisionReply | None:
     """Deny a pending permission request; the reason goes back to the model."""
-
-    async def run() -> Any:
-        return ctx.services.agent.decide(msg.request_id, False, msg.reason)
-
-    return await _guard(ctx, run)
+    return await _decide(ctx, msg.request_id, False, msg.reason)
 
 
-@channel.handler("history", AgentHistory, concurrent=True)
-async def history(ctx: Context, msg: AgentHistory) -> Any:
+@channel.handler(
+    "history",
+    AgentHistory,
+    reply=HistoryReply | None,
+    errors=(ErrorCode.INVALID_MESSAGE,),
+    concurrent=True,
+)
+async def history(ctx: Context, msg: AgentHistory) -> HistoryReply | None:
     """A page of older events: `data: {events, latestSeq, hasMore, pending}`."""
 
-    async def run() -> Any:
-        return await ctx.services.agent.history(msg.before_seq, msg.limit)
+    async def run() -> HistoryReply:
+        return history_reply(await ctx.services.agent.history(msg.before_seq, msg.limit))
 
     return await _guard(ctx, run)
 
@@ -165,33 +199,41 @@ async def push_history(ctx: Context) -> None:
     """Subscribe, then push `history`, then the events that arrived meanwhile."""
     runner = ctx.services.agent
     peer = ctx.peer
-    held: list[tuple[int, str]] = []
+    held: list[Recorded] = []
     state: dict[str, Any] = {"live": False, "latest": 0}
 
-    def deliver(event: dict[str, Any], text: str) -> None:
+    def deliver(recorded: Recorded) -> None:
         if state["live"]:
-            if event["seq"] > state["latest"]:
-                peer.send(text)
+            if recorded.seq > state["latest"]:
+                peer.send(frame_text(recorded))
         else:
-            held.append((event["seq"], text))
+            held.append(recorded)
 
     peer.add_cleanup(runner.subscribe(deliver))
     try:
         page = await runner.history()
     except BaseException:
         # No history: still deliver live events rather than hold them forever.
-        for _seq, text in held:
-            peer.send(text)
+        for recorded in held:
+            peer.send(frame_text(recorded))
         held.clear()
         state["live"] = True
         raise
-    latest = page["latestSeq"]
-    peer.send({"channel": "agent", "type": "history", **page})
+    latest = page.latest_seq
+    body = history_reply(page)
+    peer.send(
+        AgentHistoryFrame(
+            events=body.events,
+            latest_seq=body.latest_seq,
+            has_more=body.has_more,
+            pending=body.pending,
+        )
+    )
     state["latest"] = latest
-    for seq, text in held:
-        if seq > latest:
-            peer.send(text)
-            latest = seq
+    for recorded in held:
+        if recorded.seq > latest:
+            peer.send(frame_text(recorded))
+            latest = recorded.seq
     held.clear()
     state["latest"] = latest
     state["live"] = True

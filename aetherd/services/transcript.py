@@ -290,7 +290,7 @@ class TranscriptStore:
             return
         with self._flush_lock:
             while self._pending:
-                batch = []
+                batch: list[tuple[int, str | None, str, str, str]] = []
                 while self._pending and len(batch) < self.commit_batch:
                     batch.append(self._pending.popleft())
                 conn.execute("BEGIN")

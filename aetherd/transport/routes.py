@@ -15,7 +15,7 @@ from aiohttp import WSMsgType, web
 from aetherd import __version__
 from aetherd.daemon import Daemon
 from aetherd.errors import AetherError, ErrorCode
-from aetherd.logs import connection_id
+from aetherd.logs import CLIENT_ADDRESS, connection_id
 from aetherd.metrics import CONTENT_TYPE
 from aetherd.protocol.context import Context
 from aetherd.protocol.dispatch import Dispatcher
@@ -129,7 +129,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     daemon.hub.add(conn)
     writer = asyncio.create_task(conn.run_writer(), name=f"{conn_id}-writer")
     supervisor = asyncio.create_task(conn.supervise(), name=f"{conn_id}-supervisor")
-    log.info("connected", extra={"remote": request.remote})
+    log.info("connected", extra={"remote": request.get(CLIENT_ADDRESS) or request.remote})
     try:
         ctx = Context(daemon, conn)
         for channel in daemon.registry.channels.values():

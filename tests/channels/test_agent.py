@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from aetherd.agent.events import ContentPiece
 from aetherd.logs import redactor
 from tests.conftest import TOKEN
 from tests.fake_providers import FakeProvider, HttpError, ToolUse, Turn
@@ -714,9 +715,9 @@ async def test_connecting_while_a_task_streams_has_no_gap_and_no_duplicate(start
 
     async def racing_history(**kwargs):
         # Deliberately emit events between subscribe and the read, and during the read.
-        injected.append(runner.emit("race", "text", messageId="race-m", content="A")["seq"])
+        injected.append(runner.events.emit("race", ContentPiece("text", "race-m", "A")).seq)
         result = await original(**kwargs)
-        injected.append(runner.emit("race", "text", messageId="race-m", content="B")["seq"])
+        injected.append(runner.events.emit("race", ContentPiece("text", "race-m", "B")).seq)
         return result
 
     client = await running.connect()
@@ -756,7 +757,7 @@ async def test_history_survives_a_daemon_restart(start_daemon, anthropic):
     await running.server.close()
     # Stopping released the transcript's writer thread and the agent's worker.
     assert not [t for t in threading.enumerate() if t.name.startswith("transcript")]
-    assert running.daemon.services.agent._worker.done()
+    assert running.daemon.services.agent.queue._worker.done()
     again = await start_agent(start_daemon, anthropic)
     client = await again.connect()
     page = await history(client)

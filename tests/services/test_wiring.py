@@ -48,15 +48,15 @@ async def test_agent_defaults_env_and_ignores_apply_live(start_daemon):
         "env:\n  GREETING: hello\nagent:\n  provider: openai\n  model: m-from-config\n"
         "  permission_mode: full\nfiles:\n  ignore: ['*.log']\n",
     )
-    await wait_for(lambda: agent.effective_settings()["model"] == "m-from-config")
+    await wait_for(lambda: agent.effective_settings().model == "m-from-config")
     effective = agent.effective_settings()
-    assert effective["provider"] == "openai"
-    assert effective["permissionMode"] == "full"
+    assert effective.provider == "openai"
+    assert effective.permission_mode == "full"
     assert agent.tools.bash_env()["GREETING"] == "hello"
     assert "*.log" in agent.tools.ignore
     await _set_config(client, "env: {}\n")
     await wait_for(lambda: "GREETING" not in agent.tools.bash_env())
-    assert agent.effective_settings()["model"] != "m-from-config"
+    assert agent.effective_settings().model != "m-from-config"
 
 
 async def test_watcher_ignores_from_config_apply_live(start_daemon, workspace):

@@ -1,0 +1,294 @@
+"""The agent channel's messages, both ways (docs/protocol.md section 4).
+
+Client → server: `AgentPrompt`, `AgentSettings`, `AgentAbort`, `AgentToolResponse`,
+`AgentApprove`, `AgentReject`, `AgentHistory`.
+
+Server → client: the transcript events (`status`, `text`, `thinking`,
+`tool_invocation`, `permission_request`, `tool_result`, `done`), each
+`{channel: "agent", type, taskId, seq, createdAt, ...}`; the `history` frame; and the
+`error` event (a failure that belongs to no task).
+
+Inside a `history` page (`events`, `pending`) the same events appear without
+`channel`: their `channel` field is None there and left out. `event_item()` reads a
+stored event (as the transcript returns it) into its model; an event of a type this
+daemon does not know (a transcript from another version) is kept as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+
+from aetherd.errors import ErrorCode
+from aetherd.protocol.models import Frame, Message, Model, omitted
+
+MAX_SEQ = 2**63 - 1  # seq is an SQLite INTEGER
+MAX_TASK_ID = 128
+MAX_ID = 256  # tool call and permission request ids (made by models or by us)
+
+# -- client → server --------------------------------------------------------------------
+
+
+class AgentPrompt(Message):
+    """`prompt`: start (or queue) a task."""
+
+    prompt: str
+    task_id: str | None = None
+
+
+class AgentSettings(Message):
+    """`settings`: persist the agent's defaults."""
+
+    provider: str | None = None
+    model: str | None = None
+    permission_mode: str | None = None
+
+
+class AgentAbort(Message):
+    """`abort`: cancel a task."""
+
+    task_id: str
+
+
+class AgentToolResponse(Message):
+    """`tool_response`: answer an `ask_user` call."""
+
+    tool_call_id: str
+    result: str
+
+
+class AgentApprove(Message):
+    """`approve`: allow a pending permission request (its id travels as `requestId`)."""
+
+    request_id: str
+
+
+class AgentReject(Message):
+    """`reject`: deny a pending permission request, optionally saying why."""
+
+    request_id: str
+    reason: str | None = None
+
+
+class AgentHistory(Message):
+    """`history`: page back through the transcript."""
+
+    before_seq: int | None = Field(None, ge=1, le=MAX_SEQ)
+    limit: int | None = Field(None, ge=1, le=MAX_SEQ)
+
+
+# -- reply data ------------------------------------------------------------------------
+
+
+class PromptReply(Model):
+    """`prompt` → the task and its status (`queued`)."""
+
+    task_id: str
+    status: str
+
+
+class SettingsReply(Model):
+    """`settings` → the settings in force."""
+
+    provider: str
+    model: str
+    permission_mode: str
+
+
+class AbortReply(Model):
+    """`abort` → sent after the task's `done`."""
+
+    task_id: str
+    status: Literal["aborted"] = "aborted"
+
+
+class ToolResponseReply(Model):
+    """`tool_response` → the call answered and its task."""
+
+    tool_call_id: str
+    task_id: str
+
+
+class DecisionReply(Model):
+    """`approve` / `reject` → the request decided, its task, and the decision."""
+
+    request_id: str
+    task_id: str
+    approved: bool
+
+
+# -- events (stored in the transcript, pushed live, replayed in history) -----------------
+
+
+class AgentEvent(Frame):
+    """What every transcript event carries. `channel` is left out inside a history page."""
+
+    channel: Literal["agent"] | None = omitted("agent")  # type: ignore[assignment]
+    type: str
+    task_id: str | None
+    seq: int = Field(ge=0, le=MAX_SEQ)
+    created_at: str
+
+
+class AgentStatus(AgentEvent):
+    """`status`: a task's status; `prompt` travels with `queued`."""
+
+    type: Literal["status"] = "status"
+    status: str
+    prompt: str | None = omitted()
+
+
+class AgentText(AgentEvent):
+    """`text`: a piece of the model's answer, in content block `messageId`."""
+
+    type: Literal["text"] = "text"
+    message_id: str
+    content: str
+
+
+class AgentThinking(AgentEvent):
+    """`thinking`: a piece of the model's thinking, in content block `messageId`."""
+
+    type: Literal["thinking"] = "thinking"
+    message_id: str
+    content: str
+
+
+class AgentToolInvocation(AgentEvent):
+    """`tool_invocation`: a tool call in `status`; `progress` is a piece of bash output."""
+
+    type: Literal["tool_invocation"] = "tool_invocation"
+    tool_call_id: str
+    name: str
+    input: dict[str, Any]
+    status: str
+    progress: str | None = omitted()
+
+
+class AgentPermissionRequest(AgentEvent):
+    """`permission_request`: a tool call waiting for approval (`approve` / `reject`)."""
+
+    type: Literal["permission_request"] = "permission_request"
+    request_id: str
+    tool_call_id: str
+    name: str
+    input: dict[str, Any]
+    description: str
+
+
+class AgentToolResult(AgentEvent):
+    """`tool_result`: a tool call's `result`, or its `error` when `isError`."""
+
+    type: Literal["tool_result"] = "tool_result"
+    tool_call_id: str
+    name: str
+    is_error: bool
+    result: str | None = omitted()
+    error: str | None = omitted()
+
+
+class Usage(Model):
+    """Tokens summed over a task's model calls."""
+
+    input_tokens: int
+    output_tokens: int
+
+
+class AgentDone(AgentEvent):
+    """`done`: a task ended, with its usage, and `error` and `code` when it failed."""
+
+    type: Literal["done"] = "done"
+    status: str
+    usage: Usage
+    error: str | None = omitted()
+    code: str | None = omitted()
+
+
+class AgentOtherEvent(AgentEvent):
+    """A stored event of a type this daemon does not emit (another version's): replayed
+    as it was stored."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+KnownEvent = Annotated[
+    AgentStatus
+    | AgentText
+    | AgentThinking
+    | AgentToolInvocation
+    | AgentPermissionRequest
+    | AgentToolResult
+    | AgentDone,
+    Field(discriminator="type"),
+]
+EventItem = (
+    AgentStatus
+    | AgentText
+    | AgentThinking
+    | AgentToolInvocation
+    | AgentPermissionRequest
+    | AgentToolResult
+    | AgentDone
+    | AgentOtherEvent
+)
+EVENT_TYPES: tuple[type[AgentEvent], ...] = (
+    AgentStatus,
+    AgentText,
+    AgentThinking,
+    AgentToolInvocation,
+    AgentPermissionRequest,
+    AgentToolResult,
+    AgentDone,
+)
+_known: TypeAdapter[Any] = TypeAdapter(KnownEvent)
+
+
+def event_item(stored: dict[str, Any], *, frame: bool = False) -> EventItem:
+    """A stored event (`{type, taskId, seq, createdAt, ...}`) as its model.
+
+    `frame=True` gives the push frame (`channel: "agent"` first); otherwise the item of
+    a history page (no `channel`). A stored event that does not fit its model (another
+    version's) is kept as it was stored.
+    """
+    data = {"channel": "agent" if frame else None, **stored}
+    try:
+        event: EventItem = _known.validate_python(data)
+    except ValidationError:
+        return AgentOtherEvent.model_validate(data)
+    return event
+
+
+class HistoryReply(Model):
+    """A page of the transcript: the `history` reply's data and the `history` frame's body."""
+
+    events: list[EventItem]
+    latest_seq: int
+    has_more: bool
+    pending: list[EventItem]
+
+
+class AgentHistoryFrame(Frame):
+    """`history`: pushed on connect (not stored)."""
+
+    channel: Literal["agent"] = "agent"
+    type: Literal["history"] = "history"
+    events: list[EventItem]
+    latest_seq: int
+    has_more: bool
+    pending: list[EventItem]
+
+
+class AgentErrorEvent(Frame):
+    """`error`: a failure of a frame without `requestId` (not stored, no `seq`); extra
+    fields of the error (`taskId`, `field`, ...) follow."""
+
+    model_config = ConfigDict(extra="allow")
+
+    channel: Literal["agent"] = "agent"
+    type: Literal["error"] = "error"
+    error: str
+    code: ErrorCode
+
+
+PUSHES: tuple[type[Frame], ...] = (*EVENT_TYPES, AgentHistoryFrame, AgentErrorEvent)
