@@ -457,12 +457,8 @@ class Comparison:
             )
 
 
-def compare(document: dict[str, Any], doc: Doc, pending: frozenset[str] = frozenset()) -> list[str]:
-    """Every disagreement between the doc's tables and the generated document.
-
-    `pending` names channels whose replies and pushes are not typed yet (transitional):
-    for those only the client messages' own fields are compared.
-    """
+def compare(document: dict[str, Any], doc: Doc) -> list[str]:
+    """Every disagreement between the doc's tables and the generated document."""
     schema = Schema(document)
     comparison = Comparison(schema, doc)
     problems = comparison.problems
@@ -474,23 +470,18 @@ def compare(document: dict[str, Any], doc: Doc, pending: frozenset[str] = frozen
             problems.append(f"line {row.line}: {'/'.join(key)} is listed twice")
         rows[key] = row
 
-    def checked(key: tuple[str, str, str]) -> bool:
-        return key[0] not in pending or key[1] == "client"
-
     for key in sorted(set(entries) - set(rows)):
-        if checked(key):
-            problems.append(f"{key[0]}/{key[2]} ({key[1]}): in the schema, not in the doc")
+        problems.append(f"{key[0]}/{key[2]} ({key[1]}): in the schema, not in the doc")
     for key in sorted(set(rows) - set(entries)):
-        if checked(key):
-            problems.append(
-                f"line {rows[key].line}: {key[0]}/{key[2]} ({key[1]}): in the doc, not in the schema"
-            )
+        problems.append(
+            f"line {rows[key].line}: {key[0]}/{key[2]} ({key[1]}): in the doc, not in the schema"
+        )
     for key in sorted(set(rows) & set(entries)):
         row, entry = rows[key], entries[key]
         where = f"{key[0]}/{key[2]} ({key[1]}, line {row.line})"
         envelope = ENVELOPE_FIELDS if key[1] == "client" else PUSH_ENVELOPE
         comparison.fields(row.fields, entry["payload"], where, envelope)
-        if key[1] != "client" or key[0] in pending:
+        if key[1] != "client":
             continue
         if not row.has_reply:
             problems.append(f"{where}: no reply column for a client message")
@@ -510,6 +501,5 @@ def compare(document: dict[str, Any], doc: Doc, pending: frozenset[str] = frozen
         envelope = dict(doc.envelope[name])
         comparison.fields(envelope, {"$ref": f"#/components/schemas/{model}"}, name)
     for name in sorted(set(doc.objects) - comparison.used_objects):
-        if not pending:
-            problems.append(f"object `{name}` is not used by any message")
+        problems.append(f"object `{name}` is not used by any message")
     return problems

@@ -23,28 +23,8 @@ from tests.protocol.docspec import DocError, compare, parse_doc, parse_fields, p
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 
 
-# Transitional (issue 12): channels whose conversion to typed replies and pushes is
-# still under way. Each drops out on its own once it declares a reply or a push.
-UNCONVERTED = ("agent", "files")
-
-
-def pending_channels(registry: Registry) -> frozenset[str]:
-    """The channels of UNCONVERTED that still declare no reply type and no push frame.
-
-    Such a channel still returns hand-built dicts, so the schema knows nothing of its
-    replies and pushes; for it only the client messages are compared.
-    """
-    pending = set()
-    for name in UNCONVERTED:
-        channel = registry.channel(name)
-        if channel is not None and not channel.pushes:
-            if all(handler.reply is None for handler in channel.handlers.values()):
-                pending.add(name)
-    return frozenset(pending)
-
-
 def check(text: str, registry: Registry) -> list[str]:
-    return compare(build_document(registry), parse_doc(text), pending_channels(registry))
+    return compare(build_document(registry), parse_doc(text))
 
 
 def test_the_doc_and_the_schema_agree() -> None:

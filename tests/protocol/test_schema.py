@@ -67,7 +67,8 @@ def test_the_cli_prints_the_document_of_the_registry(cli_output: str) -> None:
 
 
 def test_the_document_is_sorted_and_stable(cli_output: str) -> None:
-    assert cli_output == json.dumps(json.loads(cli_output), indent=2, sort_keys=True) + "\n"
+    text = json.dumps(json.loads(cli_output), indent=2, sort_keys=True, ensure_ascii=False)
+    assert cli_output == text + "\n"
     first = build_document(Registry(CHANNELS))
     second = build_document(Registry(CHANNELS))
     assert first == second
