@@ -64,6 +64,7 @@ class Services:
             shutdown_timeout=min(5.0, settings.shutdown_timeout / 2),
         )
         self._lifecycle.append(self.executors)
+        self.metrics.add_source(self.executors)
         self.jail = Jail(settings.root, self.executors.file)
         self.metrics.add_source(self.activity)
 

@@ -33,7 +33,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 
 from aetherd.config_model import (
@@ -85,6 +97,19 @@ log = logging.getLogger("aetherd.config")
 # Events that say the file (or a directory on its way) changed; opened/closed-no-write
 # are our own reads and would otherwise make the watcher re-read forever.
 _RELEVANT_EVENTS = frozenset({"created", "deleted", "modified", "moved", "closed"})
+# The same, as the inotify mask of the watch: opens and reads (ours, and the shared
+# opener's directory walk) never even reach watchdog.
+_EVENT_FILTER = [
+    FileCreatedEvent,
+    DirCreatedEvent,
+    FileDeletedEvent,
+    DirDeletedEvent,
+    FileModifiedEvent,
+    DirModifiedEvent,
+    FileMovedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+]
 # A burst of events longer than this many debounce periods is read anyway.
 _MAX_DEBOUNCE_EXTENSIONS = 20
 # Bound on one watchdog control call (schedule, unschedule, stop): they join threads
@@ -589,7 +614,10 @@ class ConfigStore:
             try:
                 st = os.stat(directory)
                 watch = observer.schedule(
-                    _EventForwarder(self._on_paths), directory, recursive=False
+                    _EventForwarder(self._on_paths),
+                    directory,
+                    recursive=False,
+                    event_filter=_EVENT_FILTER,
                 )
             except OSError as exc:
                 log.warning("cannot watch %s: %s (the poll still runs)", directory, exc)

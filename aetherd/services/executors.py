@@ -28,8 +28,10 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
+
+from aetherd.metrics import Sample
 
 log = logging.getLogger("aetherd.executors")
 T = TypeVar("T")
@@ -153,6 +155,22 @@ class Executors:
 
     def _pools(self) -> list[BoundedExecutor]:
         return [self.file]
+
+    def metrics(self) -> Iterator[Sample]:
+        """Threads, busy threads, the cap and calls of each pool, read at scrape time."""
+        for pool in self._pools():
+            stats = pool.stats()
+            labels = {"pool": pool.name}
+            yield Sample("aetherd_executor_threads", "Threads started", stats["threads"], labels)
+            yield Sample("aetherd_executor_busy", "Threads running a call", stats["busy"], labels)
+            yield Sample("aetherd_executor_max_threads", "The pool's cap", stats["max"], labels)
+            yield Sample(
+                "aetherd_executor_calls",
+                "Calls submitted",
+                stats["submitted"],
+                labels,
+                kind="counter",
+            )
 
     async def stop(self) -> None:
         """Shut every pool down; never waits on a blocked thread beyond the timeout."""

@@ -56,6 +56,7 @@ async def test_fifos_fail_fast_and_the_daemon_keeps_answering(start_daemon, work
         assert {e["name"] for e in listing["data"]} >= {"pipe", "f.bin"}
         async with http.get(running.url("/metrics")) as resp:
             assert resp.status == 200
+            assert 'aetherd_executor_max_threads{pool="file"} 4.0' in await resp.text()
         async with http.get(running.url("/healthz")) as resp:
             assert resp.status == 200
         async with http.get(content_url(running, "/f.bin"), params={"path": "/f.bin"}) as resp:
