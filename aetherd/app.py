@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import WSCloseCode, web
 
@@ -16,13 +19,15 @@ from aetherd import __version__, systemd
 from aetherd.channels import CHANNELS
 from aetherd.daemon import Daemon, build_services
 from aetherd.errors import SettingsError
-from aetherd.logs import AccessLogger
+from aetherd.logs import AccessLogger, install_log_filters
 from aetherd.protocol import Hub, Registry
 from aetherd.settings import Settings
+from aetherd.transport.access import AUTH, DAEMON, TRANSPORT, TransportState
 from aetherd.transport.auth import Authenticator, TokenSetup, connect_url, setup_tokens
 from aetherd.transport.browser import add_browser_http
+from aetherd.transport.guard import ConnectionGuard, GuardedSite
 from aetherd.transport.proxy import add_preview_proxy
-from aetherd.transport.routes import AUTH, DAEMON, add_routes
+from aetherd.transport.routes import add_routes
 
 log = logging.getLogger("aetherd")
 
@@ -39,12 +44,34 @@ def create_app(settings: Settings, tokens: TokenSetup | None = None) -> web.Appl
     )
     app[DAEMON] = daemon
     app[AUTH] = Authenticator(settings, tokens.tokens)
+    app[TRANSPORT] = TransportState(
+        guard=ConnectionGuard(settings.max_pending_connections, settings.accept_error_log_interval),
+        prefix=f"{os.getpid():x}",
+    )
+    install_log_filters()
     add_routes(app)
     app.cleanup_ctx.append(_services_ctx)
     add_preview_proxy(app)  # section 13
     add_browser_http(app, settings)  # section 16
     app.on_shutdown.append(close_sockets)
     return app
+
+
+def runner_options(settings: Settings) -> dict[str, Any]:
+    """`web.AppRunner` options shared by `serve()` and the test server."""
+    return {
+        "access_log_class": AccessLogger,
+        "access_log": logging.getLogger("aetherd.access"),
+        # aiohttp arms this timer when a connection is made and closes the connection if
+        # no complete request head has arrived when it fires: the header-read timeout.
+        "keepalive_timeout": settings.header_timeout,
+    }
+
+
+def check_environment(settings: Settings) -> None:
+    """Refuse to start with settings that would make every request of a kind fail."""
+    if shutil.which(settings.terminal_shell) is None:
+        raise SettingsError(f"terminal shell {settings.terminal_shell!r} not found on PATH")
 
 
 async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -111,8 +138,13 @@ def _bind(settings: Settings) -> socket.socket:
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Run the daemon until SIGTERM/SIGINT (or `stop`), then shut down gracefully."""
-    tokens = setup_tokens(settings)
+    """Run the daemon until SIGTERM/SIGINT (or `stop`), then shut down gracefully.
+
+    The socket is bound before the token is set up, so a start that fails (a port in
+    use) leaves no token file behind: the first start that succeeds generates the
+    token and prints the connect URL.
+    """
+    check_environment(settings)
     activated = systemd.listen_fds()
     if activated:
         sock = activated[0]
@@ -122,22 +154,29 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     else:
         sock = _bind(settings)
     host, port = sock.getsockname()[:2]
-    app = create_app(settings, tokens)
+    try:
+        tokens = setup_tokens(settings)
+        app = create_app(settings, tokens)
+    except BaseException:
+        sock.close()
+        raise
     runner = web.AppRunner(
         app,
-        access_log_class=AccessLogger,
-        access_log=logging.getLogger("aetherd.access"),
         handle_signals=False,
         shutdown_timeout=settings.shutdown_timeout,
+        **runner_options(settings),
     )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    guard = app[TRANSPORT].guard
+    previous_handler = loop.get_exception_handler()
+    loop.set_exception_handler(guard.exception_handler)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     watchdog: asyncio.Task[None] | None = None
     try:
         await runner.setup()
-        site = web.SockSite(runner, sock, shutdown_timeout=settings.shutdown_timeout)
+        site = GuardedSite(runner, sock, guard)
         await site.start()
         log.info(
             "listening on http://%s:%d",
@@ -156,8 +195,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
                 f"aetherd: connect with {connect_url(settings, host, port, tokens.tokens[0])}",
                 flush=True,
             )
-        elif not settings.token and not settings.token_file:
+        elif tokens.tokens and not settings.token and not settings.token_file:
             log.info("token is in %s", settings.token_path)
+        elif not tokens.tokens:
+            log.info("no static token: clients authenticate with JWTs")
         systemd.notify(f"READY=1\nSTATUS=serving workspace {settings.workspace_id} on port {port}")
         interval = systemd.watchdog_interval()
         if interval is not None:
@@ -173,4 +214,5 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             loop.remove_signal_handler(signum)
         await runner.cleanup()
         sock.close()
+        loop.set_exception_handler(previous_handler)
     log.info("stopped")

@@ -36,22 +36,44 @@ def redact_url(url: str) -> str:
     return _TOKEN_QUERY.sub(r"\1***", url)
 
 
+def _encoded_pattern(secret: str) -> re.Pattern[str]:
+    """Matches `secret` with any of its characters percent-encoded (either hex case), or a
+    space as `+`: the forms a secret takes in a URL's query string."""
+    parts = []
+    for char in secret:
+        encoded = "".join(f"%{byte:02x}" for byte in char.encode("utf-8", "surrogatepass"))
+        options = [re.escape(char), re.escape(encoded)]
+        if char == " ":
+            options.append(r"\+")
+        parts.append("(?:" + "|".join(options) + ")")
+    # IGNORECASE makes the hex digits match in either case (and the rest a little wider,
+    # which only ever hides more).
+    return re.compile("".join(parts), re.IGNORECASE)
+
+
 class SecretRedactor(logging.Filter):
-    """Defence in depth: scrub known secrets from every record, whatever the code logged."""
+    """Defence in depth: scrub known secrets from every record, whatever the code logged.
+
+    A secret is scrubbed as given and in its URL-encoded forms (`%2F` or `%2f`), since
+    aiohttp logs the raw request line of a malformed request, query string included.
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self._secrets: set[str] = set()
+        self._secrets: dict[str, re.Pattern[str]] = {}
 
     def add(self, secret: str | None) -> None:
         """Never let `secret` reach a log line."""
-        if secret and len(secret) >= 4:
-            self._secrets.add(secret)
+        if secret and len(secret) >= 4 and secret not in self._secrets:
+            self._secrets[secret] = _encoded_pattern(secret)
 
     def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
+        encoded = "%" in text or "+" in text
+        for secret, pattern in self._secrets.items():
             if secret in text:
                 text = text.replace(secret, "***")
+            if encoded:
+                text = pattern.sub("***", text)
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -68,6 +90,49 @@ class SecretRedactor(logging.Filter):
 
 
 redactor = SecretRedactor()
+
+
+class BadRequestFilter(logging.Filter):
+    """aiohttp logs a malformed request (bad request line, line too long) at ERROR with a
+    traceback that quotes the raw bytes. A client's garbage is not the daemon's error:
+    the record becomes one INFO line that names the kind of error and quotes nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.msg = "bad request from %s: %s (HTTP %s)"
+            record.args = (remote, type(exc).__name__, exc.code)
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+class BenignWatchdogFilter(logging.Filter):
+    """watchdog 7.1 logs at ERROR when an inotify event arrives while its emitter is
+    stopping ("queue_events() called when the thread is inactive"): a race in its own
+    shutdown that loses nothing. It becomes a DEBUG record."""
+
+    MESSAGE = "called when the thread is inactive"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and self.MESSAGE in str(record.msg):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+def install_log_filters() -> None:
+    """Install the filters that reword third-party records (once per logger)."""
+    for name, kind in (
+        ("aiohttp.server", BadRequestFilter),
+        ("watchdog.observers.inotify", BenignWatchdogFilter),
+    ):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
 
 
 class JsonFormatter(logging.Formatter):
@@ -129,6 +194,7 @@ def setup_logging(log_format: str = "auto", level: str = "info", stream: Any = N
     root.setLevel(level.upper())
     # aiohttp's own access log is replaced by AccessLogger below.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    install_log_filters()
 
 
 class AccessLogger(AbstractAccessLogger):

@@ -91,7 +91,28 @@ class Settings(BaseModel):
     max_inflight_requests: int = Field(
         32, ge=1, description="Concurrent slow requests per connection"
     )
+    send_queue_pause_frames: int = Field(
+        1024,
+        ge=1,
+        description="Stop reading a client's frames while this many wait to be sent to it",
+    )
+    send_queue_pause_bytes: int = Field(
+        8 * MiB,
+        ge=1024,
+        description="Stop reading a client's frames while this many bytes wait to be sent to it",
+    )
     max_connections: int = Field(256, ge=1, description="Simultaneous WebSocket connections")
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a connection may take to send a request head, or idle between requests",
+    )
+    max_pending_connections: int = Field(
+        64, ge=1, description="Connections not yet authenticated; beyond, the oldest is closed"
+    )
+    accept_error_log_interval: float = Field(
+        10.0, gt=0, description="Seconds between two log lines about failed accept() calls"
+    )
     shutdown_timeout: float = Field(
         8.0, gt=0, description="Seconds the graceful shutdown may take before it is forced"
     )

@@ -72,6 +72,66 @@ def test_port_in_use(tmp_path: Path):
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    # A failed start leaves no token behind: the first start that works generates it
+    # and shows the connect URL.
+    assert not (tmp_path / "d" / "token").exists()
+    _, stdout = _serve_until(tmp_path, "listening on", "--data-dir", str(tmp_path / "d"))
+    token = (tmp_path / "d" / "token").read_text().strip()
+    assert stdout.startswith("aetherd: connect with ws://127.0.0.1:") and token in stdout
+
+
+def test_missing_terminal_shell_exits_2_with_one_line(tmp_path: Path):
+    result = run_cli(
+        tmp_path, "serve", "--port", "0", "--terminal-shell", "nosuchshell", "--data-dir", "d"
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["aetherd: error: terminal shell 'nosuchshell' not found on PATH"]
+    assert not (tmp_path / "d" / "token").exists()
+
+
+def _serve_until(tmp_path: Path, marker: str, *args: str) -> tuple[list[str], str]:
+    """Start `aetherd serve --port 0 ARGS`, read the log until `marker`, stop it."""
+    proc = subprocess.Popen(
+        [*aetherd_command(), "serve", "--port", "0", "--log-format", "json", *args],
+        cwd=tmp_path,
+        env=child_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            if marker in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        stdout, rest = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=5)
+    return lines + rest.splitlines(keepends=True), stdout
+
+
+def test_jwt_only_does_not_point_at_a_token_file(tmp_path: Path):
+    lines, _ = _serve_until(
+        tmp_path,
+        "authenticate with JWTs",
+        "--jwt-secret",
+        "a-long-enough-shared-secret-for-hs256",
+        "--data-dir",
+        str(tmp_path / "d"),
+    )
+    log = "".join(lines)
+    assert "no static token: clients authenticate with JWTs" in log
+    assert "token is in" not in log
+    assert not (tmp_path / "d" / "token").exists()
 
 
 def test_unreadable_token_file(tmp_path: Path):

@@ -47,3 +47,22 @@ def test_the_fixture_accepts_a_declared_error(expect_log: ExpectLog) -> None:
 @pytest.mark.expect_log(r"marked failure")
 def test_the_marker_accepts_a_declared_error() -> None:
     logging.getLogger("aetherd.test").error("marked failure")
+
+
+def test_watchdogs_shutdown_race_is_not_an_error() -> None:
+    from aetherd.logs import BenignWatchdogFilter
+
+    record = logging.LogRecord(
+        "watchdog.observers.inotify",
+        logging.ERROR,
+        __file__,
+        1,
+        "InotifyEmitter.queue_events() called when the thread is inactive",
+        None,
+        None,
+    )
+    assert BenignWatchdogFilter().filter(record) is True
+    assert record.levelno == logging.DEBUG
+    other = _record(logging.ERROR, "a real error")
+    BenignWatchdogFilter().filter(other)
+    assert other.levelno == logging.ERROR

@@ -28,7 +28,7 @@ channel = Channel("config", require_request_id=True, pushes=(ConfigChanged,))
 def changed_frame(event: ConfigEvent) -> ConfigChanged:
     """The `changed` push for one config event."""
     return ConfigChanged(
-        config=event.config.model_dump(mode="json"),
+        config=event.config,
         version=event.version,
         valid=event.valid,
         errors=[ConfigError.model_validate(error) for error in event.errors],

@@ -76,7 +76,8 @@ async def list_(ctx: Context, msg: PathRequest) -> list[FileEntry]:
     "read",
     ReadRequest,
     reply=FileContent,
-    errors=(*_PATH_ERRORS, ErrorCode.IS_DIRECTORY, ErrorCode.FILE_TOO_LARGE),
+    # BUSY: the file's open would block (EAGAIN; it is opened non-blocking).
+    errors=(*_PATH_ERRORS, ErrorCode.IS_DIRECTORY, ErrorCode.FILE_TOO_LARGE, ErrorCode.BUSY),
     concurrent=True,
 )
 async def read(ctx: Context, msg: ReadRequest) -> FileContent:

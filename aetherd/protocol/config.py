@@ -4,9 +4,9 @@ Client → server: `get`, `set`, `validate` (every frame needs a `requestId`).
 Server → client: the `changed` push; the replies of `get` and `set` (a snapshot) and
 of `validate`.
 
-`config` is the workspace config model (`aetherd.services.config.WorkspaceConfig`)
-with its defaults filled in, snake_case keys as in the file; its JSON Schema is served
-at `GET /workspaces/{id}/config/schema`. Here it is an object.
+`config` is the workspace config model (`aetherd.config_model.WorkspaceConfig`, the
+same model the file is validated with) with its defaults filled in, snake_case keys as
+in the file; its JSON Schema is also served at `GET /workspaces/{id}/config/schema`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from aetherd.config_model import WorkspaceConfig
 from aetherd.protocol.models import Frame, Message, Model
 
 __all__ = [
@@ -26,10 +27,7 @@ __all__ = [
     "ConfigValidation",
 ]
 
-CONFIG_DESCRIPTION = (
-    "The config in force (the last good one), defaults filled in, snake_case keys; "
-    "its schema is served at /workspaces/{id}/config/schema"
-)
+CONFIG_DESCRIPTION = "The config in force (the last good one), defaults filled in, snake_case keys"
 
 # -- client → server --------------------------------------------------------------------
 
@@ -64,7 +62,7 @@ class ConfigError(Model):
 class ConfigSnapshot(Model):
     """The reply of `get` and of `set`: the config in force and the file on disk."""
 
-    config: dict[str, Any] = Field(description=CONFIG_DESCRIPTION)
+    config: WorkspaceConfig = Field(description=CONFIG_DESCRIPTION)
     raw: str = Field(description="The file's text as on disk; empty when there is no file")
     version: str = Field(description="First 32 hex digits of the SHA-256 of the file's bytes")
     path: str = Field(description="The workspace path of the file read")
@@ -85,7 +83,7 @@ class ConfigChanged(Frame):
 
     channel: Literal["config"] = "config"
     type: Literal["changed"] = "changed"
-    config: dict[str, Any] = Field(description=CONFIG_DESCRIPTION)
+    config: WorkspaceConfig = Field(description=CONFIG_DESCRIPTION)
     version: str
     valid: bool
     errors: list[ConfigError]

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 from aetherd.protocol.context import Peer
-from aetherd.protocol.frames import dumps
 from aetherd.protocol.models import Frame, encode
 
 
@@ -30,13 +28,13 @@ class Hub:
     def __iter__(self) -> Iterator[Peer]:
         return iter(list(self._peers.values()))
 
-    def broadcast(self, frame: Frame | str | dict[str, Any]) -> None:
-        """Queue `frame` on every live connection."""
+    def broadcast(self, frame: Frame | str) -> None:
+        """Queue `frame` (a model, or text already encoded) on every live connection."""
         if isinstance(frame, str):
             text = frame
         elif isinstance(frame, Frame):
             text = encode(frame)
-        else:  # transitional: a hand-built dict from a channel not yet converted
-            text = dumps(frame)
+        else:
+            raise TypeError(f"broadcast takes a Frame model, not {type(frame).__name__}")
         for peer in list(self._peers.values()):
             peer.send(text)

@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel, TypeAdapter
 
 from aetherd.errors import ErrorCode
-from aetherd.protocol.frames import dumps
 from aetherd.protocol.models import Empty, Frame, Message
 
 if TYPE_CHECKING:
@@ -64,13 +63,16 @@ class Handler:
     def encode_data(self, data: Any) -> str:
         """A handler's result as JSON, checked against its declared `reply` type.
 
-        Raises `pydantic.PydanticSerializationError` when the result does not match.
+        Raises `pydantic.PydanticSerializationError` when the result does not match, and
+        TypeError when a handler that declares no reply returns something.
         """
         if self.adapter is None:
             if data is None:
                 return "null"
-            # Transitional: a handler not yet converted to a declared reply model.
-            return dumps(data)
+            raise TypeError(
+                f"{self.channel}/{self.type} returned {type(data).__name__} "
+                "but declares no reply type"
+            )
         return self.adapter.dump_json(data, warnings="error").decode("utf-8")
 
 
@@ -114,6 +116,11 @@ class Channel:
         ) -> Callable[[Context, M], Awaitable[Any]]:
             if type_ in self.handlers:
                 raise ValueError(f"{self.name}/{type_} is registered twice")
+            returns = getattr(func, "__annotations__", {}).get("return", None)
+            if reply is None and returns not in (None, "None"):
+                raise ValueError(
+                    f"{self.name}/{type_} returns {returns} but declares no reply= type"
+                )
             adapter = TypeAdapter(reply) if reply is not None else None
             self.handlers[type_] = Handler(
                 self.name, type_, model, func, concurrent, reply, tuple(errors), adapter

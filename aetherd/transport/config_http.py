@@ -5,12 +5,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from aetherd.config_model import config_schema
+from aetherd.transport.access import check_access
 
 
 async def config_schema_handler(request: web.Request) -> web.Response:
     """The JSON Schema generated from the config model (authenticated like /info)."""
-    from aetherd.transport.routes import check_access  # routes imports this module
-
     denied = check_access(request)
     if denied is not None:
         return denied

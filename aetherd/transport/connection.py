@@ -5,6 +5,13 @@ which never blocks; the writer task drains the queue, then pulls from registered
 outbound streams round-robin (flow-controlled sources such as terminal output).
 A supervisor task sends pings, drops a peer that stops answering them, and aborts
 a write that has been blocked longer than the write timeout.
+
+Backpressure: the reader calls `wait_writable()` after each frame. It yields to the
+writer whenever replies are queued, and it pauses while the queue holds more than
+`send_queue_pause_frames` frames or `send_queue_pause_bytes` bytes, until the writer
+has drained it to half. A client that pipelines thousands of requests therefore gets
+every reply: it is read more slowly, never dropped. Only pushes the client did not
+ask for (broadcasts) can still overflow the queue's hard limits.
 """
 
 from __future__ import annotations
@@ -21,7 +28,6 @@ from aiohttp import WSCloseCode, web
 
 from aetherd.metrics import Metrics
 from aetherd.protocol.context import OutboundStream, Slot, T
-from aetherd.protocol.frames import dumps
 from aetherd.protocol.models import Frame, encode
 from aetherd.settings import Settings
 
@@ -50,6 +56,11 @@ class Connection:
         self._streams: list[OutboundStream] = []
         self._rr = 0
         self._wake = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._pause_frames = min(settings.send_queue_pause_frames, settings.send_queue_frames // 2)
+        self._pause_bytes = min(settings.send_queue_pause_bytes, settings.send_queue_bytes // 2)
+        self.read_pauses = 0
         self._cleanups: list[Callable[[], Any]] = []
         self._slots: dict[Slot[Any], Any] = {}
         self._closed = False
@@ -70,16 +81,16 @@ class Connection:
         """Bytes waiting in the send queue."""
         return self._queued_bytes
 
-    def send(self, frame: Frame | str | dict[str, Any]) -> None:
-        """Queue a frame. A peer whose queue overflows is dropped, never allowed to grow."""
+    def send(self, frame: Frame | str) -> None:
+        """Queue a frame (a model, or text already encoded); never blocks.
+
+        A peer whose queue overflows is dropped, never allowed to grow.
+        """
+        if not isinstance(frame, (str, Frame)):
+            raise TypeError(f"send takes a Frame model, not {type(frame).__name__}")
         if self._closed or self._drop_reason:
             return
-        if isinstance(frame, str):
-            text = frame
-        elif isinstance(frame, Frame):
-            text = encode(frame)
-        else:  # transitional: a hand-built dict from a channel not yet converted
-            text = dumps(frame)
+        text = frame if isinstance(frame, str) else encode(frame)
         if (
             len(self._queue) >= self._settings.send_queue_frames
             or self._queued_bytes + len(text) > self._settings.send_queue_bytes
@@ -89,6 +100,8 @@ class Connection:
             return
         self._queue.append(text)
         self._queued_bytes += len(text)
+        if len(self._queue) > self._pause_frames or self._queued_bytes > self._pause_bytes:
+            self._writable.clear()
         self._wake.set()
 
     def add_cleanup(self, func: Callable[[], Any]) -> None:
@@ -121,11 +134,29 @@ class Connection:
         """Tell the writer a stream has data."""
         self._wake.set()
 
+    async def wait_writable(self) -> None:
+        """The reader's turn to yield: let the writer run, and pause while the queue is high."""
+        if not self._queue:
+            return
+        if not self._writable.is_set():
+            self.read_pauses += 1
+            await self._writable.wait()
+        else:
+            # Frames the client already sent are buffered, so `ws.receive()` would not
+            # yield; without this the writer would not run until the buffer is empty.
+            await asyncio.sleep(0)
+
     # -- Tasks ------------------------------------------------------------------------
     def _next_frame(self) -> str | None:
         if self._queue:
             text = self._queue.popleft()
             self._queued_bytes -= len(text)
+            if (
+                not self._writable.is_set()
+                and len(self._queue) <= self._pause_frames // 2
+                and self._queued_bytes <= self._pause_bytes // 2
+            ):
+                self._writable.set()
             return text
         # A stream may say it is urgent (an interactive session with a few bytes to
         # send, typically a keystroke's echo): it goes before the round-robin of bulk
@@ -168,6 +199,7 @@ class Connection:
                     await ws.send_str(text.encode("utf-8", "replace").decode("utf-8"))
                 except (ConnectionError, RuntimeError):
                     self._closed = True
+                    self._writable.set()
                     return
                 finally:
                     self._write_started = None
@@ -217,6 +249,7 @@ class Connection:
         """Drop the TCP connection at once (for a peer that no longer reads)."""
         self._closed = True
         self._wake.set()
+        self._writable.set()
         writer = getattr(self._ws, "_writer", None)
         transport = getattr(writer, "transport", None)
         if transport is not None:
@@ -226,6 +259,7 @@ class Connection:
         """Close with `code`; abort the transport if the peer does not complete the close."""
         self._closed = True
         self._wake.set()
+        self._writable.set()
         if self._ws.closed:
             return
         try:
@@ -248,3 +282,4 @@ class Connection:
         self._streams.clear()
         self._queue.clear()
         self._queued_bytes = 0
+        self._writable.set()

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from aetherd.errors import AetherError, ErrorCode
 from aetherd.services.fs import decode_raw_path
+from aetherd.transport.access import DAEMON, check_access
 
 STATUS = {
     ErrorCode.NOT_FOUND: 404,
@@ -101,8 +102,6 @@ def _not_modified(request: web.Request, etag: str, st: os.stat_result) -> bool:
 
 async def get_content(request: web.Request) -> web.StreamResponse:
     """Stream a file with Content-Length, ETag, Last-Modified; honour Range (206/416)."""
-    from aetherd.transport.routes import DAEMON, check_access
-
     denied = check_access(request)
     if denied is not None:
         return denied
@@ -198,8 +197,6 @@ async def _send_body(
 
 async def put_content(request: web.Request) -> web.Response:
     """Stream the body to a temp file and rename it over the target; 413 beyond the cap."""
-    from aetherd.transport.routes import DAEMON, check_access
-
     denied = check_access(request)
     if denied is not None:
         return denied

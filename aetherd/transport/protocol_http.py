@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from aetherd.transport.access import DAEMON, check_access
+
 
 async def protocol_json(request: web.Request) -> web.Response:
     """The generated protocol description (authenticated like /info)."""
-    from aetherd.transport.routes import DAEMON, check_access  # routes imports this module
-
     denied = check_access(request)
     if denied is not None:
         return denied

@@ -35,8 +35,8 @@ from aetherd.daemon import Daemon
 from aetherd.logs import CLIENT_ADDRESS, request_key
 from aetherd.services.ports import NEVER_REPORTED, is_loopback
 from aetherd.transport import proxy_rules as rules
+from aetherd.transport.access import AUTH, DAEMON, trust_connection
 from aetherd.transport.auth import SUBPROTOCOL_SCHEMES, Authenticator, Presented
-from aetherd.transport.routes import AUTH, DAEMON
 
 log = logging.getLogger("aetherd.proxy")
 
@@ -253,6 +253,8 @@ class PreviewProxy:
         scope = f"port:{port}" if prefix is not None else f"host:{_hostname(request.host)}"
         refused = self.refused_ports(request)
         authenticated, query_token = self._credentials(request, scope)
+        if authenticated:
+            trust_connection(request)  # not counted against max_pending_connections
         public = port is not None and self.is_public(port)
         decision = rules.decide_access(
             port, refused_ports=refused, public=public, authenticated=authenticated

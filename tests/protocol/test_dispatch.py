@@ -50,7 +50,7 @@ def make_dispatcher(make_settings) -> tuple[Dispatcher, FakePeer, dict[str, Any]
     demo = Channel("demo")
     strict = Channel("strict", require_request_id=True)
 
-    @demo.handler("resize", Resize)
+    @demo.handler("resize", Resize, reply=dict[str, int])
     async def resize(ctx, msg: Resize):
         seen["resize"] = msg
         return {"cols": msg.cols}
@@ -63,16 +63,16 @@ def make_dispatcher(make_settings) -> tuple[Dispatcher, FakePeer, dict[str, Any]
     async def missing(ctx, msg):
         raise AetherError(ErrorCode.SESSION_NOT_FOUND, "no such session", sessionId="x")
 
-    @demo.handler("slow", Message, concurrent=True)
+    @demo.handler("slow", Message, reply=str, concurrent=True)
     async def slow(ctx, msg):
         await asyncio.sleep(0.05)
         return "slow"
 
-    @demo.handler("fast", Message)
+    @demo.handler("fast", Message, reply=str)
     async def fast(ctx, msg):
         return "fast"
 
-    @strict.handler("get", Message)
+    @strict.handler("get", Message, reply=dict[str, bool])
     async def get(ctx, msg):
         return {"ok": True}
 

@@ -9,7 +9,7 @@ import pytest
 from pydantic import Field
 
 from aetherd.errors import AetherError, ErrorCode
-from aetherd.protocol import Channel, Frame, Message, Model, Slot, encode, omitted
+from aetherd.protocol import Channel, Frame, Hub, Message, Model, Slot, encode, omitted
 from aetherd.protocol.dispatch import check_unicode, decode_frame
 from aetherd.protocol.frames import SuccessReply, error_frame, success_reply
 from tests.support import wait_for
@@ -45,7 +45,7 @@ def test_a_channel_refuses_a_frame_of_another_channel():
     ("data", "declared"),
     [
         (None, None),
-        ({"a": 1, "b": [1, "x"]}, None),
+        ({"a": 1, "b": [1, "x"]}, dict[str, Any]),
         ([], list[Pong]),
     ],
 )
@@ -75,6 +75,40 @@ def test_a_result_that_is_not_the_declared_reply_is_refused():
     assert channel.handlers["get"].encode_data(Size(cols=3)) == '{"cols":3}'
     with pytest.raises(Exception, match="Expected"):
         channel.handlers["get"].encode_data({"rows": 1})
+
+
+def test_data_without_a_declared_reply_is_refused():
+    channel = Channel("demo")
+
+    @channel.handler("get", Message)
+    async def get(ctx, msg):
+        return {"cols": 1}
+
+    assert channel.handlers["get"].encode_data(None) == "null"
+    with pytest.raises(TypeError, match="declares no reply"):
+        channel.handlers["get"].encode_data({"cols": 1})
+
+
+def test_a_handler_annotated_to_return_data_must_declare_its_reply():
+    channel = Channel("demo")
+
+    async def get(ctx: Any, msg: Message) -> dict[str, int]:
+        return {}
+
+    with pytest.raises(ValueError, match="declares no reply"):
+        channel.handler("get", Message)(get)
+
+    async def ack(ctx: Any, msg: Message) -> None:
+        return None
+
+    channel.handler("ack", Message)(ack)
+    assert channel.handlers["ack"].reply is None
+
+
+def test_hub_broadcast_takes_models_not_dicts():
+    hub = Hub()
+    with pytest.raises(TypeError, match="Frame model"):
+        hub.broadcast({"channel": "demo", "type": "pong"})  # type: ignore[arg-type]
 
 
 def test_error_frame_carries_extra_fields_and_ref():
