@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from aetherd.agent.events import Recorded
 from aetherd.agent.runner import HistoryPage
 from aetherd.errors import AetherError, ErrorCode
-from aetherd.protocol import Channel, encode
+from aetherd.protocol import Channel, dumps, encode
 from aetherd.protocol.agent import (
     PUSHES,
     AbortReply,
@@ -55,6 +55,41 @@ def frame_text(recorded: Recorded) -> str:
     if text is None:
         text = recorded.cache[FRAME_KEY] = encode(event_item(recorded.record(), frame=True))
     return str(text)
+
+
+def history_frame_text(page: HistoryPage) -> str:
+    """The `history` frame pushed on connect, encoded by hand: the hot path.
+
+    A page can hold 10,000 events; validating each into its model tripled the time to
+    the client's first screen (bench/agent.py). The stored events already have the
+    wire form of their models (`tests/protocol/test_agent_frames.py` proves the bytes
+    equal `encode(AgentHistoryFrame(...))`, for every event type and for transcripts
+    written before the models), so they are serialised as they are. Text that cannot
+    be encoded takes the model path, which replaces it.
+    """
+    text = dumps(
+        {
+            "channel": "agent",
+            "type": "history",
+            "events": page.events,
+            "latestSeq": page.latest_seq,
+            "hasMore": page.has_more,
+            "pending": page.pending,
+        }
+    )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        body = history_reply(page)
+        return encode(
+            AgentHistoryFrame(
+                events=body.events,
+                latest_seq=body.latest_seq,
+                has_more=body.has_more,
+                pending=body.pending,
+            )
+        )
+    return text
 
 
 def history_reply(page: HistoryPage) -> HistoryReply:
@@ -220,15 +255,7 @@ async def push_history(ctx: Context) -> None:
         state["live"] = True
         raise
     latest = page.latest_seq
-    body = history_reply(page)
-    peer.send(
-        AgentHistoryFrame(
-            events=body.events,
-            latest_seq=body.latest_seq,
-            has_more=body.has_more,
-            pending=body.pending,
-        )
-    )
+    peer.send(history_frame_text(page))
     state["latest"] = latest
     for recorded in held:
         if recorded.seq > latest:

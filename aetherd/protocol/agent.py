@@ -25,7 +25,10 @@ from aetherd.protocol.models import Frame, Message, Model, omitted
 
 MAX_SEQ = 2**63 - 1  # seq is an SQLite INTEGER
 MAX_TASK_ID = 128
-MAX_ID = 256  # tool call and permission request ids (made by models or by us)
+MAX_MODEL = 256
+MAX_ID = 1024  # tool call and permission request ids (made by a model, or uuid hex by us)
+Provider = Literal["anthropic", "openai", "openrouter"]  # = aetherd.agent.defaults.PROVIDERS
+PermissionMode = Literal["auto", "ask", "full"]  # = aetherd.agent.permissions.MODES
 
 # -- client → server --------------------------------------------------------------------
 
@@ -34,40 +37,40 @@ class AgentPrompt(Message):
     """`prompt`: start (or queue) a task."""
 
     prompt: str
-    task_id: str | None = None
+    task_id: str | None = Field(None, min_length=1, max_length=MAX_TASK_ID)
 
 
 class AgentSettings(Message):
     """`settings`: persist the agent's defaults."""
 
-    provider: str | None = None
-    model: str | None = None
-    permission_mode: str | None = None
+    provider: Provider | None = None
+    model: str | None = Field(None, min_length=1, max_length=MAX_MODEL)
+    permission_mode: PermissionMode | None = None
 
 
 class AgentAbort(Message):
     """`abort`: cancel a task."""
 
-    task_id: str
+    task_id: str = Field(min_length=1, max_length=MAX_TASK_ID)
 
 
 class AgentToolResponse(Message):
     """`tool_response`: answer an `ask_user` call."""
 
-    tool_call_id: str
+    tool_call_id: str = Field(min_length=1, max_length=MAX_ID)
     result: str
 
 
 class AgentApprove(Message):
     """`approve`: allow a pending permission request (its id travels as `requestId`)."""
 
-    request_id: str
+    request_id: str = Field(min_length=1, max_length=MAX_ID)
 
 
 class AgentReject(Message):
     """`reject`: deny a pending permission request, optionally saying why."""
 
-    request_id: str
+    request_id: str = Field(min_length=1, max_length=MAX_ID)
     reason: str | None = None
 
 

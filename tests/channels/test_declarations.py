@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from aetherd.channels import CHANNELS, activity, config, files, ports, terminal
+from aetherd.channels import CHANNELS, activity, agent, config, files, ports, terminal
 from aetherd.protocol import Empty, Frame, Message, Model
 
-TYPED = [terminal, files, ports, config, activity]
+TYPED = [terminal, files, ports, config, activity, agent]
 
 
 def _models(tp: Any) -> list[type[BaseModel]]:
@@ -49,7 +49,10 @@ def test_requests_replies_and_pushes_come_from_the_channels_protocol_module(
     declared = {
         obj
         for obj in vars(models).values()
-        if isinstance(obj, type) and issubclass(obj, Frame) and obj.__module__ == models.__name__
+        if isinstance(obj, type)
+        and issubclass(obj, Frame)
+        and obj.__module__ == models.__name__
+        and obj.TYPE  # a frame class without a pinned type is a base, not a push
     }
     assert set(channel.pushes) == declared
     for frame in channel.pushes:
@@ -63,6 +66,17 @@ def test_pushes_are_declared_where_the_protocol_pushes():
     assert pushes["ports"] == {"open", "close"}
     assert pushes["config"] == {"changed"}
     assert pushes["activity"] == set()
+    assert pushes["agent"] == {
+        "status",
+        "text",
+        "thinking",
+        "tool_invocation",
+        "permission_request",
+        "tool_result",
+        "done",
+        "history",
+        "error",
+    }
 
 
 @pytest.mark.parametrize("module", TYPED, ids=lambda m: m.__name__.rsplit(".", 1)[-1])

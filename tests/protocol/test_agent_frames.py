@@ -16,7 +16,7 @@ from aetherd.agent.events import (
     ToolResult,
 )
 from aetherd.agent.runner import HistoryPage
-from aetherd.channels.agent import channel, frame_text, history_reply
+from aetherd.channels.agent import channel, frame_text, history_frame_text, history_reply
 from aetherd.errors import AetherError, ErrorCode
 from aetherd.protocol import dumps, encode
 from aetherd.protocol.agent import (
@@ -89,6 +89,7 @@ def test_error_event_and_history_frame_bytes():
         "pending": records[6:8],
     }
     assert encode(frame) == dumps(expected)
+    assert history_frame_text(HistoryPage(records, 9, True, records[6:8])) == encode(frame)
     data = {k: v for k, v in expected.items() if k not in ("channel", "type")}
     data["latestSeq"] = len(records)
     assert channel.handlers["history"].encode_data(body) == dumps(data)
@@ -147,9 +148,11 @@ async def test_a_transcript_written_before_the_models_replays_byte_for_byte(tmp_
     assert isinstance(items[6], AgentOtherEvent)  # a known type with a field it lacks today
     assert isinstance(items[8], AgentStatus) and items[8].task_id is None
     body = history_reply(HistoryPage(events, latest, more, []))
-    assert encode(
+    hand = history_frame_text(HistoryPage(events, latest, more, []))
+    assert hand == encode(
         AgentHistoryFrame(events=body.events, latest_seq=latest, has_more=more, pending=[])
-    ) == dumps(
+    )
+    assert hand == dumps(
         {
             "channel": "agent",
             "type": "history",
@@ -159,3 +162,20 @@ async def test_a_transcript_written_before_the_models_replays_byte_for_byte(tmp_
             "pending": [],
         }
     )
+
+
+def test_the_settings_literals_are_the_services_values():
+    import typing
+
+    from aetherd.agent.defaults import PROVIDERS
+    from aetherd.agent.permissions import MODES
+    from aetherd.protocol.agent import PermissionMode, Provider
+
+    assert typing.get_args(Provider) == PROVIDERS
+    assert typing.get_args(PermissionMode) == MODES
+
+
+def test_history_with_unencodable_text_takes_the_model_path():
+    record = old_event(Recorded("t", 1, "x", ToolResult("c", "list_files", "bad-\udcff", False)))
+    text = history_frame_text(HistoryPage([record], 1, False, []))
+    assert json.loads(text)["events"][0]["result"] == "bad-?"
