@@ -18,7 +18,7 @@ import os
 import re
 import signal
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -314,7 +314,7 @@ class Tools:
             lines.append(f"… {len(rows) - limit} more entries not shown")
         return cap("\n".join(lines) if lines else "(empty directory)", self.limits.output_max)
 
-    def _walk(self, base: Path):
+    def _walk(self, base: Path) -> Iterator[str]:
         """Files under `base` (real paths, inside the jail), ignored directories pruned."""
         for dirpath, dirnames, filenames in os.walk(base):
             dirnames[:] = sorted(d for d in dirnames if not self._ignored(d))

@@ -515,12 +515,14 @@ class ConfigStore:
             result = callback(value)
             if inspect.isawaitable(result):  # tolerate async callbacks: run them as tasks
                 task = asyncio.ensure_future(result)
-                self._tasks.append(task)  # type: ignore[arg-type]
-                task.add_done_callback(
-                    lambda t: self._tasks.remove(t) if t in self._tasks else None
-                )  # type: ignore[arg-type]
+                self._tasks.append(task)
+                task.add_done_callback(self._forget)
         except Exception:
             log.exception("config subscriber %r failed", callback)
+
+    def _forget(self, task: asyncio.Future[Any]) -> None:
+        if task in self._tasks:
+            self._tasks.remove(task)
 
     def _emit(self, source: Literal["client", "disk"]) -> None:
         state = self._state
@@ -585,7 +587,7 @@ class ConfigStore:
         return ("yaml", st.st_ino, st.st_size, st.st_mtime_ns)
 
     # -- watching --------------------------------------------------------------------
-    def _desired_watch_dirs(self) -> set[str]:
+    def _desired_watch_dirs(self) -> frozenset[str]:
         root = str(self.jail.root)
         dirs: set[str] = set()
         for lexical in (self._yaml_lexical, self._legacy_lexical):
@@ -597,7 +599,7 @@ class ConfigStore:
                     break
                 directory = parent
             dirs.add(directory)
-        return dirs
+        return frozenset(dirs)
 
     async def _update_watches(self) -> None:
         """Move the watches where they belong, off the event loop and bounded in time."""

@@ -39,6 +39,11 @@ T = TypeVar("T")
 _STOP = object()
 
 
+def _settle(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
 class BoundedExecutor:
     """At most `max_workers` daemon threads; threads start on demand and stay."""
 
@@ -146,6 +151,11 @@ class BoundedExecutor:
             }
 
 
+def _settle(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
 class Executors:
     """The daemon's executors, one per kind of blocking work."""
 
@@ -182,7 +192,7 @@ class Executors:
             def shut(pool: BoundedExecutor = pool, done: asyncio.Future[None] = done) -> None:
                 pool.shutdown(self.shutdown_timeout)
                 with contextlib.suppress(RuntimeError):  # the loop is closed
-                    loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+                    loop.call_soon_threadsafe(_settle, done)
 
             threading.Thread(target=shut, name=f"aetherd-{pool.name}-shutdown", daemon=True).start()
             await asyncio.wait({done}, timeout=self.shutdown_timeout + 1.0)

@@ -34,6 +34,7 @@ import os
 import secrets
 import stat as stat_mod
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from aetherd.errors import AetherError, ErrorCode
@@ -68,7 +69,6 @@ ERRNO_CODES: dict[int, tuple[ErrorCode, str]] = {
     errno.EXDEV: (ErrorCode.INVALID_PATH, "crosses a mount point"),
     errno.ENXIO: (ErrorCode.INVALID_PATH, "not a regular file"),
     errno.ENODEV: (ErrorCode.INVALID_PATH, "not a regular file"),
-    errno.EAGAIN: (ErrorCode.BUSY, "resource temporarily unavailable"),
 }
 
 
@@ -291,10 +291,10 @@ class AtomicWriter:
             self.abort()
             raise
 
-    def write(self, data: bytes | memoryview | list[bytes]) -> None:
-        """Append `data` to the temp file; EFBIG beyond `max_size`."""
+    def write(self, data: bytes | memoryview | Sequence[bytes]) -> None:
+        """Append `data` (or pieces of it, joined) to the temp file; EFBIG beyond `max_size`."""
         assert self._fd is not None
-        if isinstance(data, list):
+        if not isinstance(data, (bytes, bytearray, memoryview)):
             data = data[0] if len(data) == 1 else b"".join(data)
         self.size += len(data)
         if self.size > self.max_size:

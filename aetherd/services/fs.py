@@ -17,7 +17,7 @@ import binascii
 import os
 import shutil
 import stat as stat_mod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -208,7 +208,7 @@ class FileSystem:
         st = os.stat(real)
         if not stat_mod.S_ISDIR(st.st_mode):
             raise AetherError(ErrorCode.NOT_DIRECTORY, f"{wire_text(wire_path)}: not a directory")
-        items = []
+        items: list[dict[str, Any]] = []
         limit = self.limits.max_list_entries
         with os.scandir(real) as entries:
             for entry in entries:
@@ -416,7 +416,7 @@ class FileSystem:
         return await self._run(wire_path, begin)
 
     async def upload_chunk(
-        self, wire_path: str, writer: AtomicWriter, data: bytes | list[bytes]
+        self, wire_path: str, writer: AtomicWriter, data: bytes | Sequence[bytes]
     ) -> None:
         """Write one chunk (or a list of pieces, written with one writev) of an upload."""
         await self._run(wire_path, writer.write, data)

@@ -30,19 +30,36 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from watchdog.observers.inotify_c import (
+    CallbackId,
+    InotifyEvent,
+    InotifyFD,
+    Mask,
+    WatchDescriptor,
+)
 from watchdog.observers.inotify_c import InotifyConstants as IC
-from watchdog.observers.inotify_c import InotifyEvent, InotifyFD
 
 from aetherd.metrics import Sample
 from aetherd.services.fs import TEMP_PREFIX, TEMP_UPD, is_temp_name, path_fields
 
+
+class Change(str, Enum):
+    """What happened to a path (watchfiles' `Change`, with renames kept as one event)."""
+
+    CREATE = "create"
+    MODIFY = "modify"
+    DELETE = "delete"
+    RENAME = "rename"
+
+
 log = logging.getLogger("aetherd.watcher")
 
 DEFAULT_IGNORED = ("node_modules", ".git", ".next", "dist", "build", "__pycache__")
-WATCH_MASK = (
+WATCH_MASK = Mask(
     IC.IN_CREATE
     | IC.IN_DELETE
     | IC.IN_MODIFY
@@ -53,7 +70,9 @@ WATCH_MASK = (
     | IC.IN_DONT_FOLLOW
     | IC.IN_EXCL_UNLINK
 )
-CALLBACK_ID = "aetherd"
+# Our key among the shared inotify fd's callbacks; watchdog's own emitters use
+# `id(emitter)`, which is never negative.
+CALLBACK_ID = CallbackId(-1)
 Listener = Callable[[dict[str, Any]], None]
 
 
@@ -139,7 +158,7 @@ class _Reader(InotifyFD):
 
 @dataclass
 class _Pending:
-    action: str
+    action: Change
     path: str
     is_dir: bool
     deadline: float
@@ -193,10 +212,10 @@ class Watcher:
         self.rules = IgnoreRules(self._base_ignores)
         self._listeners: list[Listener] = []
         self._lock = threading.RLock()
-        self._wd_path: dict[int, str] = {}
-        self._path_wd: dict[str, int] = {}
+        self._wd_path: dict[WatchDescriptor, str] = {}
+        self._path_wd: dict[str, WatchDescriptor] = {}
         self._moves: dict[int, _MoveFrom] = {}
-        self._raw: deque[tuple[str, str, bool, str | None]] = deque()
+        self._raw: deque[tuple[Change, str, bool, str | None]] = deque()
         self._raw_overflow = False
         self._limit_hit = False
         self._resync_reasons: deque[str] = deque(maxlen=8)
@@ -469,37 +488,37 @@ class Watcher:
             elif event.is_create:
                 if is_dir:
                     found: list[tuple[str, bool]] = []
-                    self._emit("create", path, True)
+                    self._emit(Change.CREATE, path, True)
                     self._walk_add(path, found)
                     for child, child_is_dir in found:
-                        self._emit("create", child, child_is_dir)
+                        self._emit(Change.CREATE, child, child_is_dir)
                 else:
-                    self._emit("create", path, False)
+                    self._emit(Change.CREATE, path, False)
             elif event.is_delete:
-                self._emit("delete", path, is_dir)
+                self._emit(Change.DELETE, path, is_dir)
             elif (event.is_modify or event.is_attrib) and not is_dir:
-                self._emit("modify", path, False)
+                self._emit(Change.MODIFY, path, False)
 
     def _moved_to(self, path: str, is_dir: bool, ignored: bool, src: _MoveFrom | None) -> None:
         if ignored:
             if src is not None and not src.ignored:
-                self._emit("delete", src.path, src.is_dir)
+                self._emit(Change.DELETE, src.path, src.is_dir)
                 if src.is_dir:
                     self._remove_under(src.path)
             return
         if src is not None and not src.ignored:
             if src.is_dir:
                 self._rekey_under(src.path, path)
-            self._emit("rename", path, is_dir, src.path)
+            self._emit(Change.RENAME, path, is_dir, src.path)
             return
         # Moved in from outside the tree, from an ignored name, or our own temp file.
-        action = "modify" if src is not None and src.replaced and not is_dir else "create"
+        action = Change.MODIFY if src is not None and src.replaced and not is_dir else Change.CREATE
         self._emit(action, path, is_dir)
         if is_dir:
             found: list[tuple[str, bool]] = []
             self._walk_add(path, found)
             for child, child_is_dir in found:
-                self._emit("create", child, child_is_dir)
+                self._emit(Change.CREATE, child, child_is_dir)
 
     def _end_batch(self) -> None:
         """After each read: expire old unpaired move sources, or look again soon.
@@ -523,7 +542,7 @@ class Watcher:
                 if src.is_dir:
                     self._remove_under(src.path)
                 if not src.ignored:
-                    self._emit("delete", src.path, src.is_dir)
+                    self._emit(Change.DELETE, src.path, src.is_dir)
             return bool(self._moves)
 
     def _arm_move_timer(self) -> None:
@@ -538,7 +557,7 @@ class Watcher:
 
         self._move_timer = loop.call_later(self.move_grace, fire)
 
-    def on_watch_deleted(self, wd: int) -> None:
+    def on_watch_deleted(self, wd: WatchDescriptor) -> None:
         """watchdog callback: the kernel dropped a watch (its directory is gone)."""
         with self._lock:
             path = self._wd_path.pop(wd, None)
@@ -554,7 +573,7 @@ class Watcher:
         self._sync_watches()
 
     # -- reader thread → event loop -------------------------------------------------------
-    def _emit(self, action: str, path: str, is_dir: bool, old: str | None = None) -> None:
+    def _emit(self, action: Change, path: str, is_dir: bool, old: str | None = None) -> None:
         self.raw_events += 1
         if len(self._raw) >= self.queue_size:
             if not self._raw_overflow:
@@ -600,14 +619,14 @@ class Watcher:
         self._arm_timer()
 
     def _merge(
-        self, action: str, path: str, is_dir: bool, old: str | None, deadline: float
+        self, action: Change, path: str, is_dir: bool, old: str | None, deadline: float
     ) -> None:
         pending = self._pending
-        if action == "rename" and old is not None:
+        if action is Change.RENAME and old is not None:
             before = pending.pop(old, None)
-            if before is not None and before.action == "create":
-                action, old = "create", None  # created and renamed in one window
-            elif before is not None and before.action == "rename" and before.old_path:
+            if before is not None and before.action is Change.CREATE:
+                action, old = Change.CREATE, None  # created and renamed in one window
+            elif before is not None and before.action is Change.RENAME and before.old_path:
                 old = before.old_path  # a → b → c reads as a → c
                 if old == path:
                     return  # moved back where it was
@@ -618,22 +637,22 @@ class Watcher:
         if prev is None:
             pending[path] = _Pending(action, path, is_dir, deadline, old)
             return
-        merged: str | None
-        if prev.action == "create":
-            merged = None if action == "delete" else "create"
-        elif prev.action == "delete":
-            merged = "create" if is_dir else "modify"  # replaced within the window
-        elif prev.action == "rename":
-            if action == "delete":
+        merged: Change | None
+        if prev.action is Change.CREATE:
+            merged = None if action is Change.DELETE else Change.CREATE
+        elif prev.action is Change.DELETE:
+            merged = Change.CREATE if is_dir else Change.MODIFY  # replaced within the window
+        elif prev.action is Change.RENAME:
+            if action is Change.DELETE:
                 # Renamed, then deleted: for the client the old name is what vanished.
                 del pending[path]
                 pending[prev.old_path or path] = _Pending(
-                    "delete", prev.old_path or path, prev.is_dir, prev.deadline
+                    Change.DELETE, prev.old_path or path, prev.is_dir, prev.deadline
                 )
                 return
-            merged = "rename"
+            merged = Change.RENAME
         else:  # modify
-            merged = action if action == "delete" else "modify"
+            merged = action if action is Change.DELETE else Change.MODIFY
         if merged is None:
             del pending[path]
         else:
@@ -675,11 +694,11 @@ class Watcher:
             del self._pending[item.path]
             event: dict[str, Any] = {
                 "type": "change",
-                "action": item.action,
+                "action": item.action.value,
                 **path_fields("path", item.path),
                 "isDirectory": item.is_dir,
             }
-            if item.action == "rename" and item.old_path is not None:
+            if item.action is Change.RENAME and item.old_path is not None:
                 event.update(path_fields("oldPath", item.old_path))
             self._deliver(event)
         self._arm_timer()

@@ -7,15 +7,20 @@ absurd Range once gave a 500, and a nested-`[` YAML once cost seconds of CPU.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import signal
+import subprocess
 
 import aiohttp
+import pytest
 
 from aetherd.services.fs import FileSystem
 from aetherd.services.jail import Jail
 from tests.conftest import TOKEN
-from tests.support import WsClient, wait_for
+from tests.support import WsClient, connect, wait_for
+from tests.test_cli import _read_port, _wait_ready, aetherd_command, child_env
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -165,3 +170,50 @@ async def test_config_fifo_surrogates_and_nesting_bombs(start_daemon, workspace)
     done = await reply_to(client, "config", "set", raw="setup: echo hi\n")
     assert done["success"] is True
     assert (workspace / ".aether" / "config.yaml").read_text() == "setup: echo hi\n"
+
+
+@pytest.mark.slow
+async def test_sigterm_after_fifo_reads_stops_the_process(tmp_path):
+    """Defect 2, the process: after reads of FIFOs (socket, HTTP, config), SIGTERM exits.
+
+    The daemon once logged "stopped" and stayed alive until something opened the FIFO
+    for writing: the blocked threads held the default executor's shutdown.
+    """
+    root = tmp_path / "project"
+    (root / ".aether").mkdir(parents=True)
+    os.mkfifo(root / "pipe")
+    os.mkfifo(root / ".aether" / "config.yaml")
+    proc = subprocess.Popen(
+        [*aetherd_command(), "serve", "--port", "0", "--root", str(root)],
+        cwd=root,
+        env=child_env(tmp_path, AETHERD_TOKEN=TOKEN),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        port, _ = await asyncio.to_thread(_read_port, proc)
+        await _wait_ready(port, proc)
+        client = await connect(f"http://127.0.0.1:{port}/workspaces/local/ws", TOKEN)
+        try:
+            for _ in range(20):
+                reply = await client.request("files", "read", path="/pipe")
+                assert reply["code"] == "INVALID_PATH"
+            url = f"http://127.0.0.1:{port}/workspaces/local/files/content"
+            async with aiohttp.ClientSession(headers=AUTH) as http:
+                async with http.get(url, params={"path": "/pipe"}) as resp:
+                    assert resp.status == 400
+            got = await client.request("config", "get")
+            assert got["data"]["valid"] is False
+            proc.send_signal(signal.SIGTERM)
+        finally:
+            await client.close()
+        code = await asyncio.to_thread(proc.wait, 20)
+        assert code == 0
+        assert '"msg": "stopped"' in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        for stream in (proc.stdout, proc.stderr):
+            stream.close()

@@ -465,3 +465,13 @@ async def test_a_rename_split_across_reads_is_still_a_rename(watch):
     watcher._end_batch()
     await events.change("delete", "/h.txt")
     del root
+
+
+def test_change_kinds_are_an_enum_of_the_wire_words():
+    """The watcher's change kinds are one enum (watchfiles' `Change`), valued as on the wire."""
+    from aetherd.protocol.files import FilesChange  # the push frame that carries them
+    from aetherd.services.watcher import Change
+
+    assert [c.value for c in Change] == ["create", "modify", "delete", "rename"]
+    wire = FilesChange.model_fields["action"].annotation
+    assert set(getattr(wire, "__args__", ())) == {c.value for c in Change}
