@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run as a container's PID 1: start `aetherd serve ARGS`, reap orphans, forward signals",
         add_help=False,
     )
+    commands.add_parser(
+        "schema", help="print the protocol's AsyncAPI 3.0 description (JSON) and exit"
+    )
     serve = commands.add_parser("serve", help="run the daemon")
     serve.add_argument(
         "--settings",
@@ -50,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         return init_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "schema":
+        from aetherd.protocol.schema import protocol_document
+
+        sys.stdout.write(protocol_document())
+        return 0
     if args.command != "serve":
         parser.print_help(sys.stderr)
         return 2

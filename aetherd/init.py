@@ -37,7 +37,7 @@ def set_child_subreaper() -> bool:
     """Ask Linux to re-parent orphaned descendants to this process (prctl(2))."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
     except (OSError, AttributeError):
         return False
 

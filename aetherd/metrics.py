@@ -31,7 +31,7 @@ KNOWN_CHANNELS = frozenset(
     {"terminal", "files", "agent", "ports", "config", "activity", "error", "unknown"}
 )
 # `*_created` series double the output and no dashboard of ours reads them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated in prometheus_client
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class _ServiceCollector(Collector):
         self._sources = sources
 
     def collect(self) -> Iterator[Metric]:
-        families: dict[str, Metric] = {}
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
         for source in self._sources():
             try:
                 samples = list(source.metrics())  # type: ignore[attr-defined]

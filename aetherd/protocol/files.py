@@ -38,6 +38,8 @@ RAW = "base64 of the exact bytes, only when the name is not valid UTF-8"
 FileType = Literal["file", "directory"]
 
 # -- client → server --------------------------------------------------------------------
+# Integers and booleans are strict, as on the terminal channel: `"5"`, or `1` for `true`,
+# is refused with INVALID_MESSAGE rather than guessed at.
 
 
 class PathRequest(Message):
@@ -50,8 +52,8 @@ class PathRequest(Message):
 class ReadRequest(PathRequest):
     """`read`: one page of a file from `offset` (at most `files_read_page` bytes)."""
 
-    offset: int = Field(0, ge=0)
-    length: int | None = Field(None, ge=0)
+    offset: int = Field(0, strict=True, ge=0)
+    length: int | None = Field(None, strict=True, ge=0)
 
 
 class WriteRequest(PathRequest):
@@ -59,14 +61,14 @@ class WriteRequest(PathRequest):
 
     content: str
     encoding: Literal["utf-8", "utf8", "base64"] = "utf-8"
-    append: bool = False
+    append: bool = Field(False, strict=True)
     expected_modified: str | None = None
 
 
 class DeleteRequest(PathRequest):
     """`delete`: a file, a link (never its target), or a directory."""
 
-    recursive: bool = True
+    recursive: bool = Field(True, strict=True)
 
 
 class RenameRequest(Message):
@@ -76,7 +78,7 @@ class RenameRequest(Message):
     new_path: str | None = None
     raw_old_path: str | None = None
     raw_new_path: str | None = None
-    overwrite: bool = False
+    overwrite: bool = Field(False, strict=True)
 
 
 # -- server → client: reply data --------------------------------------------------------

@@ -18,9 +18,9 @@ __all__ = ["PortEntry", "PortsClose", "PortsKill", "PortsKillResult", "PortsOpen
 
 
 class PortsKill(Message):
-    """`kill`: end the processes listening on `port`."""
+    """`kill`: end the processes listening on `port` (an integer: `"80"` and `true` are refused)."""
 
-    port: int = Field(ge=1, le=65535)
+    port: int = Field(strict=True, ge=1, le=65535)
 
 
 # -- server → client --------------------------------------------------------------------

@@ -91,7 +91,7 @@ class SessionLauncher:
 
 def backoff_delay(failures: int, base: float, cap: float) -> float:
     """The delay before restart number `failures + 1`: base * 2**failures, at most cap."""
-    return min(cap, base * (2 ** min(failures, 62)))
+    return min(cap, base * float(2 ** min(failures, 62)))
 
 
 @dataclass

@@ -39,6 +39,11 @@ T = TypeVar("T")
 _STOP = object()
 
 
+def _settle(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
 class BoundedExecutor:
     """At most `max_workers` daemon threads; threads start on demand and stay."""
 

@@ -32,7 +32,7 @@ import signal
 import struct
 import termios
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -695,7 +695,7 @@ class TerminalManager:
         for task in tasks:
             task.cancel()
 
-    def _track(self, coro: Any) -> asyncio.Task[Any]:
+    def _track(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

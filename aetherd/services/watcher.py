@@ -34,8 +34,14 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from watchdog.observers.inotify_c import (
+    CallbackId,
+    InotifyEvent,
+    InotifyFD,
+    Mask,
+    WatchDescriptor,
+)
 from watchdog.observers.inotify_c import InotifyConstants as IC
-from watchdog.observers.inotify_c import InotifyEvent, InotifyFD
 
 from aetherd.metrics import Sample
 from aetherd.services.fs import TEMP_PREFIX, TEMP_UPD, is_temp_name, path_fields
@@ -53,7 +59,7 @@ class Change(str, Enum):
 log = logging.getLogger("aetherd.watcher")
 
 DEFAULT_IGNORED = ("node_modules", ".git", ".next", "dist", "build", "__pycache__")
-WATCH_MASK = (
+WATCH_MASK = Mask(
     IC.IN_CREATE
     | IC.IN_DELETE
     | IC.IN_MODIFY
@@ -64,7 +70,9 @@ WATCH_MASK = (
     | IC.IN_DONT_FOLLOW
     | IC.IN_EXCL_UNLINK
 )
-CALLBACK_ID = "aetherd"
+# Our key among the shared inotify fd's callbacks; watchdog's own emitters use
+# `id(emitter)`, which is never negative.
+CALLBACK_ID = CallbackId(-1)
 Listener = Callable[[dict[str, Any]], None]
 
 
@@ -204,8 +212,8 @@ class Watcher:
         self.rules = IgnoreRules(self._base_ignores)
         self._listeners: list[Listener] = []
         self._lock = threading.RLock()
-        self._wd_path: dict[int, str] = {}
-        self._path_wd: dict[str, int] = {}
+        self._wd_path: dict[WatchDescriptor, str] = {}
+        self._path_wd: dict[str, WatchDescriptor] = {}
         self._moves: dict[int, _MoveFrom] = {}
         self._raw: deque[tuple[Change, str, bool, str | None]] = deque()
         self._raw_overflow = False
@@ -549,7 +557,7 @@ class Watcher:
 
         self._move_timer = loop.call_later(self.move_grace, fire)
 
-    def on_watch_deleted(self, wd: int) -> None:
+    def on_watch_deleted(self, wd: WatchDescriptor) -> None:
         """watchdog callback: the kernel dropped a watch (its directory is gone)."""
         with self._lock:
             path = self._wd_path.pop(wd, None)

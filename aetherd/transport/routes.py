@@ -1,4 +1,4 @@
-"""HTTP routes: health, readiness, metrics, info; the socket, files and config schema."""
+"""HTTP routes: health, readiness, metrics, info; the socket, files, config schema and protocol."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from aiohttp import web
 from aetherd import __version__
 from aetherd.daemon import Daemon
 from aetherd.metrics import CONTENT_TYPE
-from aetherd.transport import config_http
+from aetherd.transport import config_http, protocol_http
 from aetherd.transport.access import DAEMON, check_access, json_error
 from aetherd.transport.files_http import add_file_routes
 from aetherd.transport.websocket import websocket
@@ -73,4 +73,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/workspaces/{workspace_id}/ws", websocket)
     app.router.add_get("/workspaces/{workspace_id}/info", info)
     config_http.add_routes(app)
+    protocol_http.add_routes(app)
     add_file_routes(app)  # files: bulk transfer

@@ -109,6 +109,17 @@ async def test_bad_paths_and_bad_frames_keep_the_socket(daemon, workspace, tmp_p
     await fail(client, "read", "INVALID_MESSAGE", offset=0)  # no path
     await fail(client, "read", "INVALID_MESSAGE", path="/x", offset=-1)
     await fail(client, "read", "NOT_FOUND", path="/missing")
+    (workspace / "keep.txt").write_text("keep")
+    for type_, field, fields in (
+        ("read", "offset", {"path": "/keep.txt", "offset": "1"}),
+        ("read", "length", {"path": "/keep.txt", "length": 2.0}),
+        ("write", "append", {"path": "/keep.txt", "content": "x", "append": "true"}),
+        ("delete", "recursive", {"path": "/keep.txt", "recursive": 0}),
+        ("rename", "overwrite", {"oldPath": "/keep.txt", "newPath": "/k", "overwrite": 1}),
+    ):
+        reply = await fail(client, type_, "INVALID_MESSAGE", **fields)
+        assert reply["field"] == field
+    assert (workspace / "keep.txt").read_text() == "keep"  # nothing was guessed at
     await client.send({"channel": "files", "type": "list", "path": "/"})
     frame = await client.expect_type("error", "error")
     assert frame["code"] == "INVALID_MESSAGE" and "requestId" in frame["error"]

@@ -192,7 +192,7 @@ async def test_kill_errors_keep_the_socket_open(start_daemon: Callable[..., Any]
     reply = await client.request("ports", "kill", port=1)
     assert (reply["success"], reply["code"]) == (False, "NOT_FOUND")
     assert "1" in reply["error"]
-    for bad in (0, 70000, "http"):
+    for bad in (0, 70000, "http", "8080", True, 8080.0, None, [8080]):
         reply = await client.request("ports", "kill", port=bad)
         assert (reply["success"], reply["code"]) == (False, "INVALID_MESSAGE")
     reply = await client.request("ports", "kill")
