@@ -32,6 +32,7 @@ QUICK = {
     "agent": (["--quick"], "## Per-token overhead (50 tokens"),
     "files": (["--quick"], "| watch setup, "),
     "ports": (["--quick"], "| inode → pid lookup, full walk of /proc/*/fd |"),
+    "proxy": (["--quick"], "| 64 in flight |"),
     "restart": (["--quick"], "reference: import aetherd.app"),
     "support": None,
     "terminal": (["--help"], "--quick"),

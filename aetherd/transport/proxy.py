@@ -22,7 +22,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +33,7 @@ from yarl import URL
 
 from aetherd.daemon import Daemon
 from aetherd.logs import CLIENT_ADDRESS, request_key
+from aetherd.metrics import Sample
 from aetherd.services.ports import NEVER_REPORTED, is_loopback
 from aetherd.transport import proxy_rules as rules
 from aetherd.transport.access import AUTH, DAEMON, trust_connection
@@ -139,8 +140,9 @@ class PreviewProxy:
         self.preferred: dict[int, str] = {}
         self.active: dict[int, int] = {}
         self.session: aiohttp.ClientSession | None = None
-        self.relayed = 0
+        self.relayed = {"http": 0, "websocket": 0}
         self.upstream_errors = 0
+        self.rejected = {"not_found": 0, "unauthorized": 0, "limit": 0}
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -166,6 +168,36 @@ class PreviewProxy:
         if self.session is not None:
             await self.session.close()
             self.session = None
+
+    def metrics(self) -> Iterator[Sample]:
+        """Counters for /metrics (registered with the daemon's metrics at start)."""
+        for kind, count in self.relayed.items():
+            yield Sample(
+                "aetherd_proxy_requests",
+                "Requests and WebSocket upgrades relayed to workspace ports",
+                count,
+                {"kind": kind},
+                kind="counter",
+            )
+        for reason, count in self.rejected.items():
+            yield Sample(
+                "aetherd_proxy_rejected",
+                "Proxied requests refused before the upstream",
+                count,
+                {"reason": reason},
+                kind="counter",
+            )
+        yield Sample(
+            "aetherd_proxy_upstream_errors",
+            "Upstream refusals, timeouts and broken bodies",
+            self.upstream_errors,
+            kind="counter",
+        )
+        yield Sample(
+            "aetherd_proxy_active",
+            "Proxied requests and sockets in flight",
+            sum(self.active.values()),
+        )
 
     # -- the daemon's view of ports -----------------------------------------------------
     def bind_address(self, port: int) -> str | None:
@@ -260,9 +292,15 @@ class PreviewProxy:
             port, refused_ports=refused, public=public, authenticated=authenticated
         )
         if decision is rules.Access.NOT_FOUND:
+            self.rejected["not_found"] += 1
             return web.json_response({"error": "Port not found"}, status=404)
         if decision is rules.Access.UNAUTHORIZED:
+            self.rejected["unauthorized"] += 1
             return web.json_response({"error": "Unauthorized"}, status=401)
+        # Using the preview is using the workspace (idle detection, section 7), and this
+        # connection is no longer an unauthenticated one for the connection guard.
+        self.daemon.services.activity.touch()
+        trust_connection(request)
         assert port is not None
         query = rules.strip_query_param(
             request.rel_url.raw_query_string, "token", lambda value: not self._verifies(value)
@@ -272,6 +310,7 @@ class PreviewProxy:
             return self._exchange(request, scope, prefix, path, query)
         count = self.active.get(port, 0)
         if count >= self.settings.proxy_max_connections_per_port:
+            self.rejected["limit"] += 1
             return web.json_response(
                 {"error": f"Too many connections to port {port}"},
                 status=503,
@@ -378,10 +417,12 @@ class PreviewProxy:
             self.upstream_errors += 1
             log.info("port %d: upstream error: %s", port, exc)
             return _html(502, rules.unavailable_page(port), **{"Retry-After": "2"})
-        self.relayed += 1
+        self.relayed["http"] += 1
         self._note_address(port, upstream)
         try:
-            out = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            sized = upstream.content_length is not None and upstream.content_length > 0
+            response_class = _HeadersWithBody if sized else web.StreamResponse
+            out = response_class(status=upstream.status, reason=upstream.reason)
             out.headers.extend(
                 rules.downstream_headers(upstream.headers.items(), port=port, prefix=prefix)
             )
@@ -458,7 +499,7 @@ class PreviewProxy:
             self.upstream_errors += 1
             log.info("port %d: WebSocket upstream error: %s", port, exc)
             return _html(502, rules.unavailable_page(port), **{"Retry-After": "2"})
-        self.relayed += 1
+        self.relayed["websocket"] += 1
         chosen = upstream.protocol or scheme_word
         downstream = web.WebSocketResponse(
             protocols=(chosen,) if chosen else (),
@@ -499,28 +540,46 @@ async def _body(request: web.Request, progress: list[float]) -> AsyncIterator[by
 
 
 async def _with_progress(awaitable: Awaitable[T], timeout: float, progress: list[float]) -> T:
-    """Await `awaitable`, failing with UpstreamTimeout after `timeout` s without progress
-    (a request body still flowing counts as progress)."""
+    """Await `awaitable` in this task, failing with UpstreamTimeout after `timeout` s
+    without progress (a request body still flowing counts as progress).
+
+    A timer cancels the current task when the deadline passes with no progress; no extra
+    task is created (this is on every proxied request's path)."""
     loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(awaitable)
-    try:
-        for _ in range(1_000_000):
-            remaining = progress[0] + timeout - loop.time()
-            if remaining <= 0:
-                break
-            done, _ = await asyncio.wait({task}, timeout=remaining)
-            if done:
-                return task.result()
+    task = asyncio.current_task()
+    assert task is not None
+    fired = False
+    handle: asyncio.TimerHandle | None = None
+
+    def check() -> None:
+        nonlocal fired, handle
+        due = progress[0] + timeout
+        if loop.time() < due:
+            handle = loop.call_at(due, check)
+            return
+        fired = True
         task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        raise UpstreamTimeout
-    except BaseException:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-        raise
+
+    handle = loop.call_at(progress[0] + timeout, check)
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        if not fired:
+            raise
+        uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+        if uncancel is not None:
+            uncancel()
+        raise UpstreamTimeout from None
+    finally:
+        if handle is not None:
+            handle.cancel()
+
+
+class _HeadersWithBody(web.StreamResponse):
+    """A response whose headers go out with the first body chunk (one send for a small
+    body, not two). Used when the upstream announced a Content-Length."""
+
+    _send_headers_immediately = False
 
 
 async def _pump(
@@ -580,6 +639,7 @@ def add_preview_proxy(app: web.Application) -> None:
         mixed = key + b"".join(getattr(app[AUTH], "_tokens", []))
         proxy = PreviewProxy(daemon, app[AUTH], hashlib.sha256(mixed).digest())
         app[PROXY] = proxy
+        daemon.services.metrics.add_source(proxy)
         await proxy.start()
         try:
             yield

@@ -655,3 +655,22 @@ async def test_the_access_log_shows_the_real_client(start_daemon, upstream, capl
             assert resp.status == 200
     remotes = [getattr(r, "remote", None) for r in caplog.records if r.name == "aetherd.access"]
     assert remotes == ["127.0.0.1"]
+
+
+async def test_metrics_and_activity_count_proxied_traffic(daemon, upstream):
+    activity = daemon.daemon.services.activity
+    activity.last_activity_at = 0.0  # long idle
+    async with aiohttp.ClientSession() as http:
+        async with http.get(port_url(daemon, upstream.port, "/echo"), headers=AUTH) as resp:
+            assert resp.status == 200
+        async with http.get(port_url(daemon, upstream.port, "/echo")) as resp:
+            assert resp.status == 401
+        async with http.get(port_url(daemon, 22, "/"), headers=AUTH) as resp:
+            assert resp.status == 404
+        async with http.get(daemon.url("/metrics")) as resp:
+            text = await resp.text()
+    assert 'aetherd_proxy_requests_total{kind="http"} 1.0' in text
+    assert 'aetherd_proxy_rejected_total{reason="unauthorized"} 1.0' in text
+    assert 'aetherd_proxy_rejected_total{reason="not_found"} 1.0' in text
+    assert "aetherd_proxy_active 0.0" in text
+    assert activity.last_activity_at > 0  # using the preview is using the workspace
