@@ -246,7 +246,8 @@ def parent_pid(pid: int, proc_root: Path = Path("/proc")) -> int | None:
 def _read_stat(pid: int, proc_root: Path) -> list[str] | None:
     """`/proc/<pid>/stat` fields after the command name: [state, ppid, ...]; None if gone."""
     try:
-        text = (proc_root / str(pid) / "stat").read_text()
+        # A process name may hold any bytes but NUL and "/": never decode strictly.
+        text = (proc_root / str(pid) / "stat").read_bytes().decode("utf-8", "replace")
     except OSError:
         return None
     _, _, rest = text.rpartition(")")
@@ -312,7 +313,7 @@ def process_info(
     base = proc_root / str(pid)
     try:
         raw = (base / "cmdline").read_bytes()
-        comm = (base / "comm").read_text().strip()
+        comm = (base / "comm").read_bytes().decode("utf-8", "replace").strip()
     except OSError:
         return ProcessInfo(pid=pid) if (base.exists()) else UNKNOWN_PROCESS
     args = [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
