@@ -19,7 +19,6 @@ import json
 import os
 import socket
 import struct
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.conftest import TOKEN
-from tests.support import RawWebSocket, free_port, wait_for
+from tests.support import RawWebSocket, wait_for
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -590,40 +589,3 @@ async def test_flood_from_a_client_that_never_reads_is_bounded_and_dropped(start
     # The largest frame is ~60 KB: the queue never held more than its bound plus one frame.
     assert peak <= queue_bytes + 70_000, peak
     assert (await other.request("terminal", "list"))["success"] is True
-
-
-# -- a local process with a name that is not UTF-8 -------------------------------------------
-
-ODD_NAME_LISTENER = """
-import ctypes, socket, sys, time
-ctypes.CDLL(None).prctl(15, b"srv\\xff\\xfe-odd", 0, 0, 0)  # PR_SET_NAME: comm, any bytes
-sock = socket.socket()
-sock.bind(("127.0.0.1", int(sys.argv[1])))
-sock.listen()
-print("ready", flush=True)
-time.sleep(120)
-"""
-
-
-async def test_a_listener_whose_name_is_not_utf8_is_reported_not_fatal(daemon):
-    """Found by the chaos run: /proc/<pid>/stat and comm were decoded strictly, so any
-    process named with bytes that are not UTF-8 made every port scan log an ERROR
-    (UnicodeDecodeError) and that port was never reported."""
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", ODD_NAME_LISTENER, str(port), stdout=asyncio.subprocess.PIPE
-    )
-    try:
-        assert proc.stdout is not None
-        assert await asyncio.wait_for(proc.stdout.readline(), 20) == b"ready\n"
-        comm = await asyncio.to_thread(Path(f"/proc/{proc.pid}/comm").read_bytes)
-        assert b"\xff" in comm
-        client = await daemon.connect()
-        opened = await client.expect_type("ports", "open", timeout=20, port=port)
-        assert opened["pid"] == proc.pid
-        assert "\ufffd" in (opened.get("process") or "\ufffd")
-        listed = await client.request("ports", "list")
-        assert any(item["port"] == port for item in listed["data"])
-    finally:
-        proc.kill()
-        await proc.wait()
