@@ -598,6 +598,83 @@ async def test_every_message_gets_an_answer_and_the_socket_survives(
     assert not error_records.records, [r.getMessage() for r in error_records.records]
 
 
+async def test_pipelined_mixes_of_every_channel(start_daemon, error_records, no_provider_keys):
+    """Batches of up to 12 frames from any channel, sent without waiting: every usable
+    requestId gets its own reply, nothing is INTERNAL_ERROR, the socket survives."""
+    running = await _start(start_daemon)
+    registry = running.daemon.registry
+    defuse = Defuse(running.server.port)
+    fuzzer = Fuzzer(running, asyncio.get_running_loop(), error_records)
+    models = {(c, t): registry.channel(c).handlers[t].model for c, t in HANDLERS}
+    bodies = {key: model_strategy(model) for key, model in models.items()}
+    metrics = running.daemon.services.metrics
+
+    async def check(frames: list[dict[str, Any]]) -> None:
+        client = await fuzzer._client()
+        client.backlog.clear()
+        error_records.records.clear()
+        internal_before = fuzzer._count(metrics.errors, code="INTERNAL_ERROR")
+        handled_before = fuzzer._count(metrics.request_seconds)
+        texts = [encode(frame) for frame in frames]
+        reaching = sum(
+            1
+            for frame, text in zip(frames, texts, strict=True)
+            if not refused_at_the_frame(frame)
+            and fuzzer._reaches_handler(frame["channel"], frame["type"], text)
+        )
+        for text in texts:
+            await client.send(text)
+        for frame in frames:
+            request_id = frame.get("requestId")
+            if refused_at_the_frame(frame) or not isinstance(request_id, str):
+                continue
+            reply = await client.expect(
+                lambda f, r=request_id: f.get("requestId") == r and "success" in f,
+                REPLY_TIMEOUT,
+            )
+            assert reply.get("code") != "INTERNAL_ERROR", reply
+        await wait_for(
+            lambda: fuzzer._count(metrics.request_seconds) >= handled_before + reaching,
+            REPLY_TIMEOUT,
+        )
+        await fuzzer.probe(client)
+        assert not _internal(client.backlog), _internal(client.backlog)
+        assert not error_records.records, [_describe(r) for r in error_records.records]
+        assert fuzzer._count(metrics.errors, code="INTERNAL_ERROR") == internal_before
+        if any(frame["channel"] == "terminal" for frame in frames):
+            await fuzzer.close_sessions(client)
+
+    @_seeded
+    @_settings()
+    @given(data=st.data())
+    def property_(data: st.DataObject) -> None:
+        count = data.draw(st.integers(1, 12), label="frames")
+        frames = []
+        for _ in range(count):
+            channel, type_ = data.draw(st.sampled_from(HANDLERS), label="handler")
+            model = models[(channel, type_)]
+            body = data.draw(bodies[(channel, type_)])
+            if data.draw(st.integers(0, 3)) == 0:
+                fields = [(i.alias or n) for n, i in model.model_fields.items()]
+                body = mutate(body, data, fields)
+            frame: dict[str, Any] = {**body, "channel": channel, "type": type_}
+            if data.draw(st.integers(0, 4)) == 0:
+                frame.pop("requestId", None)
+            else:
+                frame["requestId"] = uuid.uuid4().hex  # unique within the batch
+            defuse(channel, type_, frame, model)
+            assume(known_open(channel, type_, frame) is None)
+            frames.append(frame)
+        fuzzer.sent += len(frames)
+        future = asyncio.run_coroutine_threadsafe(check(frames), fuzzer.loop)
+        future.result(timeout=6 * REPLY_TIMEOUT)
+
+    await asyncio.to_thread(property_)
+    client = await fuzzer._client()
+    await fuzzer.probe(client)
+    assert not error_records.records, [r.getMessage() for r in error_records.records]
+
+
 async def test_the_registry_is_fuzzed_whole(daemon):
     """Every registered (channel, type) of a running daemon is in the fuzzed list."""
     live = {(name, t) for name, ch in daemon.daemon.registry.channels.items() for t in ch.handlers}
