@@ -557,6 +557,7 @@ async def _start(start_daemon: Any) -> Any:
     )
 
 
+@pytest.mark.timeout(max(180, EXAMPLES * 3))  # long local runs scale their own bound
 @pytest.mark.parametrize(("channel", "type_"), HANDLERS, ids=[f"{c}/{t}" for c, t in HANDLERS])
 async def test_every_message_gets_an_answer_and_the_socket_survives(
     start_daemon, error_records, no_provider_keys, channel, type_
@@ -598,6 +599,7 @@ async def test_every_message_gets_an_answer_and_the_socket_survives(
     assert not error_records.records, [r.getMessage() for r in error_records.records]
 
 
+@pytest.mark.timeout(max(180, EXAMPLES * 6))
 async def test_pipelined_mixes_of_every_channel(start_daemon, error_records, no_provider_keys):
     """Batches of up to 12 frames from any channel, sent without waiting: every usable
     requestId gets its own reply, nothing is INTERNAL_ERROR, the socket survives."""
