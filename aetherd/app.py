@@ -44,10 +44,9 @@ def create_app(settings: Settings, tokens: TokenSetup | None = None) -> web.Appl
     )
     app[DAEMON] = daemon
     app[AUTH] = Authenticator(settings, tokens.tokens)
-    app[TRANSPORT] = TransportState(
-        guard=ConnectionGuard(settings.max_pending_connections, settings.accept_error_log_interval),
-        prefix=f"{os.getpid():x}",
-    )
+    guard = ConnectionGuard(settings.max_pending_connections, settings.accept_error_log_interval)
+    daemon.services.metrics.add_source(guard)
+    app[TRANSPORT] = TransportState(guard=guard, prefix=f"{os.getpid():x}")
     install_log_filters()
     add_routes(app)
     app.cleanup_ctx.append(_services_ctx)

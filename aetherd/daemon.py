@@ -125,6 +125,7 @@ def build_services(settings: Settings) -> Services:
             max_file_size=settings.files_max_size,
             read_page_size=settings.files_read_page,
             max_list_entries=settings.files_list_max_entries,
+            temp_max_age=settings.files_temp_max_age,
         ),
     )
     services.watcher = None

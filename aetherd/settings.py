@@ -164,6 +164,11 @@ class Settings(BaseModel):
     files_http_sendfile: bool = Field(
         True, description="Send HTTP downloads with sendfile(2) (else chunked reads in a thread)"
     )
+    files_temp_max_age: float = Field(
+        3600.0,
+        gt=0,
+        description="Seconds after which a dead writer's temp file is removed (when listed)",
+    )
     file_io_threads: int = Field(
         16,
         ge=1,

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from aetherd.errors import AetherError
-from aetherd.services.fileio import AtomicWriter, os_error, read_regular
+from aetherd.services.fileio import AtomicWriter, is_temp_name, os_error, read_regular
 from aetherd.services.jail import Jail
 
 DEFAULT_IGNORE = ("node_modules", ".git", ".next", "dist", "build", "__pycache__")
@@ -191,6 +191,8 @@ class Tools:
     env: dict[str, str] = field(default_factory=dict)
 
     def _ignored(self, name: str) -> bool:
+        if is_temp_name(name):
+            return True  # a write in flight (or a dead writer's): not the workspace's
         for pattern in self.ignore:
             if name == pattern:
                 return True

@@ -8,9 +8,12 @@ shape the protocol does not declare never reaches a client.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from typing import TYPE_CHECKING, Any
+
+from pydantic import TypeAdapter
 
 from aetherd.errors import AetherError, ErrorCode
 from aetherd.protocol import Channel, Context
@@ -59,6 +62,23 @@ def _target(msg: PathRequest) -> str:
     return _pick(msg.path, msg.raw_path, "path")
 
 
+_ENTRIES: TypeAdapter[list[FileEntry]] = TypeAdapter(list[FileEntry])
+# Entries validated per step of `list`: a directory may hold `files_list_max_entries`
+# (100,000) of them, and validating them all at once would hold the event loop for
+# about a second; in steps, the loop runs between them.
+LIST_STEP = 2048
+
+
+async def entries_of(raw: list[dict[str, Any]]) -> list[FileEntry]:
+    """The service's entry dicts as models, yielding to the loop between steps."""
+    out: list[FileEntry] = []
+    for start in range(0, len(raw), LIST_STEP):
+        if start:
+            await asyncio.sleep(0)
+        out.extend(_ENTRIES.validate_python(raw[start : start + LIST_STEP]))
+    return out
+
+
 @channel.handler(
     "list",
     PathRequest,
@@ -68,8 +88,7 @@ def _target(msg: PathRequest) -> str:
 )
 async def list_(ctx: Context, msg: PathRequest) -> list[FileEntry]:
     """The entries of a directory: directories first, then by name."""
-    entries = await ctx.services.fs.list(_target(msg))
-    return [FileEntry.model_validate(entry) for entry in entries]
+    return await entries_of(await ctx.services.fs.list(_target(msg)))
 
 
 @channel.handler(

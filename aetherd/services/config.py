@@ -310,8 +310,13 @@ class ConfigStore:
 
     async def validate_object(self, config: dict[str, Any]) -> dict[str, Any]:
         """`{valid, errors}` for a config object."""
-        parsed = validate_data(config, max_terminals=self.settings.config_max_terminals)
+        parsed = await self._validate_object(config)
         return {"valid": parsed.valid, "errors": parsed.errors}
+
+    async def _validate_object(self, config: dict[str, Any]) -> Parsed:
+        """Validation of a client's object, off the loop (it may be up to a frame's size)."""
+        limit = self.settings.config_max_terminals
+        return await self.jail.executor.run(lambda: validate_data(config, max_terminals=limit))
 
     async def set(
         self,
@@ -335,8 +340,8 @@ class ConfigStore:
             text = raw
         else:
             assert config is not None
-            parsed = validate_data(config, max_terminals=self.settings.config_max_terminals)
-            text = dump_yaml(config) if parsed.valid else ""
+            parsed = await self._validate_object(config)
+            text = await self.jail.executor.run(dump_yaml, config) if parsed.valid else ""
         if not parsed.valid:
             raise AetherError(
                 ErrorCode.INVALID_CONFIG, summary(parsed.errors), errors=parsed.errors

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import os
 import shutil
 import stat as stat_mod
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -136,6 +138,7 @@ class FileLimits:
     max_file_size: int = 100 * MiB
     read_page_size: int = 4 * MiB
     max_list_entries: int = 100_000
+    temp_max_age: float = 3600.0  # a writer's temp file older than this is a dead writer's
 
 
 class FileSystem:
@@ -212,6 +215,9 @@ class FileSystem:
         limit = self.limits.max_list_entries
         with os.scandir(real) as entries:
             for entry in entries:
+                if is_temp_name(entry.name):
+                    self._drop_if_stale(entry)  # never listed: in flight, or a dead writer's
+                    continue
                 if len(items) >= limit:
                     raise AetherError(
                         ErrorCode.LIMIT_EXCEEDED,
@@ -223,6 +229,20 @@ class FileSystem:
                     continue  # removed while listing
         items.sort(key=lambda i: (i["type"] != "directory", i["name"]))
         return items
+
+    def _drop_if_stale(self, entry: os.DirEntry[str]) -> None:
+        """Remove the temp file of a writer that died (SIGKILL, power loss) long ago.
+
+        A live write keeps its temp file's mtime fresh; one untouched for
+        `files_temp_max_age` belongs to no one.
+        """
+        with contextlib.suppress(OSError):
+            st = entry.stat(follow_symlinks=False)
+            if (
+                stat_mod.S_ISREG(st.st_mode)
+                and time.time() - st.st_mtime > self.limits.temp_max_age
+            ):
+                os.unlink(entry.path)
 
     async def list(self, wire_path: str) -> list[dict[str, Any]]:
         """Entries of a directory: directories first, then by name."""

@@ -111,7 +111,9 @@ class Authenticator:
         self._audience = settings.jwt_audience
         self._workspace_claim = settings.jwt_workspace_claim
         self._workspace_id = settings.workspace_id
-        self._jwt_keys: list[tuple[object, list[str]]] = []
+        self._jwt_keys: list[
+            tuple[str | rsa.RSAPublicKey | ec.EllipticCurvePublicKey, list[str]]
+        ] = []
         if settings.jwt_secret:
             redactor.add(settings.jwt_secret)
             self._jwt_keys.append((settings.jwt_secret, ["HS256"]))
@@ -147,7 +149,10 @@ class Authenticator:
         return False
 
     def _verify_jwt(self, token: str) -> bool:
-        options = {"require": ["exp"], "verify_aud": self._audience is not None}
+        options: jwt.types.Options = {
+            "require": ["exp"],
+            "verify_aud": self._audience is not None,
+        }
         for key, algorithms in self._jwt_keys:
             try:
                 claims = jwt.decode(

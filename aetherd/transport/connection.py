@@ -149,15 +149,15 @@ class Connection:
     # -- Tasks ------------------------------------------------------------------------
     def _next_frame(self) -> str | None:
         if self._queue:
-            text = self._queue.popleft()
-            self._queued_bytes -= len(text)
+            queued = self._queue.popleft()
+            self._queued_bytes -= len(queued)
             if (
                 not self._writable.is_set()
                 and len(self._queue) <= self._pause_frames // 2
                 and self._queued_bytes <= self._pause_bytes // 2
             ):
                 self._writable.set()
-            return text
+            return queued
         # A stream may say it is urgent (an interactive session with a few bytes to
         # send, typically a keystroke's echo): it goes before the round-robin of bulk
         # streams, so an echo never waits behind a frame from every flooding session.

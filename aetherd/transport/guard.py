@@ -21,10 +21,12 @@ import logging
 import os
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from aiohttp import web
+
+from aetherd.metrics import Sample
 
 log = logging.getLogger("aetherd.guard")
 
@@ -99,6 +101,30 @@ class ConnectionGuard:
     def evicted(self) -> int:
         """Unauthenticated connections closed for being over the limit."""
         return self._evictions.total
+
+    def pending(self) -> int:
+        """Connections open now that have not authenticated (0 before serving)."""
+        if self._server is None:
+            return 0
+        return sum(1 for conn in self._server.connections if conn not in self._trusted)
+
+    def metrics(self) -> Iterator[Sample]:
+        """Pending connections, evictions and accept() failures, read at scrape time."""
+        yield Sample(
+            "aetherd_pending_connections", "Connections not yet authenticated", self.pending()
+        )
+        yield Sample(
+            "aetherd_pending_connections_closed",
+            "Unauthenticated connections closed over max_pending_connections",
+            self.evicted,
+            kind="counter",
+        )
+        yield Sample(
+            "aetherd_accept_errors",
+            "Failed accept() calls (out of file descriptors)",
+            self.accept_errors,
+            kind="counter",
+        )
 
     def trust(self, protocol: object) -> None:
         """Mark the connection of an authenticated request: it no longer counts as pending."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import aiohttp
 import pytest
 
 from aetherd.agent.defaults import Defaults, provider_config
@@ -362,3 +363,59 @@ async def test_prompt_with_unencodable_text_is_a_clean_error(make_settings, stor
         assert page.events == [] and page.latest_seq == 0
     finally:
         await runner.stop()
+
+
+# -- the turn loop and the provider skeleton, against a fake provider on loopback ----------
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "openai"])
+async def test_turn_loop_runs_a_job_to_done_over_both_dialects(
+    kind, make_settings, store, workspace
+):
+    from aetherd.agent.providers import ProviderConfig, stream_turn
+    from aetherd.agent.turn import TurnLoop
+    from tests.fake_providers import FakeProvider, ToolUse, Turn
+
+    provider = await FakeProvider(kind).start()
+    session = aiohttp.ClientSession()
+    try:
+        config = ProviderConfig(kind, provider.base_url, "k", "m", retry_base_delay=0.01)
+        # The skeleton alone: pieces, then one TurnEnd with the blocks.
+        provider.add(Turn(text=["he", "llo"], input_tokens=7, output_tokens=2))
+        items = [
+            i
+            async for i in stream_turn(session, config, "sys", [{"role": "user", "text": "hi"}], [])
+        ]
+        assert [i.content for i in items[:-1]] == ["he", "llo"]
+        end = items[-1]
+        assert end.blocks[-1] == {"type": "text", "text": "hello"}
+        assert (end.input_tokens, end.output_tokens) == (7, 2)
+
+        # The turn loop: a tool call, its result sent back, then the answer.
+        tools = Tools(Jail(workspace), ToolLimits(timeout=5, output_max=1000, max_results=50))
+        events = EventLog(store)
+        seen: list[Recorded] = []
+        events.subscribe(seen.append)
+        executor = ToolExecutor(
+            events, PendingBook(), tools, timeout=5, progress_interval=0.01, progress_max=100
+        )
+        loop = TurnLoop(
+            make_settings(), store, events, executor, lambda p, m: config, lambda: session
+        )
+        write = ToolUse("write_file", json.dumps({"path": "out.txt", "content": "done"}))
+        provider.add(Turn(tools=[write]), Turn(text=["all ", "done"]))
+        await store.create_task("t1", "write it", kind, "m", "queued")
+        task = Job("t1", "write it", kind, "m", "full")
+        await loop.run(task)
+        assert (workspace / "out.txt").read_text() == "done"
+        types = [r.type for r in seen]
+        assert types[0] == "status" and types[-2:] == ["status", "done"]
+        assert "tool_invocation" in types and "tool_result" in types and "text" in types
+        done = seen[-1].record()
+        assert done["status"] == "completed" and done["usage"]["inputTokens"] == 20
+        row = await store.get_task("t1")
+        assert row["status"] == "completed" and row["final_text"] == "all done"
+        assert loop.stats.by_provider[kind]["requests"] == 2
+    finally:
+        await session.close()
+        await provider.close()

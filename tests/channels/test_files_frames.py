@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from aetherd.channels.files import event_frame
+from aetherd.channels.files import LIST_STEP, entries_of, event_frame
 from aetherd.protocol import dumps, encode
 from aetherd.protocol.files import (
     FileContent,
@@ -47,6 +47,10 @@ def fs(tmp_path: Path) -> FileSystem:
     return FileSystem(Jail(root), FileLimits(max_file_size=1 << 20, read_page_size=4096))
 
 
+def encode_list(models: list[Any]) -> str:
+    return "[" + ",".join(encode(m) for m in models) + "]"
+
+
 def same(model: Any, data: Any) -> None:
     assert encode(model) == dumps(data)
 
@@ -57,6 +61,16 @@ async def test_list_entries(fs: FileSystem):
     assert any(e.get("symlink") and not e.get("broken") for e in entries)
     for entry in entries:
         same(FileEntry.model_validate(entry), entry)
+
+
+async def test_a_long_listing_is_validated_in_steps_and_keeps_every_entry():
+    raw = [
+        {"name": f"f{i}", "type": "file", "size": i, "modified": "2026-11-27T21:03:01.123456Z"}
+        for i in range(LIST_STEP * 2 + 5)
+    ]
+    entries = await entries_of(raw)
+    assert encode_list(entries) == dumps(raw)
+    assert await entries_of([]) == []
 
 
 @pytest.mark.parametrize("path", ["/", "/a.txt", "/dir é", "/link-in", "/link-out", "/dangling"])

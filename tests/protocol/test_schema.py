@@ -200,7 +200,9 @@ async def test_frames_of_a_running_daemon_match_the_schema(daemon, document) -> 
     client = await daemon.connect()
     sessions = await client.expect_type("terminal", "sessions")
     assert_valid(document, "terminal.sessions.push", sessions)
-    reply = await client.request("terminal", "create", sessionId="schema-1", command="echo hi")
+    reply = await client.request(
+        "terminal", "create", sessionId="schema-1", command="echo hi; sleep 30"
+    )
     assert reply["success"] is True
     assert_valid(document, "terminal.create.reply", reply)
     listed = await client.request("terminal", "list")
@@ -216,6 +218,22 @@ async def test_frames_of_a_running_daemon_match_the_schema(daemon, document) -> 
     assert_valid(document, "error.error.push", error)
     got = await client.request("config", "get")
     assert_valid(document, "config.get.reply", got)
+    history = await client.expect_type("agent", "history")
+    assert_valid(document, "agent.history.push", history)
+    (daemon.settings.root / "notes.txt").write_text("hello\n", encoding="utf-8")
+    listing = await client.request("files", "list", path="/")
+    assert any(entry["name"] == "notes.txt" for entry in listing["data"])
+    assert_valid(document, "files.list.reply", listing)
+    stat = await client.request("files", "stat", path="/notes.txt")
+    assert_valid(document, "files.stat.reply", stat)
+    ports = await client.request("ports", "list")
+    assert_valid(document, "ports.list.reply", ports)
+    activity = await client.request("activity", "user_activity")
+    assert_valid(document, "activity.user_activity.reply", activity)
+    closed = await client.request("terminal", "close", sessionId="schema-1")
+    assert_valid(document, "terminal.close.reply", closed)
+    pushed = await client.expect_type("terminal", "close", sessionId="schema-1")
+    assert_valid(document, "terminal.close.push", pushed)
     # A frame that breaks the schema is refused by it (the check is not vacuous).
     wrong = dict(reply, data={**reply["data"], "pid": "one"})
     assert not payload_validator(document, "terminal.create.reply").is_valid(wrong)

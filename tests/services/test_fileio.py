@@ -282,3 +282,29 @@ async def test_executors_stop_returns_with_a_stuck_thread(tmp_path):
     fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
     os.close(fd)
     await asyncio.wrap_future(blocked)
+
+
+async def test_temp_files_are_never_listed_and_stale_ones_are_removed(workspace):
+    """A writer killed mid-write leaves its temp file; nobody sees it, and it goes away."""
+    from aetherd.agent.tools import Tools
+    from aetherd.services.fs import FileLimits, FileSystem
+
+    jail = Jail(workspace)
+    (workspace / "kept.txt").write_text("x")
+    live = AtomicWriter(jail, workspace / "live.txt").open()  # a write in flight
+    assert live.temp is not None
+    dead_name = f"{TEMP_PREFIX}{'ab' * 8}.new"  # what a writer killed by SIGKILL leaves
+    (workspace / dead_name).write_bytes(b"partial")
+    old = 1_000_000_000
+    os.utime(workspace / dead_name, (old, old))
+    fs = FileSystem(jail, FileLimits(temp_max_age=60))
+    names = [entry["name"] for entry in await fs.list("/")]
+    assert names == ["kept.txt"]
+    assert not (workspace / dead_name).exists()  # stale: removed
+    assert (workspace / live.temp).exists()  # fresh: a live writer's, kept
+    tools = Tools(jail)
+    assert await tools.run("list_files", {}) == "kept.txt"
+    assert await tools.run("glob", {"pattern": "**"}) == "/kept.txt"
+    live.write(b"done")
+    live.commit()
+    assert sorted(os.listdir(workspace)) == ["kept.txt", "live.txt"]

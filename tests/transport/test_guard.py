@@ -164,6 +164,16 @@ def test_low_ulimit_half_open_flood_keeps_healthz_and_a_small_log(tmp_path: Path
         assert _healthz(port, 30) == 200
         closed_by_server = _wait_closed_by_server(socks, 10)
         assert closed_by_server >= 50
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
+        values = {
+            line.split()[0]: float(line.split()[1])
+            for line in metrics.splitlines()
+            if line and not line.startswith("#")
+        }
+        assert values["aetherd_accept_errors_total"] >= 1
+        assert values["aetherd_pending_connections_closed_total"] >= 50
+        assert 1 <= values["aetherd_pending_connections"] < 64
         for sock in socks:
             sock.close()
         socks.clear()
