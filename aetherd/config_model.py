@@ -305,13 +305,15 @@ class BoundedLoader(yaml.SafeLoader):
     def fetch_flow_collection_start(self, TokenClass: Any) -> None:
         if self.flow_level >= self.max_depth:
             raise _TooDeep(self.max_depth, self.get_mark())
-        super().fetch_flow_collection_start(TokenClass)  # type: ignore[misc]
+        super().fetch_flow_collection_start(TokenClass)
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         self._depth += 1
         try:
             if self._depth > self.max_depth:
-                raise _TooDeep(self.max_depth, self.peek_event().start_mark)
+                # PyYAML's stubs leave peek_event unannotated.
+                event = self.peek_event()  # type: ignore[no-untyped-call]
+                raise _TooDeep(self.max_depth, event.start_mark)
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1

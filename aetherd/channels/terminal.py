@@ -29,6 +29,7 @@ from aetherd.protocol.terminal import (
     TerminalSessionRef,
     TerminalSessions,
 )
+from aetherd.services.fileio import wire_text
 from aetherd.services.terminal import Attachment, Exit, TerminalManager, TerminalSession
 
 channel = Channel("terminal", pushes=(TerminalOutput, TerminalClose, TerminalSessions))
@@ -53,8 +54,8 @@ def _info_fields(session: TerminalSession) -> dict[str, Any]:
     return {
         "session_id": info["session_id"],
         "pid": info["pid"],
-        "command": info["command"],
-        "cwd": info["cwd"],
+        "command": wire_text(info["command"]),
+        "cwd": wire_text(info["cwd"]),  # a directory name need not be UTF-8
         "cols": info["cols"],
         "rows": info["rows"],
         "created_at": _iso(info["created_at"]),

@@ -374,6 +374,23 @@ class _Builder:
                 ),
             },
             "defaultContentType": "application/json",
+            "servers": {
+                "workspace": {
+                    "description": "The daemon of one workspace (`aetherd serve`).",
+                    "host": "{host}",
+                    "protocol": "ws",
+                    "security": [
+                        _ref("components", "securitySchemes", "token"),
+                        _ref("components", "securitySchemes", "bearer"),
+                    ],
+                    "variables": {
+                        "host": {
+                            "default": "127.0.0.1:3001",
+                            "description": "Address and port (settings `host`, `port`).",
+                        }
+                    },
+                }
+            },
             "channels": channels,
             "operations": operations,
             "components": {
@@ -388,6 +405,22 @@ class _Builder:
                     "workspaceId": {"description": "The workspace id the daemon serves."}
                 },
                 "schemas": schemas,
+                "securitySchemes": {
+                    "bearer": {
+                        "description": (
+                            "`Authorization: Bearer TOKEN`, or the WebSocket subprotocol "
+                            "pair `Bearer, TOKEN` (browsers). A static token or a JWT."
+                        ),
+                        "scheme": "bearer",
+                        "type": "http",
+                    },
+                    "token": {
+                        "description": "The `token` query parameter.",
+                        "in": "query",
+                        "name": "token",
+                        "type": "httpApiKey",
+                    },
+                },
             },
             "x-envelope-errors": _codes(ENVELOPE_ERRORS),
             "x-error-codes": sorted(code.value for code in ErrorCode),

@@ -112,20 +112,6 @@ _EVENT_FILTER = [
 ]
 # A burst of events longer than this many debounce periods is read anyway.
 _MAX_DEBOUNCE_EXTENSIONS = 20
-
-
-def _demote_stopped_emitter(record: logging.LogRecord) -> bool:
-    """watchdog's inotify emitter logs an ERROR when its thread is stopped while a read
-    is returning (we unschedule a watch when the config's directory goes or changes):
-    that emitter is being retired, so its last event is not wanted. Keep the line, at
-    DEBUG, so the daemon's log holds no false alarm."""
-    if record.levelno >= logging.ERROR and "called when the thread is inactive" in str(record.msg):
-        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-    return True
-
-
-logging.getLogger("watchdog.observers.inotify").addFilter(_demote_stopped_emitter)
-
 # Bound on one watchdog control call (schedule, unschedule, stop): they join threads
 # without a timeout, so they run in a daemon thread the loop waits on this long at most.
 _WATCH_CONTROL_TIMEOUT = 5.0

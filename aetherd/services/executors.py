@@ -151,11 +151,6 @@ class BoundedExecutor:
             }
 
 
-def _settle(done: asyncio.Future[None]) -> None:
-    if not done.done():
-        done.set_result(None)
-
-
 class Executors:
     """The daemon's executors, one per kind of blocking work."""
 

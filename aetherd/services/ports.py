@@ -246,7 +246,8 @@ def parent_pid(pid: int, proc_root: Path = Path("/proc")) -> int | None:
 def _read_stat(pid: int, proc_root: Path) -> list[str] | None:
     """`/proc/<pid>/stat` fields after the command name: [state, ppid, ...]; None if gone."""
     try:
-        text = (proc_root / str(pid) / "stat").read_text()
+        # The command name in it may hold any bytes: decode leniently.
+        text = (proc_root / str(pid) / "stat").read_bytes().decode("utf-8", "replace")
     except OSError:
         return None
     _, _, rest = text.rpartition(")")
@@ -312,7 +313,8 @@ def process_info(
     base = proc_root / str(pid)
     try:
         raw = (base / "cmdline").read_bytes()
-        comm = (base / "comm").read_text().strip()
+        # A process may name itself with any bytes (prctl PR_SET_NAME): never strict.
+        comm = (base / "comm").read_bytes().decode("utf-8", "replace").strip()
     except OSError:
         return ProcessInfo(pid=pid) if (base.exists()) else UNKNOWN_PROCESS
     args = [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]

@@ -91,7 +91,8 @@ def add_browser_http(app: web.Application, settings: Settings) -> None:
         request[CLIENT] = client_address(
             request.remote, request.headers.get("X-Forwarded-For"), access.networks
         )
-        return await handler(request)
+        response: web.StreamResponse = await handler(request)
+        return response
 
     @web.middleware
     async def cors(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -101,7 +102,8 @@ def add_browser_http(app: web.Application, settings: Settings) -> None:
             and CORS_PATHS.match(request.path)
         ):
             return access.preflight(request)
-        return await handler(request)
+        response: web.StreamResponse = await handler(request)
+        return response
 
     async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
         if request.get(PROXIED) or not CORS_PATHS.match(request.path):

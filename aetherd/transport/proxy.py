@@ -208,7 +208,7 @@ class PreviewProxy:
             return None
         for address in info.addresses:
             if address not in ("0.0.0.0", "::", "*", "") and not is_loopback(address):
-                return address.strip("[]")
+                return str(address).strip("[]")
         return None
 
     def refused_ports(self, request: web.Request) -> set[int]:
@@ -628,8 +628,8 @@ class _HeadersWithBody(web.StreamResponse):
 
 
 async def _pump(
-    source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-    sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+    source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse[bool],
+    sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse[bool],
 ) -> None:
     """Copy messages from `source` to `sink`; a close is passed on with its code."""
     try:
@@ -654,7 +654,9 @@ async def _pump(
         return
 
 
-async def _bridge(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
+async def _bridge(
+    client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse[bool]
+) -> None:
     """Relay both ways until one side closes, then close the other with the same code."""
     tasks = {
         asyncio.create_task(_pump(client, upstream), name="proxy-ws-up"),
@@ -703,7 +705,8 @@ def add_preview_proxy(app: web.Application) -> None:
             if port is not None:
                 path = request.rel_url.raw_path or "/"
                 return await proxy.handle(request, port or None, None, path)
-        return await handler(request)
+        response: web.StreamResponse = await handler(request)
+        return response
 
     app.cleanup_ctx.append(lifecycle)
     app.middlewares.append(host_form)

@@ -299,7 +299,9 @@ def decide_access(
     return Access.UNAUTHORIZED
 
 
-def is_trusted(address: str | None, networks: Collection[ipaddress._BaseNetwork]) -> bool:
+def is_trusted(
+    address: str | None, networks: Collection[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> bool:
     """True when `address` lies in one of `networks`."""
     if not address:
         return False
@@ -313,7 +315,9 @@ def is_trusted(address: str | None, networks: Collection[ipaddress._BaseNetwork]
 
 
 def client_address(
-    peer: str | None, forwarded_for: str | None, networks: Collection[ipaddress._BaseNetwork]
+    peer: str | None,
+    forwarded_for: str | None,
+    networks: Collection[ipaddress.IPv4Network | ipaddress.IPv6Network],
 ) -> str | None:
     """The real client: the peer, unless the peer is a trusted proxy, in which case the
     right-most `X-Forwarded-For` entry that is not itself a trusted proxy."""

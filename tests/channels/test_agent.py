@@ -872,3 +872,71 @@ async def test_sigkill_of_the_daemon_mid_stream_keeps_what_was_committed(
     done = page["events"][-1]
     assert done["type"] == "done" and done["status"] == "failed"
     assert done["error"] == "daemon restarted" and done["seq"] == len(seqs) + 2
+
+
+async def test_every_agent_frame_of_a_running_daemon_matches_the_published_schema(
+    start_daemon, anthropic, workspace
+):
+    import jsonschema
+
+    from aetherd.protocol.schema import build_document
+
+    def check(message: str, frame: dict[str, Any]) -> None:
+        schema = {"$ref": f"#/components/messages/{message}/payload", **document}
+        errors = [e.message for e in jsonschema.Draft202012Validator(schema).iter_errors(frame)]
+        assert errors == [], f"{message}: {frame}: {errors}"
+
+    (workspace / "a.txt").write_text("old")
+    edit = ToolUse("write_file", json.dumps({"path": "a.txt", "content": "new"}))
+    ask = ToolUse("ask_user", json.dumps({"question": "colour?"}))
+    bash = ToolUse("bash", json.dumps({"command": "echo hi"}))
+    anthropic.add(
+        Turn(thinking=["hm"], text=["one"], tools=[edit]),
+        Turn(tools=[ask, bash]),
+        Turn(text=["two"]),
+    )
+    gate = asyncio.Event()
+    anthropic.add(Turn(text=["stuck"], pause_after=4, gate=gate))
+    running = await start_agent(start_daemon, anthropic, agent_permission_mode="ask")
+    document = build_document(running.daemon.registry)
+    client = await running.connect()
+    check("agent.history.push", await history(client))
+    queued = await client.request("agent", "prompt", prompt="go", taskId="t1")
+    check("agent.prompt.reply", queued)
+    request = await client.expect_type("agent", "permission_request", taskId="t1")
+    page = await client.request("agent", "history", limit=50)
+    check("agent.history.reply", page)
+    assert [e["type"] for e in page["data"]["pending"]] == ["permission_request"]
+    check("agent.approve.reply", await decide(client, "approve", request["requestId"]))
+    question = await client.expect_type("agent", "tool_invocation", toolCallId=ask.id)
+    answered = await client.request("agent", "tool_response", toolCallId=ask.id, result="blue")
+    check("agent.tool_response.reply", answered)
+    request = await client.expect_type("agent", "permission_request", taskId="t1")
+    check("agent.reject.reply", await decide(client, "reject", request["requestId"], reason="no"))
+    events = await task_events(client, "t1")
+    assert question["status"] == "awaiting_input"
+    check("agent.settings.reply", await client.request("agent", "settings"))
+    check("errorReply", await client.request("agent", "abort", taskId="t1"))  # ended
+    await client.send({"channel": "agent", "type": "prompt", "prompt": "wait", "taskId": "t2"})
+    await client.expect_type("agent", "text", taskId="t2")
+    check("agent.abort.reply", await client.request("agent", "abort", taskId="t2"))
+    gate.set()
+    await client.send({"channel": "agent", "type": "abort", "taskId": "nope"})
+    check("agent.error.push", await client.expect_type("agent", "error"))
+    seen = set()
+    for event in [*events, request, question]:  # those two were taken out of the stream
+        check(f"agent.{event['type']}.push", event)
+        seen.add(event["type"])
+    assert seen == {
+        "status",
+        "text",
+        "thinking",
+        "tool_invocation",
+        "permission_request",
+        "tool_result",
+        "done",
+    }
+    late = await running.connect()
+    replay = await history(late)
+    check("agent.history.push", replay)
+    assert {e["type"] for e in replay["events"]} == seen

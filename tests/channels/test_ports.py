@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
-from tests.services.test_ports import Child, start_http_server, start_listener
+from tests.services.test_ports import Child, spawn, start_http_server, start_listener
 from tests.support import WsClient, wait_for
 
 
@@ -199,3 +200,35 @@ async def test_kill_errors_keep_the_socket_open(start_daemon: Callable[..., Any]
     assert reply["code"] == "INVALID_MESSAGE"
     reply = await client.request("ports", "list")
     assert reply["success"] is True and isinstance(reply["data"], list)
+
+
+NAMED_LISTENER = r"""
+import ctypes, socket, sys
+ctypes.CDLL(None).prctl(15, b"bad\xff\xfename", 0, 0, 0)  # PR_SET_NAME: not UTF-8
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(1)
+print(s.getsockname()[1], flush=True)
+sys.stdin.buffer.read()
+"""
+
+
+async def test_a_process_whose_name_is_not_utf8(
+    start_daemon: Callable[..., Any], children: list[Child]
+) -> None:
+    """Before: /proc/<pid>/comm and stat were read strictly, so one such process on the
+    machine made ports/list and ports/kill answer INTERNAL_ERROR."""
+    proc = await spawn(sys.executable, "-c", NAMED_LISTENER)
+    assert proc.stdout is not None
+    child = Child(proc, int(await asyncio.wait_for(proc.stdout.readline(), 10)))
+    children.append(child)
+    running = await start_daemon(port_scan_interval=0.05)
+    client: WsClient = await running.connect()
+    frame = await client.expect(is_open(child.port))
+    assert frame["pid"] == child.pid and frame["process"] == "bad\ufffd\ufffdname"
+    reply = await client.request("ports", "list")
+    assert reply["success"] is True
+    assert child.port in [item["port"] for item in reply["data"]]
+    reply = await client.request("ports", "kill", port=child.port)
+    assert reply["success"] is True and reply["data"] == {"port": child.port, "pids": [child.pid]}
+    await client.expect(is_close(child.port))

@@ -8,6 +8,7 @@ frames so that moving them to models changed nothing on the wire.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -136,3 +137,16 @@ async def test_streams_live_on_the_connection_and_close_with_it(daemon):
     )
     assert len(streams) == 0  # the sessions themselves keep running
     assert all(terminals.get(sid).alive for sid in ("p1", "p2"))
+
+
+async def test_a_cwd_whose_name_is_not_utf8_is_sent_replaced(daemon, workspace):
+    """A session started in a directory whose name is not UTF-8 (reached through a link)."""
+    os.mkdir(os.path.join(os.fsencode(workspace), b"caf\xe9"))
+    os.symlink(os.fsdecode(b"caf\xe9"), workspace / "cafe")
+    client = await daemon.connect()
+    await client.expect_type("terminal", "sessions")
+    reply = await client.request("terminal", "create", sessionId="u1", cwd="/cafe", command="pwd")
+    assert reply["success"] is True, reply
+    assert reply["data"]["cwd"] == "/caf\ufffd"
+    listed = await client.request("terminal", "list")
+    assert [s["cwd"] for s in listed["data"]["sessions"]] == ["/caf\ufffd"]
