@@ -611,7 +611,7 @@ class _CoalescingTransport:
         return getattr(self._transport, name)
 
 
-def _coalesce_writes(ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
+def _coalesce_writes(ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse[bool]) -> None:
     """Put a `_CoalescingTransport` under `ws`'s frame writer (aiohttp's `_writer`; when a
     future aiohttp lays it out differently, frames simply go out one by one)."""
     writer = getattr(ws, "_writer", None)
