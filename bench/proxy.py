@@ -34,7 +34,18 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from bench.support import REPO, TOKEN, Child, Daemon, MiB, free_port, percentile, rss_bytes, step
+from bench.support import (
+    REPO,
+    TOKEN,
+    Child,
+    Daemon,
+    MiB,
+    cpu_seconds,
+    free_port,
+    percentile,
+    rss_bytes,
+    step,
+)
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 BLOCK = bytes(range(256)) * 256  # 64 KiB
@@ -188,9 +199,14 @@ async def run(quick: bool) -> None:
                 await bulk(session, url, MiB)
             rss_before = rss_bytes(daemon.pid)
             rates: dict[str, list[float]] = {"direct": [], "proxy": []}
+            cpu = {"upstream": 0.0, "daemon": 0.0}
             for _ in range(repeats):
+                before = cpu_seconds(upstream.pid)
                 rates["direct"].append(await bulk(session, direct, size))
+                cpu["upstream"] += cpu_seconds(upstream.pid) - before
+                before = cpu_seconds(daemon.pid)
                 rates["proxy"].append(await bulk(session, proxied, size))
+                cpu["daemon"] += cpu_seconds(daemon.pid) - before
             rss_after = rss_bytes(daemon.pid)
         direct_rate = statistics.median(rates["direct"])
         proxy_rate = statistics.median(rates["proxy"])
@@ -203,7 +219,9 @@ async def run(quick: bool) -> None:
             f"| through the proxy | {proxy_rate:.0f} | {proxy_rate / direct_rate:.2f} |",
             "",
             f"Daemon RSS: {rss_before / MiB:.1f} MiB before, {rss_after / MiB:.1f} MiB after "
-            f"{repeats} proxied transfers.",
+            f"{repeats} proxied transfers. CPU per MiB: the daemon relaying "
+            f"{cpu['daemon'] * 1000 / (repeats * size / MiB):.2f} ms, the upstream serving "
+            f"directly {cpu['upstream'] * 1000 / (repeats * size / MiB):.2f} ms.",
             "",
         ]
 
@@ -213,9 +231,14 @@ async def run(quick: bool) -> None:
         async with aiohttp.ClientSession() as d_session, aiohttp.ClientSession() as p_session:
             await small_latencies(d_session, direct, 20)
             await small_latencies(p_session, proxied, 20)
+            cpu = {"upstream": 0.0, "daemon": 0.0}
             for _ in range(count // 100):
+                before = cpu_seconds(upstream.pid)
                 samples["direct"] += await small_latencies(d_session, direct, 100)
+                cpu["upstream"] += cpu_seconds(upstream.pid) - before
+                before = cpu_seconds(daemon.pid)
                 samples["proxy"] += await small_latencies(p_session, proxied, 100)
+                cpu["daemon"] += cpu_seconds(daemon.pid) - before
         d50, p50 = percentile(samples["direct"], 0.5), percentile(samples["proxy"], 0.5)
         lines += [
             f"## Small requests, one at a time on a keep-alive connection ({count} each)",
@@ -225,6 +248,9 @@ async def run(quick: bool) -> None:
             f"| direct | {ms(d50)} | {ms(percentile(samples['direct'], 0.99))} |",
             f"| through the proxy | {ms(p50)} | {ms(percentile(samples['proxy'], 0.99))} |",
             f"| overhead of the proxy (p50) | {ms(p50 - d50)} | |",
+            "",
+            f"CPU per request: the daemon relaying {cpu['daemon'] / count * 1e6:.0f} µs, the "
+            f"upstream answering directly {cpu['upstream'] / count * 1e6:.0f} µs.",
             "",
         ]
 
@@ -252,16 +278,22 @@ async def run(quick: bool) -> None:
         step(f"WebSocket echo, {messages} messages")
         ws_rows = []
         for window in (1, 64):
+            before = cpu_seconds(upstream.pid)
             d_rate = await ws_rate(direct, messages, window)
+            up_cpu = cpu_seconds(upstream.pid) - before
+            before = cpu_seconds(daemon.pid)
             p_rate = await ws_rate(proxied, messages, window)
+            relay_cpu = cpu_seconds(daemon.pid) - before
             ws_rows.append(
-                f"| {window} in flight | {d_rate:.0f} | {p_rate:.0f} | {p_rate / d_rate:.2f} |"
+                f"| {window} in flight | {d_rate:.0f} | {p_rate:.0f} | {p_rate / d_rate:.2f} | "
+                f"{up_cpu / messages * 1e6:.0f} µs | {relay_cpu / messages * 1e6:.0f} µs |"
             )
         lines += [
             f"## WebSocket echo, {messages} messages of 100 bytes",
             "",
-            "| messages in flight | direct msgs/s | proxied msgs/s | ratio |",
-            "|---|---|---|---|",
+            "| messages in flight | direct msgs/s | proxied msgs/s | ratio | upstream CPU/msg "
+            "(direct) | daemon CPU/msg (relay) |",
+            "|---|---|---|---|---|---|",
             *ws_rows,
         ]
         load = " / ".join(f"{x:.1f}" for x in os.getloadavg())

@@ -96,7 +96,10 @@ def vite_server(tmp_path: Path):
 
 
 async def test_vite_page_and_hot_reload_through_the_proxy(start_daemon, vite_server):
-    from playwright.async_api import async_playwright
+    try:
+        from playwright.async_api import async_playwright
+    except ImportError:  # pragma: no cover - a venv created before playwright joined [test]
+        pytest.fail("playwright is missing: pip install -e '.[test]' (it joined the test extras)")
 
     project, vite_port = vite_server
     running = await start_daemon(preview_host="{port}-{workspacePrefix}.preview.localhost")

@@ -16,6 +16,8 @@ nothing about WebSockets or frames:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -237,6 +239,12 @@ class AgentRunner:
     async def abort(self, task_id: str) -> str:
         """Cancel a queued or running task; returns (its id) once its `done` is out."""
         job = self.queue.get(task_id)
+        if job is not None and job.finishing:
+            # Its end is being recorded: it has ended, whatever the client saw so far.
+            # Answer as for any ended task, once the end is stored.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(job.finished.wait(), ABORT_WAIT)
+            job = None
         if job is None:
             row = await self.store.get_task(task_id)
             if row is None:

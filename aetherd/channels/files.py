@@ -95,8 +95,7 @@ async def list_(ctx: Context, msg: PathRequest) -> list[FileEntry]:
     "read",
     ReadRequest,
     reply=FileContent,
-    # BUSY: the file's open would block (EAGAIN; it is opened non-blocking).
-    errors=(*_PATH_ERRORS, ErrorCode.IS_DIRECTORY, ErrorCode.FILE_TOO_LARGE, ErrorCode.BUSY),
+    errors=(*_PATH_ERRORS, ErrorCode.IS_DIRECTORY, ErrorCode.FILE_TOO_LARGE),
     concurrent=True,
 )
 async def read(ctx: Context, msg: ReadRequest) -> FileContent:

@@ -297,10 +297,8 @@ class PreviewProxy:
         if decision is rules.Access.UNAUTHORIZED:
             self.rejected["unauthorized"] += 1
             return web.json_response({"error": "Unauthorized"}, status=401)
-        # Using the preview is using the workspace (idle detection, section 7), and this
-        # connection is no longer an unauthenticated one for the connection guard.
+        # Using the preview is using the workspace (idle detection, section 7).
         self.daemon.services.activity.touch()
-        trust_connection(request)
         assert port is not None
         query = rules.strip_query_param(
             request.rel_url.raw_query_string, "token", lambda value: not self._verifies(value)
@@ -510,6 +508,8 @@ class PreviewProxy:
         )
         try:
             await downstream.prepare(request)
+            _coalesce_writes(downstream)
+            _coalesce_writes(upstream)
             await _bridge(downstream, upstream)
         finally:
             with contextlib.suppress(Exception):
@@ -573,6 +573,51 @@ async def _with_progress(awaitable: Awaitable[T], timeout: float, progress: list
     finally:
         if handle is not None:
             handle.cancel()
+
+
+class _CoalescingTransport:
+    """Write-combining in front of a WebSocket's transport: the frames written during one
+    event-loop iteration leave in one send() instead of one each.
+
+    A relay forwards a burst of messages that arrived in one read as a burst of frames;
+    one system call per frame was most of its cost. Flow control is unchanged: the real
+    transport still pauses the protocol, which aiohttp's writer waits on."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+        self._scheduled = False
+
+    def write(self, data: bytes) -> None:
+        self._pending.append(data)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._pending:
+            return
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending.clear()
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def _coalesce_writes(ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse[bool]) -> None:
+    """Put a `_CoalescingTransport` under `ws`'s frame writer (aiohttp's `_writer`; when a
+    future aiohttp lays it out differently, frames simply go out one by one)."""
+    writer = getattr(ws, "_writer", None)
+    transport = getattr(writer, "transport", None)
+    if transport is not None and not isinstance(transport, _CoalescingTransport):
+        writer.transport = _CoalescingTransport(transport, asyncio.get_running_loop())  # type: ignore[union-attr]
 
 
 class _HeadersWithBody(web.StreamResponse):

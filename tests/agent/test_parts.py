@@ -365,6 +365,33 @@ async def test_prompt_with_unencodable_text_is_a_clean_error(make_settings, stor
         await runner.stop()
 
 
+async def test_abort_of_a_task_whose_end_is_being_recorded_is_a_conflict(
+    make_settings, store, workspace
+):
+    """A task past the point of no return (its `done` is being recorded) has ended: an
+    abort then is answered as for any ended task, never with a false "aborted"."""
+    runner = AgentRunner(make_settings(), Jail(workspace), store, environ={})
+    await runner.start()
+    try:
+        await store.create_task("t1", "hi", None, None, "running")
+        job = Job("t1", "hi", "anthropic", "m", "auto", finishing=True)
+        runner.queue._jobs["t1"] = job  # as the queue holds a running job
+
+        async def record_the_end() -> None:
+            await runner.events.finish("t1", "completed", None, None, {})
+            runner.queue._jobs.pop("t1", None)
+            job.finished.set()
+
+        ending = asyncio.create_task(record_the_end())
+        with pytest.raises(AetherError) as info:
+            await runner.abort("t1")
+        await ending
+        assert info.value.code.value == "CONFLICT" and "completed" in info.value.message
+        assert not job.aborted
+    finally:
+        await runner.stop()
+
+
 # -- the turn loop and the provider skeleton, against a fake provider on loopback ----------
 
 

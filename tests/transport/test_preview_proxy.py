@@ -674,3 +674,21 @@ async def test_metrics_and_activity_count_proxied_traffic(daemon, upstream):
     assert 'aetherd_proxy_rejected_total{reason="not_found"} 1.0' in text
     assert "aetherd_proxy_active 0.0" in text
     assert activity.last_activity_at > 0  # using the preview is using the workspace
+
+
+async def test_a_client_leaving_mid_download_frees_its_slot(daemon, upstream):
+    proxy = daemon.app[_proxy_key()]
+    async with aiohttp.ClientSession() as http:
+        url = port_url(daemon, upstream.port, f"/download?size={100 * MiB}&chunked=1")
+        resp = await http.get(url, headers=AUTH)
+        assert resp.status == 200
+        await resp.content.readexactly(MiB)
+        assert proxy.active.get(upstream.port) == 1
+        resp.close()  # drops the connection mid-body
+        for _ in range(500):
+            if upstream.port not in proxy.active:
+                break
+            await asyncio.sleep(0.01)
+        assert upstream.port not in proxy.active
+        async with http.get(port_url(daemon, upstream.port, "/echo"), headers=AUTH) as resp:
+            assert resp.status == 200
