@@ -19,7 +19,7 @@ import logging
 import math
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from pydantic import ValidationError
 
@@ -114,6 +114,22 @@ def decode_frame(text: str) -> Any:
         raise AetherError(ErrorCode.INVALID_JSON, f"malformed JSON: {exc}") from None
 
 
+def _lenient(text: str) -> Any:
+    """The frame parsed with every number read as 0, to find its `requestId` after the
+    guard refused one of its numbers; None when even that fails."""
+    try:
+        return json.loads(
+            text, parse_int=lambda _: 0, parse_float=lambda _: 0.0, parse_constant=lambda _: 0.0
+        )
+    except (ValueError, RecursionError):
+        return None
+
+
+def _replyable(value: Any) -> TypeGuard[str]:
+    """A non-empty string that can be sent back as it is."""
+    return isinstance(value, str) and bool(value) and _unencodable(value) is None
+
+
 def check_unicode(raw: Any, text: str) -> None:
     """Raise AetherError when a string of the decoded frame holds a lone surrogate."""
     if _SURROGATE_ESCAPE.search(text) is None:
@@ -143,6 +159,24 @@ class Dispatcher:
         self._metrics.error(err.code.value)
         self.peer.send(error_frame(err, make_ref(raw) if raw else None))
 
+    def refuse(self, err: AetherError, raw: Any) -> None:
+        """Report a frame the guard refused: a failed reply when its `requestId`,
+        `channel` and `type` are clean text (so the client's request does not wait for a
+        timeout), else an error frame. Never echoes the offending text."""
+        if isinstance(raw, dict):
+            request_id, channel, type_ = raw.get("requestId"), raw.get("channel"), raw.get("type")
+            if (
+                _replyable(request_id)
+                and len(request_id) <= MAX_REQUEST_ID
+                and _replyable(channel)
+                and _replyable(type_)
+            ):
+                self.fail(channel, type_, request_id, err, raw)
+                return
+            self.reject(err, raw)
+            return
+        self.reject(err)
+
     def fail(
         self,
         channel: str,
@@ -164,7 +198,10 @@ class Dispatcher:
             raw = decode_frame(text)
         except AetherError as err:
             self._metrics.frame_in("unknown", len(text))
-            self.reject(err)
+            if err.code is ErrorCode.INVALID_MESSAGE:  # a number out of range
+                self.refuse(err, _lenient(text))
+            else:
+                self.reject(err)
             return
         if not isinstance(raw, dict):
             self._metrics.frame_in("unknown", len(text))
@@ -175,7 +212,7 @@ class Dispatcher:
         try:
             check_unicode(raw, text)
         except AetherError as err:
-            self.reject(err, raw)
+            self.refuse(err, raw)
             return
         await self.handle_frame(raw)
 

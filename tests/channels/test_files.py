@@ -159,9 +159,9 @@ async def test_non_utf8_names_over_the_socket(daemon, workspace):
     await client.send(
         '{"channel":"files","type":"stat","requestId":"esc1","path":"/caf\\udce9.txt"}'
     )
-    error = await client.expect_type("error", "error")
-    assert error["code"] == "INVALID_MESSAGE" and error["field"] == "path"
-    assert "requestId" not in error
+    error = await client.expect(lambda f: f.get("requestId") == "esc1")
+    assert error["success"] is False and error["code"] == "INVALID_MESSAGE"
+    assert error["field"] == "path"
     await fail(client, "read", "INVALID_PATH", rawPath="***")
 
 

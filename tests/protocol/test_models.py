@@ -218,10 +218,16 @@ async def test_guarded_frames_over_the_socket_get_an_error_and_the_socket_stays(
     error = await client.expect_type("error", "error")
     assert error["code"] == "INVALID_MESSAGE" and error["field"] == "requestId"
     assert error["ref"] == {"channel": "activity", "type": "user_activity"}
+    # A clean requestId still gets its (failed) reply, so the request does not time out.
     await client.send(
         '{"channel":"agent","type":"history","requestId":"h1","beforeSeq":99999999999999999999}'
     )
-    error = await client.expect_type("error", "error")
-    assert error["code"] == "INVALID_MESSAGE" and "out of range" in error["error"]
+    reply = await client.expect(lambda f: f.get("requestId") == "h1")
+    assert reply["success"] is False and reply["code"] == "INVALID_MESSAGE"
+    assert "out of range" in reply["error"] and reply["type"] == "history"
+    await client.send('{"channel":"files","type":"stat","requestId":"s1","path":"/\\ud800"}')
+    reply = await client.expect(lambda f: f.get("requestId") == "s1")
+    assert reply["success"] is False and reply["field"] == "path"
+    assert "\\ud800" not in json.dumps(reply) and "\ud800" not in reply["error"]
     reply = await client.request("activity", "user_activity")
     assert reply["success"] is True

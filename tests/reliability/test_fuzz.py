@@ -304,12 +304,36 @@ def _unencodable(text: str) -> bool:
 KNOWN_OPEN: dict[str, Any] = {}
 
 
+def _malformed(value: Any) -> bool:
+    """Whether `value` holds a fragment no JSON parser reads (INVALID_JSON: no reply).
+    A number out of range (BIG_DIGITS) still parses, so its frame can be answered."""
+    if isinstance(value, Raw):
+        return value is not BIG_DIGITS
+    if isinstance(value, dict):
+        return any(_malformed(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_malformed(v) for v in value)
+    return False
+
+
+def replyable(frame: Any) -> bool:
+    """Whether a frame refused at the frame level still gets a reply to its requestId."""
+    if not isinstance(frame, dict) or _malformed(frame):
+        return False
+    request_id, channel, type_ = (frame.get(k) for k in ("requestId", "channel", "type"))
+    return (
+        all(isinstance(v, str) and v and not _unencodable(v) for v in (request_id, channel, type_))
+        and len(request_id) <= MAX_REQUEST_ID
+    )
+
+
 def refused_at_the_frame(frame: Any) -> bool:
     """Whether the daemon refuses the whole frame before any channel sees it.
 
     docs/protocol.md, Framing: malformed JSON, an integer outside 64 bits, NaN/Infinity,
-    or a lone surrogate in any string (key or value, requestId included) get an error
-    frame, never a reply that would echo the bad text.
+    or a lone surrogate in any string (key or value, requestId included) get a failed
+    reply when `requestId`, `channel` and `type` are clean text (`replyable`), else an
+    error frame; the bad text is never echoed.
     """
     if isinstance(frame, Raw):
         return True
@@ -471,7 +495,13 @@ class Fuzzer:
         reaches = self._reaches_handler(channel, type_, text)
         await client.send(text)
         self.sent += 1
-        if refused_at_the_frame(frame):
+        if refused_at_the_frame(frame) and replyable(frame):
+            reply = await client.expect(
+                lambda f: f.get("requestId") == request_id and "success" in f, REPLY_TIMEOUT
+            )
+            assert reply["success"] is False and reply["code"] == "INVALID_MESSAGE", reply
+            reaches = False
+        elif refused_at_the_frame(frame):
             err = await client.expect(
                 lambda f: (
                     f.get("channel") == "error"
