@@ -1,4 +1,7 @@
-"""Test helpers: a WebSocket client that waits for markers, and a raw WebSocket for abuse."""
+"""Test helpers: a WebSocket client that waits for markers, a raw WebSocket for abuse, and
+the daemon as a real process (`aetherd serve`: its command, environment, port and readiness).
+
+No pytest here: `bench/` imports this module too."""
 
 from __future__ import annotations
 
@@ -6,16 +9,22 @@ import asyncio
 import base64
 import json
 import os
+import shutil
 import socket
 import struct
+import subprocess
+import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 DEFAULT_TIMEOUT = 10.0
+REPO = Path(__file__).resolve().parents[1]
 
 
 class WsClient:
@@ -173,3 +182,75 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def aetherd_command() -> list[str]:
+    """The installed console script when present, else `python -m aetherd`."""
+    script = shutil.which("aetherd", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-m", "aetherd"]
+
+
+def child_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AETHERD_")}
+    # Run this checkout's code, even through an installed console script.
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["XDG_DATA_HOME"] = str(tmp_path / "xdg")
+    env.update(extra)
+    return env
+
+
+def run_cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*aetherd_command(), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        env=child_env(tmp_path, **env),
+    )
+
+
+async def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
+    """Poll /readyz until 200; the process must stay alive meanwhile."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "daemon exited early"
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    raise TimeoutError("daemon never became ready")
+
+
+def read_port(proc: subprocess.Popen, timeout: float = 20) -> tuple[int, list[str]]:
+    """Read JSON log lines from stderr until the `listening` line gives the port."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        entry = json.loads(line)
+        if entry["msg"].startswith("listening on"):
+            return entry["port"], lines
+    raise TimeoutError(f"no listening line; got {lines}")
+
+
+def healthz(port: int, timeout: float, proc: subprocess.Popen[Any] | None = None) -> int | None:
+    """The status of GET /healthz, retried until `timeout`; None if it never answered.
+    With `proc`, the daemon process must stay alive meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None:
+            assert proc.poll() is None, "daemon exited early"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+                return int(resp.status)
+        except OSError:
+            time.sleep(0.1)
+    return None

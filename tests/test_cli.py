@@ -3,48 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.support import connect
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def aetherd_command() -> list[str]:
-    """The installed console script when present, else `python -m aetherd`."""
-    script = shutil.which("aetherd", path=str(Path(sys.executable).parent))
-    return [script] if script else [sys.executable, "-m", "aetherd"]
-
-
-def child_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AETHERD_")}
-    # Run this checkout's code, even through an installed console script.
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["XDG_DATA_HOME"] = str(tmp_path / "xdg")
-    env.update(extra)
-    return env
-
-
-def run_cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*aetherd_command(), *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=tmp_path,
-        env=child_env(tmp_path, **env),
-    )
+from tests.support import (
+    aetherd_command,
+    child_env,
+    connect,
+    read_port,
+    run_cli,
+    wait_ready,
+)
 
 
 @pytest.mark.parametrize(
@@ -169,36 +145,6 @@ def test_version_and_help(tmp_path: Path):
         assert flag in result.stdout
 
 
-async def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, "daemon exited early"
-            try:
-                async with session.get(f"http://127.0.0.1:{port}/readyz") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-    raise TimeoutError("daemon never became ready")
-
-
-def _read_port(proc: subprocess.Popen, timeout: float = 20) -> tuple[int, list[str]]:
-    """Read JSON log lines from stderr until the `listening` line gives the port."""
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        entry = json.loads(line)
-        if entry["msg"].startswith("listening on"):
-            return entry["port"], lines
-    raise TimeoutError(f"no listening line; got {lines}")
-
-
 @pytest.mark.slow
 async def test_serve_with_embedded_defaults_then_sigterm(tmp_path: Path):
     """`aetherd serve` from a bare directory: generated token, readyz, connect, SIGTERM → exit 0."""
@@ -213,13 +159,13 @@ async def test_serve_with_embedded_defaults_then_sigterm(tmp_path: Path):
         text=True,
     )
     try:
-        port, log_lines = await asyncio.to_thread(_read_port, proc)
+        port, log_lines = await asyncio.to_thread(read_port, proc)
         connect_line = await asyncio.to_thread(proc.stdout.readline)
         assert connect_line.startswith("aetherd: connect with ws://127.0.0.1:")
         token_path = tmp_path / "xdg" / "aetherd" / "token"
         token = token_path.read_text().strip()
         assert f"/workspaces/local/ws?token={token}" in connect_line
-        await _wait_ready(port, proc)
+        await wait_ready(port, proc)
         client = await connect(f"http://127.0.0.1:{port}/workspaces/local/ws", token)
         try:
             reply = await client.request("activity", "user_activity")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from aetherd.settings import Settings, env_name, flag_name
-from tests.test_cli import REPO
+from tests.support import REPO
 
 
 def test_every_setting_is_documented_in_the_readme():

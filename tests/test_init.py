@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.test_cli import REPO, child_env
+from tests.support import REPO, child_env
 
 WAIT = 20.0
 

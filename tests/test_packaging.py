@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import REPO
+from tests.support import REPO
 
 WAIT = 30.0
 

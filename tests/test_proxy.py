@@ -21,8 +21,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.support import connect, free_port
-from tests.test_cli import REPO, child_env
+from tests.support import REPO, child_env, connect, free_port
 
 pytestmark = pytest.mark.slow
 WAIT = 30.0

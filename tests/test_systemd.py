@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from aetherd import systemd
-from tests.test_cli import REPO, child_env
+from tests.support import REPO, child_env
 
 WAIT = 20.0
 

@@ -19,8 +19,15 @@ from aetherd.agent.events import ContentPiece
 from aetherd.logs import redactor
 from tests.conftest import TOKEN
 from tests.fake_providers import FakeProvider, HttpError, ToolUse, Turn
-from tests.support import WsClient, connect, wait_for
-from tests.test_cli import _read_port, _wait_ready, aetherd_command, child_env
+from tests.support import (
+    WsClient,
+    aetherd_command,
+    child_env,
+    connect,
+    read_port,
+    wait_for,
+    wait_ready,
+)
 
 KEY_VARS = (
     "ANTHROPIC_API_KEY",
@@ -837,8 +844,8 @@ async def test_sigkill_of_the_daemon_mid_stream_keeps_what_was_committed(
         text=True,
     )
     try:
-        port, _ = await asyncio.to_thread(_read_port, proc)
-        await _wait_ready(port, proc)
+        port, _ = await asyncio.to_thread(read_port, proc)
+        await wait_ready(port, proc)
         client = await connect(f"http://127.0.0.1:{port}/workspaces/ws-test/ws", TOKEN)
         try:
             await history(client)

@@ -19,8 +19,15 @@ import pytest
 from aetherd.services.fs import FileSystem
 from aetherd.services.jail import Jail
 from tests.conftest import TOKEN
-from tests.support import WsClient, connect, wait_for
-from tests.test_cli import _read_port, _wait_ready, aetherd_command, child_env
+from tests.support import (
+    WsClient,
+    aetherd_command,
+    child_env,
+    connect,
+    read_port,
+    wait_for,
+    wait_ready,
+)
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -192,8 +199,8 @@ async def test_sigterm_after_fifo_reads_stops_the_process(tmp_path):
         text=True,
     )
     try:
-        port, _ = await asyncio.to_thread(_read_port, proc)
-        await _wait_ready(port, proc)
+        port, _ = await asyncio.to_thread(read_port, proc)
+        await wait_ready(port, proc)
         client = await connect(f"http://127.0.0.1:{port}/workspaces/local/ws", TOKEN)
         try:
             for _ in range(20):

@@ -24,7 +24,7 @@ from aetherd.errors import ErrorCode
 from aetherd.protocol import Registry
 from aetherd.protocol.schema import build_document, document_json, protocol_document
 from tests.conftest import TOKEN
-from tests.test_cli import run_cli
+from tests.support import run_cli
 
 ASYNCAPI_SCHEMA = Path(__file__).parent / "asyncapi" / "asyncapi-3.0.0.schema.json"
 

@@ -34,8 +34,7 @@ import yaml
 
 from aetherd.services.fs import is_temp_name
 from tests.conftest import TOKEN
-from tests.support import RawWebSocket, WsClient, connect, wait_for
-from tests.test_cli import aetherd_command, child_env
+from tests.support import RawWebSocket, WsClient, aetherd_command, child_env, connect, wait_for
 
 pytestmark = pytest.mark.slow
 

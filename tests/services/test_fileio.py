@@ -28,7 +28,7 @@ from aetherd.services.fileio import (
     write_atomic,
 )
 from aetherd.services.jail import Jail
-from tests.test_cli import REPO
+from tests.support import REPO
 
 
 @pytest.fixture

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from aetherd.transport.guard import RateLimited, fit_pending_limit
-from tests.support import free_port
-from tests.test_cli import aetherd_command, child_env
+from tests.support import aetherd_command, child_env, free_port, healthz
 
 
 def _half_open(port: int, count: int) -> list[socket.socket]:
@@ -49,18 +48,6 @@ def _wait_closed_by_server(socks: list[socket.socket], timeout: float) -> int:
     return len(closed)
 
 
-def _healthz(port: int, timeout: float) -> int | None:
-    """The status of GET /healthz, retried until `timeout`; None if it never answered."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
-                return resp.status
-        except OSError:
-            time.sleep(0.1)
-    return None
-
-
 async def test_half_open_connections_are_closed_after_the_header_timeout(start_daemon):
     running = await start_daemon(header_timeout=0.5)
     socks = await asyncio.to_thread(_half_open, running.server.port, 20)
@@ -71,7 +58,7 @@ async def test_half_open_connections_are_closed_after_the_header_timeout(start_d
             sock.close()
     assert closed == 20
     # A client that finishes its request in time is served.
-    assert await asyncio.to_thread(_healthz, running.server.port, 5) == 200
+    assert await asyncio.to_thread(healthz, running.server.port, 5) == 200
 
 
 async def test_an_open_websocket_outlives_the_header_timeout(start_daemon):
@@ -151,7 +138,7 @@ def test_low_ulimit_half_open_flood_keeps_healthz_and_a_small_log(tmp_path: Path
         )
     socks: list[socket.socket] = []
     try:
-        assert _healthz(port, 20) == 200
+        assert healthz(port, 20) == 200
         for _ in range(100):
             try:
                 sock = socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -161,7 +148,7 @@ def test_low_ulimit_half_open_flood_keeps_healthz_and_a_small_log(tmp_path: Path
             socks.append(sock)
         assert len(socks) == 100
         # The flood is under way: accept() has failed, then room was made.
-        assert _healthz(port, 30) == 200
+        assert healthz(port, 30) == 200
         closed_by_server = _wait_closed_by_server(socks, 10)
         assert closed_by_server >= 50
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
@@ -177,7 +164,7 @@ def test_low_ulimit_half_open_flood_keeps_healthz_and_a_small_log(tmp_path: Path
         for sock in socks:
             sock.close()
         socks.clear()
-        assert _healthz(port, 10) == 200
+        assert healthz(port, 10) == 200
     finally:
         for sock in socks:
             sock.close()

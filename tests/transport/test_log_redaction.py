@@ -5,16 +5,13 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
 from aetherd.logs import SecretRedactor
-from tests.support import free_port
-from tests.test_cli import aetherd_command, child_env
+from tests.support import aetherd_command, child_env, free_port, healthz
 
 # Characters that a URL must encode, so the encoded form differs from the literal one.
 SECRET = "tok/en+with=odd chars-0123456789"
@@ -29,18 +26,6 @@ def test_redactor_scrubs_encoded_forms_in_either_case():
     mixed = quote(SECRET, safe="/")  # `/` left as is, the rest encoded
     for form in (SECRET, upper, lower, plus, mixed):
         assert redactor._scrub(f"GET /ws?token={form}&x=1") == "GET /ws?token=***&x=1", form
-
-
-def _wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "daemon exited early"
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError("daemon never answered /healthz")
 
 
 def _send_raw(port: int, data: bytes) -> bytes:
@@ -82,7 +67,7 @@ def test_malformed_requests_with_the_encoded_token_leave_no_trace(tmp_path: Path
     upper = quote(SECRET, safe="")
     lower = upper.replace("%2F", "%2f").replace("%2B", "%2b").replace("%3D", "%3d")
     try:
-        _wait_healthy(port, proc)
+        assert healthz(port, 20, proc) == 200
         requests = [
             # LineTooLong: aiohttp quotes the start of the line.
             f"GET /workspaces/local/ws?token={upper}&pad={'a' * 9000} HTTP/1.1\r\n\r\n",
@@ -93,7 +78,7 @@ def test_malformed_requests_with_the_encoded_token_leave_no_trace(tmp_path: Path
         for request in requests:
             assert _send_raw(port, request.encode()).startswith(b"HTTP/1.0 400")
         # An ordinary request after them, so the log is known to be written up to here.
-        _wait_healthy(port, proc)
+        assert healthz(port, 20, proc) == 200
     finally:
         proc.terminate()
         proc.wait(15)
