@@ -22,6 +22,7 @@ from aetherd.services.boot import BootRunner, SessionLauncher
 from aetherd.services.config import ConfigStore
 from aetherd.services.executors import Executors
 from aetherd.services.fs import FileLimits, FileSystem
+from aetherd.services.git import GitService
 from aetherd.services.idle import IdleAction
 from aetherd.services.jail import Jail
 from aetherd.services.ports import PortScanner
@@ -48,6 +49,7 @@ class Services:
     terminals: TerminalManager
     boot: BootRunner
     ports: PortScanner
+    git: GitService
     transcript: TranscriptStore
     agent: AgentRunner
     idle: IdleAction | None = None
@@ -151,6 +153,19 @@ def build_services(settings: Settings) -> Services:
 
     # -- ports (port scanner) --
     services.ports = services.add(PortScanner(settings))
+
+    # -- git (the real git binary; the root repository's watch for git/changed) --
+    services.git = services.add(
+        GitService(
+            services.jail,
+            binary=settings.git_binary,
+            timeout=settings.git_timeout,
+            max_output=settings.git_max_output,
+            max_concurrent=settings.git_max_concurrent,
+            watch_debounce=settings.git_watch_debounce,
+            watch_max_dirs=settings.git_watch_max_dirs,
+        )
+    )
 
     # -- agent (transcript store, agent runner) --
     services.transcript = services.add(

@@ -203,6 +203,26 @@ class Settings(BaseModel):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    # -- Git channel (PROTOCOL.md section 11) --------------------------------------------
+    git_binary: str = Field(
+        "git", min_length=1, description="The git program: a name looked up on PATH, or a path"
+    )
+    git_timeout: float = Field(
+        30.0, gt=0, description="Seconds one git command may run before its group is killed"
+    )
+    git_max_output: int = Field(
+        16 * MiB, ge=4096, description="Bytes of one git command's output read at most"
+    )
+    git_max_concurrent: int = Field(
+        8, ge=1, le=256, description="git commands running at once (others wait their turn)"
+    )
+    git_watch_debounce: float = Field(
+        0.2, ge=0, description="Seconds HEAD/index/ref changes are gathered into one git/changed"
+    )
+    git_watch_max_dirs: int = Field(
+        1024, ge=1, description="Directories under .git/refs watched at most for git/changed"
+    )
+
     # -- Ports channel (issue: ports) -----------------------------------------------------
     port_kill_grace: float = Field(
         5.0, gt=0, description="Seconds between SIGTERM and SIGKILL when a port is killed"

@@ -75,3 +75,12 @@ def test_install_script_into_a_fresh_venv_then_run_the_entrypoint(tmp_path: Path
             proc.wait(5)
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_the_image_installs_git() -> None:
+    """The git channel runs the real binary: the image must have it."""
+    dockerfile = (REPO / "packaging" / "Dockerfile").read_text()
+    installs = [line for line in dockerfile.splitlines() if "apt-get install" in line]
+    assert installs, "the Dockerfile installs no packages"
+    packages = dockerfile.split("apt-get install", 1)[1].split("&&", 1)[0].split()
+    assert "git" in packages
