@@ -31,6 +31,7 @@ from aetherd.transport.auth import (
     watch_key_file,
 )
 from aetherd.transport.browser import add_browser_http
+from aetherd.transport.console import console_url
 from aetherd.transport.guard import ConnectionGuard, GuardedSite
 from aetherd.transport.proxy import add_preview_proxy
 from aetherd.transport.routes import add_routes
@@ -212,10 +213,13 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
                 "version": __version__,
             },
         )
+        log.info("console at %s", console_url(settings, host, port, None))
         if tokens.tokens and (tokens.generated or sys.stdout.isatty()):
             # The one place a token is shown: stdout, never the log.
             print(
                 f"aetherd: connect with {connect_url(settings, host, port, tokens.tokens[0])}",
+                f"aetherd: console at {console_url(settings, host, port, tokens.tokens[0])}",
+                sep="\n",
                 flush=True,
             )
         elif tokens.tokens and not settings.token and not settings.token_file:
