@@ -47,11 +47,12 @@ import shutil
 import signal
 import struct
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from aetherd.errors import AetherError, ErrorCode
+from aetherd.metrics import Sample
 from aetherd.services.executors import BoundedExecutor
 from aetherd.services.fs import path_fields, wire_text
 from aetherd.services.jail import Jail
@@ -196,6 +197,8 @@ class GitService:
         self._watch: _RepoWatch | None = None
         self._stopped = False
         self.commands = 0  # git processes started (for metrics and tests)
+        self.timeouts = 0
+        self.running = 0
 
     @property
     def executor(self) -> BoundedExecutor:
@@ -239,6 +242,18 @@ class GitService:
                 await watch.close()
 
         return release
+
+    def metrics(self) -> Iterator[Sample]:
+        """git commands run, timed out and running now; whether the watch is open."""
+        yield Sample("aetherd_git_commands", "git commands started", self.commands, kind="counter")
+        yield Sample(
+            "aetherd_git_timeouts",
+            "git commands killed at git_timeout",
+            self.timeouts,
+            kind="counter",
+        )
+        yield Sample("aetherd_git_running", "git commands running now", self.running)
+        yield Sample("aetherd_git_watching", "1 while git/changed is watched", int(self.watching))
 
     @property
     def watching(self) -> bool:
@@ -351,11 +366,13 @@ class GitService:
                     ErrorCode.PERMISSION_DENIED, f"cannot run git: {exc.strerror}"
                 ) from None
             self.commands += 1
+            self.running += 1
             try:
                 result = await asyncio.wait_for(
                     self._communicate(proc, stdin, limit), timeout=self.timeout
                 )
             except asyncio.TimeoutError:
+                self.timeouts += 1
                 _kill_group(proc)
                 await _reap(proc)
                 raise AetherError(
@@ -367,6 +384,8 @@ class GitService:
                 _kill_group(proc)
                 await _reap(proc)
                 raise
+            finally:
+                self.running -= 1
         if result.truncated and not cut:
             raise AetherError(
                 ErrorCode.LIMIT_EXCEEDED,

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from tests.services.test_git import commit_file, git, init_repo
@@ -125,6 +126,12 @@ async def test_writes_and_the_changed_push(daemon, repo: Path) -> None:
     assert [(f["path"], f["index"], f["worktree"]) for f in status["files"]] == [
         ("/cli.txt", "unmodified", "modified")
     ]
+    # /metrics counts the commands and shows the watch.
+    async with aiohttp.ClientSession() as session:
+        async with session.get(daemon.url("/metrics")) as response:
+            text = await response.text()
+    assert "aetherd_git_watching 1" in text
+    assert "aetherd_git_commands_total" in text
     # The bystander saw no git frame; its socket works.
     assert (await bystander.request("files", "stat", path="/"))["success"] is True
     assert not [f for f in bystander.backlog if f.get("channel") == "git"]

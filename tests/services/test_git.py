@@ -620,6 +620,7 @@ async def test_timeout_kills_the_whole_group(repo: Path, tmp_path: Path) -> None
         await svc.commit(None, "slow hook")
     assert caught.value.code is ErrorCode.GIT_ERROR and "timed out" in caught.value.message
     assert caught.value.extra["exitCode"] is None
+    assert svc.timeouts == 1 and svc.running == 0
     pid = int(marker.read_text())
 
     def gone() -> bool:
