@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         result: int = asyncio.run(_with_client(client, handler, args))
         return result
     except AetherdError as err:
-        _error(f"{err.code}: {err.message}" if err.code not in err.message else err.message)
+        _error(err.message if err.code == "CONNECTION_FAILED" else f"{err.code}: {err.message}")
         return 1
     except KeyboardInterrupt:
         return 130
@@ -168,12 +168,15 @@ async def cmd_logs(client: Client, args: argparse.Namespace) -> int:
     term = await client.terminal.attach(args.session, resume_from=0)
     end = term.info.offset if term.info is not None else 0
     out = sys.stdout.buffer
-    while term.offset is None or term.offset < end:
+    position = 0
+    while position < end:
         try:
             item = await term.output.get(client.options.request_timeout)
         except StopAsyncIteration:
             break
-        out.write(item.data.encode("utf-8", "surrogateescape"))
+        data = item.data.encode("utf-8", "surrogateescape")
+        out.write(data)
+        position = item.offset + len(data)
     out.flush()
     if not term.output.ended:
         await term.detach()
@@ -261,6 +264,7 @@ class Screen:
         self.tty = os.isatty(self.fd)
         self._saved: Any = None
         self.status_shown = False
+        self.tail = b""  # the output after the last newline: the cursor's line
 
     def __enter__(self) -> Screen:
         if self.tty:
@@ -268,7 +272,7 @@ class Screen:
             import tty
 
             self._saved = termios.tcgetattr(self.fd)
-            tty.setraw(self.fd)
+            tty.setraw(self.fd, termios.TCSADRAIN)  # keep what was typed ahead
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -276,6 +280,14 @@ class Screen:
             import termios
 
             termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+
+    def output(self, data: bytes) -> None:
+        """Write the session's output, remembering the cursor's line."""
+        if self.status_shown:
+            self.status(None)  # before the first bytes after a reconnect
+        newline = data.rfind(b"\n")
+        self.tail = data[newline + 1 :] if newline >= 0 else (self.tail + data)[-4096:]
+        self.write(data)
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -293,6 +305,10 @@ class Screen:
         if text is None:
             if self.status_shown:
                 self.write(f"\x1b7\x1b[{rows};1H\x1b[2K\x1b8".encode())
+                if b"\x1b" not in self.tail and len(self.tail) < 1024:
+                    # When the cursor's line was the bottom row, the status covered it:
+                    # write it again (plain text only; full-screen programs redraw).
+                    self.write(b"\r\x1b[2K" + self.tail)
             self.status_shown = False
             return
         self.write(f"\x1b7\x1b[{rows};1H\x1b[0;7m {text} \x1b[0m\x1b[K\x1b8".encode())
@@ -321,7 +337,7 @@ async def cmd_attach(client: Client, args: argparse.Namespace) -> int:
     def on_state(state: str) -> None:
         if state == "reconnecting":
             screen.status("aetherd: reconnecting…")
-        elif state == "connected" and screen.status_shown:
+        elif state == "connected" and client.generation > 1:
             screen.status(None)
             width, height = _terminal_size()
             # A full-screen program redraws on a size change: it repaints the row the
@@ -355,7 +371,7 @@ async def cmd_attach(client: Client, args: argparse.Namespace) -> int:
 
     async def pump() -> None:
         async for item in term:
-            screen.write(item.data.encode("utf-8", "surrogateescape"))
+            screen.output(item.data.encode("utf-8", "surrogateescape"))
 
     async def send_input() -> None:
         # One sender keeps keystrokes in order; input typed while reconnecting is

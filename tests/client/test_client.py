@@ -14,7 +14,7 @@ import pytest
 from aetherd.client import AetherdError, Client, Target, resolve
 from aetherd.protocol.agent import AgentDone, AgentStatus, AgentText
 from aetherd.protocol.config import ConfigChanged
-from aetherd.protocol.files import FileEntry, FilesChange, FilesResync
+from aetherd.protocol.files import FileEntry, FilesChange
 from aetherd.protocol.ports import PortsClose, PortsOpen
 from tests.client.relay import Relay
 from tests.conftest import TOKEN
@@ -66,7 +66,9 @@ def test_the_connect_url_keeps_its_token_out_of_the_socket_url() -> None:
     assert target.token == "a/b"
     assert target.ws_url == "ws://127.0.0.1:3001/workspaces/ws-1/ws"
     assert target.http_base == "http://127.0.0.1:3001/workspaces/ws-1"
-    assert Target.parse("https://gw.example/x", "t").ws_url == "wss://gw.example/x/workspaces/local/ws"
+    assert (
+        Target.parse("https://gw.example/x", "t").ws_url == "wss://gw.example/x/workspaces/local/ws"
+    )
     assert Target.parse("127.0.0.1:9", workspace="w").ws_url == "ws://127.0.0.1:9/workspaces/w/ws"
     with pytest.raises(AetherdError) as err:
         Target.parse("ftp://x")
@@ -97,8 +99,18 @@ def test_importing_the_client_loads_no_daemon_code() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     modules = json.loads(out.stdout)
-    banned = ("ptyprocess", "watchdog", "psutil", "jwt", "aetherd.services", "aetherd.agent",
-              "aetherd.transport", "aetherd.channels", "aetherd.daemon", "aetherd.app")
+    banned = (
+        "ptyprocess",
+        "watchdog",
+        "psutil",
+        "jwt",
+        "aetherd.services",
+        "aetherd.agent",
+        "aetherd.transport",
+        "aetherd.channels",
+        "aetherd.daemon",
+        "aetherd.app",
+    )
     loaded = [m for m in modules if m.split(".")[0] in banned or m.startswith(banned)]
     assert loaded == []
     assert "aetherd.protocol.terminal" in modules
@@ -312,7 +324,7 @@ async def test_terminal_stream_survives_cut_connections_without_gap_or_duplicate
             relay.cut()
             await wait_for(lambda: client.state == "reconnecting")
             refused = relay.accepted
-            await wait_for(lambda: relay.accepted > refused)  # a reconnect attempt failed
+            await wait_for(lambda r=refused: relay.accepted > r)  # a reconnect attempt failed
             relay.blocked = False
             await wait_for(lambda: client.state == "connected", timeout=15)
         await out.until(f"line-{n}\r\n")
@@ -323,3 +335,93 @@ async def test_terminal_stream_survives_cut_connections_without_gap_or_duplicate
     finally:
         await client.close()
         await relay.close()
+
+
+async def test_the_stream_survives_aborting_the_client_transport(start_daemon) -> None:
+    running = await start_daemon()
+    async with Client(running.ws_url, TOKEN) as client:
+        n = 300
+        term = await client.terminal.create(command=COUNTER.format(n=n, pause=0.002))
+        out = Collected(term)
+        for cut in range(1, 4):
+            await out.until(f"line-{cut * 50}\r\n")
+            generation = client.generation
+            client.drop()  # transport.abort(): no close handshake
+            await wait_for(lambda g=generation: client.generation > g and client.connected)
+        await out.until(f"line-{n}\r\n")
+        assert_counter(out.lines(), n)
+
+
+async def test_a_slow_reader_loses_nothing_and_holds_a_bounded_queue(start_daemon) -> None:
+    running = await start_daemon()
+    async with Client(running.ws_url, TOKEN, stream_limit=4) as client:
+        n = 3000
+        term = await client.terminal.create(command=COUNTER.format(n=n, pause=0))
+        text = ""
+        for _ in range(100_000):
+            assert len(term.output) <= 4
+            item = await term.output.get(20)
+            assert not item.truncated
+            text += item.data
+            if f"line-{n}\r\n" in text:
+                break
+            if len(text) % 7 == 0:
+                await asyncio.sleep(0.001)  # read slower than the shell writes
+        lines = [x for x in text.split("\r\n") if x.startswith("line-")]
+        assert_counter(lines, n)
+
+
+async def test_a_daemon_restart_between_two_calls(start_daemon, make_settings) -> None:
+    first = await start_daemon()
+    relay = await Relay(first.server.port).start()
+    try:
+        async with Client(f"ws://127.0.0.1:{relay.port}/workspaces/ws-test/ws", TOKEN) as client:
+            await client.files.write("/before.txt", "1")
+            await first.server.close()  # the daemon goes away
+            await wait_for(lambda: client.state == "reconnecting")
+            second = await start_daemon()  # a new daemon, same workspace and data dir
+            relay.target = second.server.port
+            # the next call waits for the reconnection, then succeeds
+            assert (await client.files.read("/before.txt")).content == "1"
+            assert client.generation == 2
+    finally:
+        await relay.close()
+
+
+async def test_agent_events_continue_across_a_cut_without_gap_or_duplicate(
+    start_daemon, monkeypatch
+) -> None:
+    for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "OPENAI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    provider = await FakeProvider("anthropic").start()
+    gate = asyncio.Event()
+    pieces = [f"piece-{i} " for i in range(12)]
+    provider.add(Turn(text=pieces, pause_after=6, gate=gate))
+    running = await start_daemon(
+        anthropic_api_key="sk-ant-test", anthropic_base_url=provider.base_url
+    )
+    relay = await Relay(running.server.port).start()
+    try:
+        async with Client(f"ws://127.0.0.1:{relay.port}/workspaces/ws-test/ws", TOKEN) as client:
+            events = client.agent.events()
+            await client.agent.prompt("go", task_id="t1")
+            seen: list[Any] = []
+            while sum(isinstance(e, AgentText) for e in seen) < 2:
+                seen.append(await events.get(20))
+            relay.blocked = True
+            relay.cut()  # mid-answer; the rest is streamed while the client is away
+            await wait_for(lambda: client.state == "reconnecting")
+            gate.set()
+            await wait_for(lambda: running.daemon.services.running_tasks() == 0, timeout=20)
+            relay.blocked = False
+            await wait_for(lambda: client.connected, timeout=15)
+            while not isinstance(seen[-1], AgentDone):
+                seen.append(await events.get(20))
+            seqs = [e.seq for e in seen]
+            assert seqs == sorted(set(seqs))  # no duplicate, in order
+            assert "".join(e.content for e in seen if isinstance(e, AgentText)) == "".join(pieces)
+            statuses = [e.status for e in seen if isinstance(e, AgentStatus)]
+            assert statuses == ["queued", "running", "completed"]
+    finally:
+        await relay.close()
+        await provider.close()
