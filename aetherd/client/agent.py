@@ -1,11 +1,16 @@
 """The agent: typed requests and one event stream that stays continuous across reconnects.
 
 The daemon numbers every transcript event with `seq`. The client remembers the last
-`seq` it delivered; after a reconnect, the transcript the daemon replays on connect
-(`agent/history`) is filtered to the events after it, so the stream continues with
-no gap and no duplicate. The replay merges `text` and `thinking` pieces per
-`messageId`; a merged piece whose beginning was already delivered is cut to the part
-that was not (the client counts the characters it delivered per message).
+`seq` it delivered and reconnects with `?agentHistory=after:SEQ` (protocol section 15):
+the `history` push then holds exactly the events it missed, oldest first; when it
+`hasMore`, the client pages on with `history{afterSeq}`, holding the live events that
+arrive meanwhile, and delivers them after the pages (deduplicated by `seq`). The
+stream continues with no gap and no duplicate.
+
+A daemon without section 15 ignores the parameter and replays its newest events,
+with `text`/`thinking` pieces merged per `messageId`. The client then keeps the events
+after its last `seq`, and cuts from a merged piece the characters of that message it
+had already delivered (it counts them per message).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ log = logging.getLogger("aetherd.client")
 
 AgentEventItem = EventItem | AgentErrorEvent
 MESSAGES_REMEMBERED = 256  # messages whose delivered length is kept (for merged replays)
+HELD_EVENTS = 100_000  # live events held while paging (beyond: the pages carry them)
 
 
 class AgentAPI:
@@ -52,7 +58,10 @@ class AgentAPI:
         self.history: HistoryReply | None = None  # the replay of the latest connect
         self._streams: list[Stream[AgentEventItem]] = []
         self._delivered: OrderedDict[str, int] = OrderedDict()
+        self._held: list[Frame] | None = None  # live events held while catching up
+        self._held_overflow = False
         client.on_push("agent", "*", self._on_push)
+        client.on_connect_query(self._query)
         client.on_end(self._end)
 
     # -- requests -----------------------------------------------------------------------
@@ -140,6 +149,12 @@ class AgentAPI:
         else:
             self._on_event(frame)
 
+    def _query(self, first: bool) -> dict[str, str]:
+        if self.last_seq is None:
+            return {}
+        self._held = None
+        return {"agentHistory": f"after:{self.last_seq}"}
+
     def _on_history(self, frame: Frame) -> None:
         try:
             history = HistoryReply.model_validate(
@@ -148,18 +163,51 @@ class AgentAPI:
         except ValidationError:
             log.warning("unreadable agent history frame")
             return
-        self.history = history
         first = self.last_seq is None
-        for event in history.events:
-            stored = event.model_dump(by_alias=True, exclude_none=True)
-            if first:
+        if first:
+            self.history = history
+            for event in history.events:
                 self._count(event)  # shown by `history`, not streamed
-            else:
-                self._deliver(stored, merged=True)
-        self.last_seq = max(self.last_seq or 0, history.latest_seq)
+            self.last_seq = history.latest_seq
+            return
+        assert self.last_seq is not None
+        # After a reconnect: the events after `last_seq` (section 15), or, from a daemon
+        # that ignored `agentHistory`, its newest events (some already delivered).
+        legacy = any(event.seq <= self.last_seq for event in history.events)
+        for event in history.events:
+            self._deliver(event.model_dump(by_alias=True, exclude_none=True), merged=legacy)
+        if history.has_more and not legacy:
+            self._held = []
+            self.client.spawn(self._catch_up())
+
+    async def _catch_up(self) -> None:
+        """Page forward until up to date, then deliver the live events held meanwhile."""
+        try:
+            for _ in range(1_000_000):
+                after = self.last_seq or 0
+                page: HistoryReply = await self.client.request(
+                    "agent", "history", {"afterSeq": after}, reply=HistoryReply, internal=True
+                )
+                for event in page.events:
+                    self._deliver(event.model_dump(by_alias=True, exclude_none=True), merged=False)
+                done = not page.has_more or page.latest_seq <= after
+                if done and self._held_overflow:
+                    self._held_overflow, done = False, False
+                    self._held = []
+                if done:
+                    break
+        finally:
+            held, self._held = self._held or [], None
+            for frame in held:
+                self._deliver(frame, merged=False)
 
     def _on_event(self, frame: Frame) -> None:
-        self._deliver(frame, merged=False)
+        if self._held is None:
+            self._deliver(frame, merged=False)
+        elif len(self._held) < HELD_EVENTS:
+            self._held.append(frame)
+        else:
+            self._held_overflow = True  # dropped here; another round of pages has it
 
     def _count(self, event: Any) -> int:
         """Count `event`'s characters as delivered for its message; the count before."""

@@ -127,6 +127,7 @@ class Client:
         self._push: dict[tuple[str, str], PushHandler] = {}
         self._restorers: list[Restorer] = []
         self._late_restorers: list[Restorer] = []
+        self._query_hooks: list[Callable[[bool], dict[str, str]]] = []
         self._enders: list[Callable[[AetherdError | None], None]] = []
         self._ready: asyncio.Event | None = None
         self._gone: asyncio.Future[None] | None = None
@@ -151,6 +152,10 @@ class Client:
         """Run `restorer(first)` on every new socket, before the client is ready; `late`
         ones run after all others (flushing input kept while disconnected)."""
         (self._late_restorers if late else self._restorers).append(restorer)
+
+    def on_connect_query(self, hook: Callable[[bool], dict[str, str]]) -> None:
+        """Add `hook(first)`'s parameters to the query of every upgrade request."""
+        self._query_hooks.append(hook)
 
     def on_end(self, ender: Callable[[AetherdError | None], None]) -> None:
         """Run `ender(error)` when the client closes (None) or gives up (the error)."""
@@ -270,7 +275,10 @@ class Client:
         )
         return random.uniform(ceiling / 2, ceiling)
 
-    async def _open(self) -> aiohttp.ClientWebSocketResponse:
+    async def _open(self, first: bool) -> aiohttp.ClientWebSocketResponse:
+        params: dict[str, str] = {}
+        for hook in self._query_hooks:
+            params.update(hook(first))
         headers: dict[str, str] = {}
         protocols: tuple[str, ...] = ()
         token = self.target.token
@@ -282,6 +290,7 @@ class Client:
             connecting: asyncio.Future[Any] = asyncio.ensure_future(
                 self.http.ws_connect(
                     self.target.ws_url,
+                    params=params or None,
                     headers=headers,
                     protocols=protocols,
                     heartbeat=self.options.heartbeat,
@@ -312,7 +321,7 @@ class Client:
         try:
             while not self._closing:
                 try:
-                    ws = await self._open()
+                    ws = await self._open(not first.done())
                 except AetherdError as err:
                     timeout = self.options.reconnect_timeout
                     expired = timeout is not None and time.monotonic() - down_since > timeout

@@ -388,8 +388,9 @@ async def test_a_daemon_restart_between_two_calls(start_daemon, make_settings) -
         await relay.close()
 
 
+@pytest.mark.parametrize("page", [10_000, 3])  # 3: the catch-up takes several pages
 async def test_agent_events_continue_across_a_cut_without_gap_or_duplicate(
-    start_daemon, monkeypatch
+    start_daemon, monkeypatch, page
 ) -> None:
     for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "OPENAI_API_KEY"):
         monkeypatch.delenv(name, raising=False)
@@ -398,7 +399,9 @@ async def test_agent_events_continue_across_a_cut_without_gap_or_duplicate(
     pieces = [f"piece-{i} " for i in range(12)]
     provider.add(Turn(text=pieces, pause_after=6, gate=gate))
     running = await start_daemon(
-        anthropic_api_key="sk-ant-test", anthropic_base_url=provider.base_url
+        anthropic_api_key="sk-ant-test",
+        anthropic_base_url=provider.base_url,
+        agent_history_events=page,
     )
     relay = await Relay(running.server.port).start()
     try:
