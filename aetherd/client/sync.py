@@ -42,9 +42,7 @@ class _Proxy:
         if inspect.iscoroutinefunction(value):
             return lambda *args, **kwargs: self._run(value(*args, **kwargs))
         if callable(value) and not isinstance(value, type):
-            return lambda *args, **kwargs: _wrap(
-                self._call(value, *args, **kwargs), self._loop
-            )
+            return lambda *args, **kwargs: _wrap(self._call(value, *args, **kwargs), self._loop)
         return _wrap(value, self._loop)
 
     def _call(self, func: Any, *args: Any, **kwargs: Any) -> Any:
