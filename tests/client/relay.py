@@ -18,6 +18,7 @@ class Relay:
         self.target = target
         self.port = 0
         self.blocked = False
+        self.frozen = False  # hold every byte (a stalled network) until unfrozen
         self.accepted = 0
         self._server: asyncio.Server | None = None
         self._transports: set[asyncio.WriteTransport] = set()
@@ -34,6 +35,10 @@ class Relay:
                 data = await reader.read(65536)
                 if not data:
                     break
+                for _ in range(100_000):
+                    if not self.frozen:
+                        break
+                    await asyncio.sleep(0.01)
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):

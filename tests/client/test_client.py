@@ -226,13 +226,18 @@ async def test_terminal_ports_config_and_agent_requests(start_daemon, monkeypatc
 
 async def test_a_request_without_a_reply_times_out_with_a_code(start_daemon) -> None:
     running = await start_daemon()
-    async with Client(running.ws_url, TOKEN, request_timeout=0.5) as client:
-        with pytest.raises(AetherdError) as err:
-            # `close` waits for the shell to exit; `sleep` ignores nothing, but the
-            # grace period is longer than the timeout when the shell traps SIGHUP.
-            term = await client.terminal.create(command="trap '' HUP; sleep 30")
-            await term.close()
-        assert err.value.code == "TIMEOUT"
+    relay = await Relay(running.server.port).start()
+    url = f"ws://127.0.0.1:{relay.port}/workspaces/ws-test/ws"
+    try:
+        async with Client(url, TOKEN, request_timeout=0.5, heartbeat=None) as client:
+            relay.frozen = True  # the request leaves; no reply comes back
+            with pytest.raises(AetherdError) as err:
+                await client.terminal.list()
+            assert err.value.code == "TIMEOUT"
+            relay.frozen = False
+            assert isinstance(await client.terminal.list(), list)  # late reply ignored
+    finally:
+        await relay.close()
 
 
 LISTENER = (
