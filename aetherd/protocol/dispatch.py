@@ -145,6 +145,13 @@ def check_unicode(raw: Any, text: str) -> None:
         )
 
 
+def _close_unstarted(awaitable: Any) -> None:
+    """Close a deferred coroutine that never ran (its task was cancelled before its
+    first step), so it does not warn "never awaited"."""
+    if inspect.iscoroutine(awaitable) and inspect.getcoroutinestate(awaitable) == "CORO_CREATED":
+        awaitable.close()
+
+
 class Dispatcher:
     """Turns one peer's text frames into handler calls and replies."""
 
@@ -316,12 +323,12 @@ class Dispatcher:
                 try:
                     await self._slots.acquire()
                 except asyncio.CancelledError:
-                    if inspect.iscoroutine(data.awaitable):
-                        data.awaitable.close()  # never started: no "never awaited" warning
+                    _close_unstarted(data.awaitable)
                     raise
                 task = asyncio.create_task(self._finish_guarded(handler, ctx, data, raw))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(lambda _: _close_unstarted(data.awaitable))
             return
         self._reply(handler, ctx, data, raw)
 

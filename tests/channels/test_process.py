@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
+import os
 import signal
 import uuid
 from typing import Any
 
+import psutil
 import pytest
 
-from tests.support import WsClient, wait_for
+from tests.conftest import TOKEN
+from tests.support import RawWebSocket, WsClient, wait_for
 
 
 def mine(process_id: str) -> Any:
@@ -331,3 +336,72 @@ async def test_config_env_reaches_processes(daemon, workspace):
         "process", "start", command='echo "$FROM_CONFIG $MINE"', env={"MINE": "x"}, wait=True
     )
     assert reply["data"]["stdout"] == "yes-it-does x\n"
+
+
+def _manager(daemon: Any) -> Any:
+    return daemon.daemon.services.processes
+
+
+async def test_many_runs_over_the_socket_leave_no_zombie_and_no_fd(start_daemon):
+    daemon = await start_daemon(process_exited_retention=0.05)
+    client = await daemon.connect()
+    me = psutil.Process()
+    await client.request("process", "start", command="true", wait=True)  # warm up
+    await wait_for(lambda: not _manager(daemon).processes(), 5)
+    await wait_for(lambda: _manager(daemon).background_tasks == 0, 5)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    children_before = {c.pid for c in me.children()}
+    for index in range(8):
+        reply = await client.request(
+            "process", "start", command=f"echo {index}; echo e >&2", wait=True
+        )
+        assert reply["data"]["stdout"] == f"{index}\n"
+        _, proc = await start(client, argv=["cat"], stdin=True)
+        await client.request("process", "input", processId=proc.id, data="x", eof=True)
+        assert (await proc.to_exit())["exitCode"] == 0
+    await wait_for(lambda: not _manager(daemon).processes(), 5)
+    await wait_for(lambda: _manager(daemon).background_tasks == 0, 5)
+    await wait_for(lambda: len(os.listdir("/proc/self/fd")) == fds_before, 5)
+    assert {c.pid for c in me.children()} == children_before  # every child reaped
+
+
+@pytest.mark.slow
+async def test_a_stalled_client_on_a_flooding_process_keeps_memory_bounded(start_daemon):
+    daemon = await start_daemon(process_ring_bytes=256 * 1024)
+    me = psutil.Process()
+    stalled = await asyncio.to_thread(
+        RawWebSocket, "127.0.0.1", daemon.server.port, f"/workspaces/ws-test/ws?token={TOKEN}"
+    )
+    try:
+        stalled.send_text(
+            json.dumps(
+                {
+                    "channel": "process",
+                    "type": "start",
+                    "processId": "flood",
+                    "command": "exec yes 0123456789abcdef",
+                }
+            )
+        )
+        await wait_for(lambda: _manager(daemon).find("flood") is not None)
+        flood = _manager(daemon).get("flood")
+        rss_before = me.memory_info().rss
+        target = 64 * 1024 * 1024
+        other = await daemon.connect()
+        peak = rss_before
+        for _ in range(600):  # bounded: 600 waits of 0.05 s
+            if _manager(daemon).output_bytes >= target:
+                break
+            peak = max(peak, me.memory_info().rss)
+            await asyncio.sleep(0.05)
+        assert _manager(daemon).output_bytes >= target
+        # Another socket is served meanwhile.
+        assert (await other.request("process", "list"))["success"] is True
+        ring = flood.state.stdout.ring
+        assert len(ring) <= 256 * 1024 and ring.end >= target
+        peak = max(peak, me.memory_info().rss)
+        assert peak - rss_before < 48 * 1024 * 1024, (peak - rss_before) / 2**20
+        await other.request("process", "signal", processId="flood", signal="SIGKILL")
+        await flood.wait()
+    finally:
+        stalled.close()
