@@ -199,6 +199,8 @@ class Attachment:
             self._truncated[name] = True  # fell out of the ring: resynchronise
             process.manager.skipped_bytes += ring.start - cursor
             cursor = ring.start
+        if self._truncated[name] and cursor == ring.start and process.state.encoding != "base64":
+            cursor = ring.text_start()  # a character that lost its head to the ring: skip it
         if cursor >= ring.end:
             self.cursors[name] = cursor
             return None
@@ -708,9 +710,10 @@ class ProcessManager:
             process._signal_group(signals.SIGTERM)
         grace = self.settings.process_kill_grace
         if live:
-            await asyncio.wait(
-                [asyncio.ensure_future(p.exited_event.wait()) for p in live], timeout=grace
-            )
+            waiters = [asyncio.ensure_future(p.exited_event.wait()) for p in live]
+            await asyncio.wait(waiters, timeout=grace)
+            for waiter in waiters:
+                waiter.cancel()
         for process in live:
             if process.alive:
                 process._signal_group(signals.SIGKILL)

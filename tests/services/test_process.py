@@ -414,3 +414,18 @@ async def test_output_nobody_reads_stays_within_the_ring(manager):
     reader = Reader(process)
     await reader.to_exit()
     assert reader.frames[0].truncated and reader.frames[0].offset == ring.start
+
+
+async def test_a_replay_that_lost_its_head_skips_the_cut_character(manager):
+    mgr = await manager(process_ring_bytes=4096, process_wait_output_bytes=4096)
+    # 3000 three-byte characters: the ring keeps the last 4096 bytes, which start
+    # inside a character (9000 - 4096 is not a multiple of 3).
+    result = await mgr.run(
+        command="i=0; while [ $i -lt 300 ]; do printf '€€€€€€€€€€'; i=$((i+1)); done"
+    )
+    assert result.truncated and "\ufffd" not in result.stdout
+    process = mgr.get(result.process_id)
+    reader = Reader(process)
+    await reader.to_exit()
+    assert reader.frames[0].truncated
+    assert set(reader.data["stdout"].decode()) == {"€"}
