@@ -59,7 +59,7 @@ export class AgentView {
     ctx.socket.on("agent", (frame) => this.onFrame(frame));
   }
 
-  shown(): void {
+  shown(focus = false): void {
     if (!this.settingsLoaded) {
       this.settingsLoaded = true;
       this.ctx.socket
@@ -67,7 +67,7 @@ export class AgentView {
         .then((s) => (this.mode.value = s.permissionMode))
         .catch(() => (this.settingsLoaded = false));
     }
-    this.prompt.focus();
+    if (focus) this.prompt.focus();
   }
 
   private async setMode(permissionMode: string): Promise<void> {
