@@ -4,7 +4,7 @@ The order of CHANNELS is the order of the pushes on connect (PROTOCOL.md section
 terminal sessions, then ports, then the agent history.
 """
 
-from aetherd.channels import activity, agent, config, files, git, ports, terminal
+from aetherd.channels import activity, agent, config, files, git, ports, process, terminal
 from aetherd.protocol import Channel
 
 CHANNELS: list[Channel] = [
@@ -14,5 +14,6 @@ CHANNELS: list[Channel] = [
     files.channel,
     config.channel,
     activity.channel,
+    process.channel,
     git.channel,
 ]
