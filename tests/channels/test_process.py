@@ -459,3 +459,11 @@ async def test_processes_end_with_the_daemon(tmp_path, workspace):
             return True
 
     await wait_for(lambda: all(ended(pid) for pid in pids), 5)
+
+
+async def test_an_error_without_request_id_names_the_process_in_ref(daemon):
+    client = await daemon.connect()
+    await client.send({"channel": "process", "type": "signal", "processId": "ghost", "signal": 2})
+    frame = await client.expect_type("error", "error")
+    assert frame["code"] == "NOT_FOUND"
+    assert frame["ref"] == {"channel": "process", "type": "signal", "processId": "ghost"}
