@@ -18,6 +18,7 @@ from aetherd.client.cli import EscapeParser, ProgressBar
 from tests.client.relay import Relay
 from tests.client.tmux import Tmux
 from tests.conftest import TOKEN
+from tests.fake_providers import FakeProvider, ToolUse, Turn
 from tests.support import aetherd_command, child_env, wait_for
 
 PROMPT = re.compile(r"[#$] $")
@@ -275,3 +276,62 @@ async def test_a_daemon_that_is_not_there_is_one_line(setup, tmp_path) -> None:
     setup.env["AETHERD_TOKEN"] = "wrong"
     code, _, err = await setup.cli("ls")
     assert code == 1 and err == "aetherd: error: UNAUTHORIZED: the daemon refused the token\n"
+
+
+# -- agent --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def agent_setup(start_daemon, tmp_path, monkeypatch):
+    for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    provider = await FakeProvider("anthropic").start()
+    running = await start_daemon(
+        anthropic_api_key="sk-ant-test", anthropic_base_url=provider.base_url
+    )
+    relay = await Relay(running.server.port).start()
+    yield Setup(running, relay, tmp_path), provider
+    await relay.close()
+    await provider.close()
+
+
+def write_turns(provider: FakeProvider) -> None:
+    write = ToolUse("write_file", json.dumps({"path": "/hello.txt", "content": "hi\n"}))
+    provider.add(
+        Turn(text=["I'll ", "write it."], tools=[write]),
+        Turn(text=["Done."]),
+    )
+
+
+async def test_agent_streams_events_as_json_lines(agent_setup, workspace) -> None:
+    setup, provider = agent_setup
+    write_turns(provider)
+    code, out, err = await setup.cli("agent", "--json", "--task-id", "t1", "write hello")
+    assert code == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert {e["taskId"] for e in events} == {"t1"}
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "status" and kinds[-1] == "done" and "tool_result" in kinds
+    assert "".join(e["content"] for e in events if e["type"] == "text") == "I'll write it.Done."
+    assert (workspace / "hello.txt").read_text() == "hi\n"
+
+
+@pytest.mark.parametrize("answer", ["y", "n"])
+async def test_agent_asks_for_approval_in_ask_mode(agent_setup, workspace, answer) -> None:
+    setup, provider = agent_setup
+    write_turns(provider)
+    async with setup.client() as client:
+        await client.agent.settings(permission_mode="ask")
+    code, out, err = await setup.cli("agent", "write hello", stdin=f"{answer}\n".encode())
+    assert code == 0, err
+    assert "Allow write_file" in err  # the question
+    assert "▸ write_file" in out and "I'll write it." in out and "Done." in out
+    assert (workspace / "hello.txt").exists() == (answer == "y")
+    assert ("✓" in out) == (answer == "y") and ("✗" in out) == (answer == "n")
+
+
+async def test_agent_without_a_provider_key_is_one_line(setup, monkeypatch) -> None:
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    code, out, err = await setup.cli("agent", "hello")
+    assert code == 1 and out == ""
+    assert err.startswith("aetherd: error: PROVIDER_NOT_CONFIGURED: ") and err.count("\n") == 1
