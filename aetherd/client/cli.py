@@ -29,7 +29,7 @@ from aetherd.client.terminal import Terminal, exit_status
 
 __all__ = ["COMMANDS", "add_commands", "run"]
 
-COMMANDS = ("attach", "ls", "logs", "cp", "ports", "agent")
+COMMANDS = ("attach", "ls", "logs", "cp", "ports", "exec", "agent")
 DETACH_HELP = "detach with Enter ~ . (type ~~ for a literal ~ at the start of a line)"
 
 
@@ -71,6 +71,20 @@ def add_commands(commands: Any) -> None:
     cp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     cp.add_argument("source")
     cp.add_argument("dest")
+    run_ = commands.add_parser(
+        "exec",
+        parents=[common],
+        help="run a command in the workspace, without a terminal",
+        description="aetherd exec [--cwd DIR] [--env K=V] -- CMD ARGS...: stdout and stderr "
+        "to yours, your stdin to it (with end of file), Ctrl-C as SIGINT, its exit code "
+        "(128 + signal when a signal ended it).",
+    )
+    run_.add_argument("--cwd", help="workspace directory to run in (default: the root)")
+    run_.add_argument(
+        "--env", action="append", default=[], metavar="K=V", help="an environment variable"
+    )
+    run_.add_argument("--timeout", type=float, help="seconds, then SIGTERM (and SIGKILL)")
+    run_.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
     agent = commands.add_parser(
         "agent",
         parents=[common],
@@ -96,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         "logs": cmd_logs,
         "cp": cmd_cp,
         "ports": cmd_ports,
+        "exec": cmd_exec,
         "agent": cmd_agent,
     }
     handler = handlers[args.command]
@@ -575,6 +590,90 @@ async def _download_tree(client: Client, remote: str, local: Path, progress: boo
             bar = ProgressBar(str(local / entry.name), progress)
             await client.files.download(source, local / entry.name, bar)
             bar.finish()
+
+
+# -- exec ---------------------------------------------------------------------------------
+
+
+def _env_pairs(pairs: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise AetherdError("INVALID_ARGUMENT", f"--env wants K=V, not {pair!r}")
+        env[key] = value
+    return env
+
+
+def _read_stdin(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[bytes]) -> None:
+    """A thread: local stdin into `queue` (b"" at end of file), with backpressure."""
+    while True:
+        try:
+            data = os.read(sys.stdin.fileno(), 65536)
+        except OSError:
+            data = b""
+        try:
+            asyncio.run_coroutine_threadsafe(queue.put(data), loop).result()
+        except RuntimeError:  # the loop has ended
+            return
+        if not data:
+            return
+
+
+async def cmd_exec(client: Client, args: argparse.Namespace) -> int:
+    import threading
+
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise AetherdError("INVALID_ARGUMENT", "no command: aetherd exec [options] -- CMD ARGS...")
+    env = _env_pairs(args.env)
+    process = await client.process.start(
+        argv=argv,
+        cwd=args.cwd,
+        env=env or None,
+        stdin=True,
+        timeout=args.timeout,
+        encoding="base64",
+    )
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
+    threading.Thread(target=_read_stdin, args=(loop, queue), daemon=True).start()
+
+    async def forward_stdin() -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        while True:
+            data = await queue.get()
+            text = decoder.decode(data, final=not data)
+            try:
+                await process.write(text, eof=not data)
+            except AetherdError:
+                return  # it has exited, or closed its stdin
+            if not data:
+                return
+
+    forwarded = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+
+    def forward(sig: signal.Signals) -> None:
+        client.spawn(process.signal(sig.name))
+
+    for sig in forwarded:
+        loop.add_signal_handler(sig, forward, sig)
+    feeder = asyncio.ensure_future(forward_stdin())
+    try:
+        async for stream, data in process.chunks():
+            fd = sys.stdout.fileno() if stream == "stdout" else sys.stderr.fileno()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+    finally:
+        feeder.cancel()
+        for sig in forwarded:
+            loop.remove_signal_handler(sig)
+    if process.exit is None:
+        raise process.lost or AetherdError("CONNECTION_LOST", "the process was lost")
+    return exit_status(process.exit.exit_code, process.exit.signal)
 
 
 # -- agent --------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -335,3 +336,72 @@ async def test_agent_without_a_provider_key_is_one_line(setup, monkeypatch) -> N
     code, out, err = await setup.cli("agent", "hello")
     assert code == 1 and out == ""
     assert err.startswith("aetherd: error: PROVIDER_NOT_CONFIGURED: ") and err.count("\n") == 1
+
+
+# -- exec ---------------------------------------------------------------------------------
+
+
+async def test_exec_exit_codes_streams_stdin_and_options(setup, workspace) -> None:
+    assert (await setup.cli("exec", "--", "sh", "-c", "exit 7"))[0] == 7
+    code, out, err = await setup.cli("exec", "--", "sh", "-c", "echo out; echo err >&2")
+    assert (code, out, err) == (0, "out\n", "err\n")
+    code, out, _ = await setup.cli("exec", "--", "cat", stdin=b"hi\nthere\n")
+    assert (code, out) == (0, "hi\nthere\n")  # cat saw the end of its input
+    code, out, _ = await setup.cli("exec", "--", "wc", "-c", stdin=b"")
+    assert (code, out.strip()) == (0, "0")
+    assert (await setup.cli("exec", "--", "sh", "-c", "kill -TERM $$"))[0] == 128 + 15
+    (workspace / "sub").mkdir()
+    code, out, _ = await setup.cli(
+        "exec", "--cwd", "/sub", "--env", "A=b c", "--", "sh", "-c", 'pwd; echo "$A"'
+    )
+    assert code == 0 and out.splitlines() == [str(workspace / "sub"), "b c"]
+    code, _, err = await setup.cli("exec", "--", "/no/such/program")
+    assert code == 1 and err.startswith("aetherd: error: NOT_FOUND")
+    code, _, err = await setup.cli("exec")
+    assert code == 1 and "no command" in err
+
+
+async def test_exec_output_is_byte_exact(setup) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *aetherd_command(),
+        "exec",
+        "--",
+        "printf",
+        "\\377\\000\\376",
+        stdout=asyncio.subprocess.PIPE,
+        env=setup.env,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert (proc.returncode, out) == (0, b"\xff\x00\xfe")
+
+
+async def test_exec_forwards_ctrl_c_as_sigint(setup) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *aetherd_command(),
+        "exec",
+        "--",
+        "sleep",
+        "30",
+        stdin=asyncio.subprocess.DEVNULL,
+        env=setup.env,
+    )
+    try:
+        async with setup.client() as client:
+
+            async def started() -> bool:
+                return any(
+                    p.argv == ["sleep", "30"] and not p.exited for p in await client.process.list()
+                )
+
+            for _ in range(200):
+                if await started():
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the process never started")
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 30) == 128 + signal.SIGINT
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
