@@ -31,6 +31,7 @@ WAIT = 150.0
 QUICK = {
     "agent": (["--quick"], "## Per-token overhead (50 tokens"),
     "files": (["--quick"], "| watch setup, "),
+    "fleet": (["--quick"], "| gateway CPU, streaming terminals (one worker) |"),
     "ports": (["--quick"], "| inode → pid lookup, full walk of /proc/*/fd |"),
     "proxy": (["--quick"], "| 64 in flight |"),
     "restart": (["--quick"], "reference: import aetherd.app"),
