@@ -25,9 +25,12 @@ from aetherd.services.fs import FileLimits, FileSystem
 from aetherd.services.idle import IdleAction
 from aetherd.services.jail import Jail
 from aetherd.services.ports import PortScanner
+from aetherd.services.process import ProcessManager
+from aetherd.services.resources import ResourceMonitor
+from aetherd.services.search import SearchLimits, SearchService
 from aetherd.services.terminal import TerminalManager
 from aetherd.services.transcript import TranscriptStore
-from aetherd.services.watcher import Watcher
+from aetherd.services.watcher import IgnoreRules, Watcher
 from aetherd.services.wiring import wire_config
 from aetherd.settings import Settings
 
@@ -45,11 +48,14 @@ class Services:
     config: ConfigStore
     fs: FileSystem
     watcher: Watcher | None  # None when watcher_enabled is false
+    search: SearchService
     terminals: TerminalManager
+    processes: ProcessManager
     boot: BootRunner
     ports: PortScanner
     transcript: TranscriptStore
     agent: AgentRunner
+    resources: ResourceMonitor
     idle: IdleAction | None = None
 
     def __init__(self, settings: Settings) -> None:
@@ -61,6 +67,7 @@ class Services:
         # First in, so stopped last: every service's file work is done before the pools go.
         self.executors = Executors(
             file_threads=settings.file_io_threads,
+            search_threads=settings.search_threads,
             shutdown_timeout=min(5.0, settings.shutdown_timeout / 2),
         )
         self._lifecycle.append(self.executors)
@@ -142,12 +149,39 @@ def build_services(settings: Settings) -> Services:
             )
         )
 
+    # -- search (files/search and files/find; skips what the watcher ignores) --
+    static_rules = IgnoreRules(settings.watcher_ignore)
+    watcher = services.watcher
+
+    def ignore_rules() -> tuple[list[str], list[str], list[str]]:
+        rules = watcher.rules if watcher is not None else static_rules
+        return sorted(rules.names), list(rules.name_globs), list(rules.path_globs)
+
+    services.search = services.add(
+        SearchService(
+            services.jail,
+            services.executors.search,
+            SearchLimits(
+                timeout=settings.search_timeout,
+                max_file_size=settings.search_max_file_size,
+                max_reply_chars=settings.search_max_reply_chars,
+                max_concurrent=settings.search_max_concurrent,
+            ),
+            engine=settings.search_engine,
+            rg_binary=settings.search_ripgrep,
+            ignore_rules=ignore_rules,
+        )
+    )
+
     # -- terminal (PTY sessions) --
     services.terminals = services.add(TerminalManager(settings, services.jail))
     # Boot terminals are terminal sessions: the runner starts after the manager and
     # stops before it.
     launcher = SessionLauncher(services.terminals, services.jail)
     services.boot = services.add(BootRunner(settings, services.config, launcher, services.jail))
+
+    # -- process (commands without a terminal) --
+    services.processes = services.add(ProcessManager(settings, services.jail))
 
     # -- ports (port scanner) --
     services.ports = services.add(PortScanner(settings))
@@ -160,7 +194,12 @@ def build_services(settings: Settings) -> Services:
     )
     services.agent = services.add(AgentRunner(settings, services.jail, services.transcript))
 
-    # -- operations (metrics, notify) --
+    # -- operations (resources, metrics, notify) --
+    services.resources = services.add(
+        ResourceMonitor(
+            settings.root, interval=settings.resources_interval, executor=services.executors.file
+        )
+    )
     if settings.idle_action:
         services.idle = services.add(
             IdleAction(

@@ -157,6 +157,37 @@ class Settings(BaseModel):
         600.0, gt=0, description="Seconds an exited, unattached session keeps its output"
     )
 
+    # -- Process channel (issue 15) --------------------------------------------------------
+    process_max: int = Field(
+        64, ge=1, description="Live processes at once (exited ones are evicted oldest first)"
+    )
+    process_ring_bytes: int = Field(
+        MiB, ge=4096, description="Output kept per process stream, stdout and stderr each"
+    )
+    process_wait_output_bytes: int = Field(
+        MiB, ge=1024, description="Most bytes of each stream in a `wait: true` reply"
+    )
+    process_max_frame_bytes: int = Field(
+        65536, ge=16, le=65536, description="Raw output bytes per process output frame"
+    )
+    process_read_budget: int = Field(
+        256 * 1024, ge=4096, description="Bytes read from one process pipe per event-loop wakeup"
+    )
+    process_max_pending_input: int = Field(
+        MiB, ge=1024, description="Input bytes waiting for a process's stdin before LIMIT_EXCEEDED"
+    )
+    process_kill_grace: float = Field(
+        3.0, gt=0, description="Seconds between SIGTERM and SIGKILL (timeout, daemon stop)"
+    )
+    process_exit_drain: float = Field(
+        1.0,
+        gt=0,
+        description="Seconds to wait for a process's pipes to close after it exited",
+    )
+    process_exited_retention: float = Field(
+        600.0, gt=0, description="Seconds an exited process keeps its output and exit status"
+    )
+
     # -- Files channel and watcher (issue: files) -----------------------------------------
     files_max_size: int = Field(
         100 * MiB, ge=1, description="Largest file read, written or uploaded (FILE_TOO_LARGE / 413)"
@@ -183,6 +214,30 @@ class Settings(BaseModel):
         ge=1,
         le=1024,
         description="Threads of the file I/O executor (files, HTTP transfers, agent tools, config)",
+    )
+    search_engine: Literal["auto", "ripgrep", "python"] = Field(
+        "auto",
+        description="Engine of files/search and files/find: ripgrep when on PATH (auto), or Python",
+    )
+    search_ripgrep: str = Field(
+        "rg", min_length=1, description="The ripgrep program (name or path)"
+    )
+    search_timeout: float = Field(
+        30.0, gt=0, description="Seconds one search or find may take (LIMIT_EXCEEDED beyond)"
+    )
+    search_max_file_size: int = Field(
+        32 * MiB, ge=1, description="Files larger than this are not searched (bytes)"
+    )
+    search_max_reply_chars: int = Field(
+        4 * MiB,
+        ge=1024,
+        description="Characters of line text (and context) in one search reply (truncated beyond)",
+    )
+    search_max_concurrent: int = Field(
+        4, ge=1, le=256, description="Searches running at once; more wait (within their time limit)"
+    )
+    search_threads: int = Field(
+        2, ge=1, le=256, description="Threads of the search executor (the Python engine)"
     )
     watcher_enabled: bool = Field(True, description="Watch the workspace and push files/change")
     watcher_debounce: float = Field(
@@ -420,6 +475,9 @@ class Settings(BaseModel):
         None, description="Shell command run once the workspace has been idle idle_action_after s"
     )
     idle_action_after: float = Field(600.0, gt=0, description="Idle seconds before idle_action")
+    resources_interval: float = Field(
+        5.0, gt=0, description="Seconds between activity/resources pushes to subscribed sockets"
+    )
 
     @field_validator("root")
     @classmethod
