@@ -35,6 +35,7 @@ QUICK = {
     "ports": (["--quick"], "| inode → pid lookup, full walk of /proc/*/fd |"),
     "proxy": (["--quick"], "| 64 in flight |"),
     "restart": (["--quick"], "reference: import aetherd.app"),
+    "search": (["--quick"], "| smart case `typeerror` |"),
     "support": None,
     "terminal": (["--help"], "--quick"),
 }
