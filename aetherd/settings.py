@@ -148,6 +148,16 @@ class Settings(BaseModel):
         600.0, gt=0, description="Seconds an exited, unattached session keeps its output"
     )
 
+    # -- Reload and restarts (section 14) --------------------------------------------------
+    runtime_dir: Path | None = Field(
+        None,
+        description="Private runtime directory for the reload handover (default "
+        "$XDG_RUNTIME_DIR/aetherd, else DATA_DIR/run)",
+    )
+    reload_check_timeout: float = Field(
+        30.0, gt=0, description="Seconds the new code's check may take before a reload is refused"
+    )
+
     # -- Files channel and watcher (issue: files) -----------------------------------------
     files_max_size: int = Field(
         100 * MiB, ge=1, description="Largest file read, written or uploaded (FILE_TOO_LARGE / 413)"
@@ -475,6 +485,17 @@ class Settings(BaseModel):
             workspacePrefix=self.workspace_id[:8],
             previewToken=self.preview_token,
         )
+
+    @property
+    def runtime_path(self) -> Path:
+        """The private runtime directory: `runtime_dir`, `$XDG_RUNTIME_DIR/aetherd`, or
+        `data_dir/run`."""
+        if self.runtime_dir is not None:
+            return self.runtime_dir.expanduser().absolute()
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        if xdg and Path(xdg).is_absolute():
+            return Path(xdg) / "aetherd"
+        return self.data_dir / "run"
 
     @property
     def token_path(self) -> Path:

@@ -39,6 +39,7 @@ from typing import Any
 
 from aetherd.errors import AetherError, ErrorCode
 from aetherd.metrics import Sample
+from aetherd.services.handover import SessionState
 from aetherd.services.jail import Jail
 from aetherd.settings import Settings
 
@@ -224,7 +225,7 @@ class TerminalSession:
         session_id: str,
         *,
         pid: int,
-        fd: int,
+        fd: int | None,
         command: str | None,
         cwd: str,
         cols: int,
@@ -260,6 +261,7 @@ class TerminalSession:
         self._kill_task: asyncio.Task[None] | None = None
         self._exit_callbacks: list[Callable[[Exit], Any]] = []
         self.paused_count = 0  # how often backpressure stopped reading (for tests/metrics)
+        self.adopted = False  # taken over from the previous process (a reload)
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -381,6 +383,93 @@ class TerminalSession:
     def reading(self) -> bool:
         """True while the PTY is being read (False when paused by backpressure or ended)."""
         return self._reading
+
+    # -- handover (a reload: PROTOCOL.md section 14) -------------------------------------
+    def hand_over(self, blob: bytearray) -> SessionState:
+        """Stop watching the PTY and the process without ending either; the state to adopt.
+
+        The ring's bytes and the input not yet written go to `blob`. The PTY fd stays
+        open and is no longer this object's: whatever the program writes from now on
+        waits in the PTY for the next process to read it.
+        """
+        self._pause_reading()
+        if self._writing and self.fd is not None:
+            self._loop.remove_writer(self.fd)
+            self._writing = False
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self._reap_handle is not None:
+            self._reap_handle.cancel()
+            self._reap_handle = None
+        retention_left = None
+        if self._retention_handle is not None:
+            retention_left = max(0.0, self._retention_handle.when() - self._loop.time())
+            self._retention_handle.cancel()
+            self._retention_handle = None
+        terminating = self._kill_task is not None and self.exit is None
+        if self._kill_task is not None:
+            self._kill_task.cancel()
+        for attachment in self.attachments:
+            attachment.closed = True
+        self.attachments.clear()
+        ring_at = len(blob)
+        blob += self.ring._buf
+        pending_at = len(blob)
+        blob += self._pending_input
+        self._pending_input.clear()
+        fd, self.fd = self.fd, None
+        return SessionState(
+            id=self.id,
+            pid=self.pid,
+            fd=fd,
+            command=self.command,
+            cwd=self.cwd,
+            cols=self.cols,
+            rows=self.rows,
+            created_at=self.created_at,
+            ring_start=self.ring.start,
+            ring_at=ring_at,
+            ring_len=len(self.ring),
+            pending_at=pending_at,
+            pending_len=len(blob) - pending_at,
+            exited=self.exit is not None,
+            exit_code=self.exit.exit_code if self.exit else None,
+            exit_signal=self.exit.signal if self.exit else None,
+            exit_delivered=self.exit_delivered_once,
+            retention_left=retention_left,
+            eof=self._eof,
+            terminating=terminating,
+        )
+
+    def _adopted(self, state: SessionState, blob: bytes) -> None:
+        """Take up where `hand_over` left off (in the new process)."""
+        self.created_at = state.created_at
+        self.ring.start = state.ring_start
+        self.ring.append(blob[state.ring_at : state.ring_at + state.ring_len])
+        if state.exited:
+            self.exit = Exit(state.exit_code, state.exit_signal)
+            self.exit_delivered_once = state.exit_delivered
+            self._eof = True
+            self.exited_event.set()
+            if state.retention_left is not None:
+                self._retention_handle = self._loop.call_later(
+                    state.retention_left, self.manager._forget, self
+                )
+            else:
+                self._maybe_forget()
+            return
+        self._eof = state.eof
+        self.start()
+        pending = blob[state.pending_at : state.pending_at + state.pending_len]
+        if pending:
+            self._pending_input += pending
+            assert self.fd is not None
+            self._loop.add_writer(self.fd, self._flush_input)
+            self._writing = True
+        if state.terminating:
+            self.terminate()
 
     # -- clients -----------------------------------------------------------------------
     def attach(self, notify: Callable[[], None], resume_from: int | None = None) -> Attachment:
@@ -656,11 +745,93 @@ class TerminalManager:
         self.output_bytes = 0  # read from every PTY
         self.resyncs = 0  # clients resynchronised from a ring they had fallen out of
         self.skipped_bytes = 0  # output those clients never received
+        # Set before start() by a reload: the sessions the previous process handed over.
+        self.handover: tuple[list[SessionState], bytes] | None = None
+        self.adopted = 0  # sessions taken over from the previous process
+        self.reloaded = False  # this process was started by a reload with readable state
+        self.adoption_failures = 0  # handed-over sessions that could not be taken over
 
     # -- service lifecycle -------------------------------------------------------------
     async def start(self) -> None:
         """Resolve the shell once (a missing shell fails at create, with a clear error)."""
         self._shell_path = shutil.which(self.settings.terminal_shell)
+        if self.handover is not None:
+            states, blob = self.handover
+            self.handover = None
+            self.reloaded = True
+            self.adopt(states, blob)
+
+    def hand_over(self) -> tuple[list[SessionState], bytes]:
+        """Give up every session without ending it, for the next process (a reload).
+
+        Returns each session's state and a blob with the rings' bytes. The PTY fds stay
+        open (the caller makes them inheritable); the processes keep running. After
+        this, `stop()` has nothing left to end and `create` answers BUSY.
+        """
+        self._stopping = True
+        blob = bytearray()
+        states = [session.hand_over(blob) for session in self._sessions.values()]
+        self._sessions.clear()
+        for task in list(self._tasks):
+            task.cancel()  # stragglers' signals and closes: the next process finishes them
+        return states, bytes(blob)
+
+    def adopt(self, states: list[SessionState], blob: bytes) -> int:
+        """Take over the sessions a previous process handed over; returns how many.
+
+        Each live session is checked first: its fd must be a terminal and its pid a
+        child of this process (the same process, after execv). A session that fails
+        the check is dropped whole (its fd closed), never half adopted.
+        """
+        for state in states:
+            problem = self._adoption_problem(state)
+            if problem is not None:
+                self.adoption_failures += 1
+                log.warning("terminal session %s not adopted: %s", state.id, problem)
+                if state.fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(state.fd)
+                continue
+            if state.fd is not None:
+                os.set_inheritable(state.fd, False)
+                os.set_blocking(state.fd, False)
+            session = TerminalSession(
+                self,
+                state.id,
+                pid=state.pid,
+                fd=state.fd,
+                command=state.command,
+                cwd=state.cwd,
+                cols=state.cols,
+                rows=state.rows,
+            )
+            self._sessions[state.id] = session
+            session.adopted = True
+            session._adopted(state, blob)
+            self.adopted += 1
+        return self.adopted
+
+    def _adoption_problem(self, state: SessionState) -> str | None:
+        if not SESSION_ID_RE.match(state.id):
+            return "invalid id"
+        if state.id in self._sessions:
+            return "duplicate id"
+        if len(self._sessions) >= self.settings.terminal_max_sessions:
+            return "too many sessions"
+        if state.exited:
+            return None
+        if state.fd is None:
+            return "no PTY fd"
+        try:
+            if not os.isatty(state.fd):
+                return f"fd {state.fd} is not a terminal"
+            # Not reaped here (WNOWAIT): the session reaps it and reports the exit.
+            os.waitid(os.P_PID, state.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return f"pid {state.pid} is not a child of this process"
+        except OSError as exc:
+            return f"fd {state.fd}: {exc.strerror or exc}"
+        return None
 
     async def stop(self) -> None:
         """End every session: SIGHUP, then SIGKILL after the grace period; reap and close."""
@@ -728,6 +899,18 @@ class TerminalManager:
             "aetherd_terminal_output_bytes",
             "Bytes read from terminal PTYs",
             self.output_bytes,
+            kind="counter",
+        )
+        yield Sample(
+            "aetherd_terminal_adopted_sessions",
+            "Terminal sessions taken over from the previous process (reload)",
+            self.adopted,
+            kind="counter",
+        )
+        yield Sample(
+            "aetherd_terminal_adoption_failures",
+            "Handed-over terminal sessions that could not be taken over",
+            self.adoption_failures,
             kind="counter",
         )
         yield Sample(
@@ -895,7 +1078,13 @@ def _spawn(argv: list[str], env: dict[str, str], cwd: str, cols: int, rows: int)
                 os.dup2(slave, target)  # dup2 makes them inheritable
             if slave > 2:
                 os.close(slave)
-            for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM):
+            for sig in (
+                signal.SIGPIPE,
+                signal.SIGXFSZ,
+                signal.SIGINT,
+                signal.SIGTERM,
+                signal.SIGHUP,  # ignored by the daemon while it re-executes itself
+            ):
                 signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, set())
             os.chdir(cwd)
