@@ -33,6 +33,7 @@ QUICK = {
     "files": (["--quick"], "| watch setup, "),
     "ports": (["--quick"], "| inode → pid lookup, full walk of /proc/*/fd |"),
     "proxy": (["--quick"], "| 64 in flight |"),
+    "reload": (["--quick"], "reference: python -c pass"),
     "restart": (["--quick"], "reference: import aetherd.app"),
     "support": None,
     "terminal": (["--help"], "--quick"),

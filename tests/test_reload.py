@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 import pytest
 
 from tests.support import (
@@ -184,9 +185,11 @@ class Stream:
             if remaining <= 0:
                 raise TimeoutError(f"stream never matched; tail={self.text[-200:]!r}")
             frame = await ws.expect(
-                lambda f: f.get("channel") == "terminal"
-                and f.get("type") in ("output", "close")
-                and f.get("sessionId") == sid,
+                lambda f: (
+                    f.get("channel") == "terminal"
+                    and f.get("type") in ("output", "close")
+                    and f.get("sessionId") == sid
+                ),
                 remaining,
             )
             self.take(frame)
@@ -265,9 +268,7 @@ async def test_sighup_keeps_pid_session_and_every_byte(daemon):
 async def test_aetherd_reload_cli(daemon, tmp_path: Path):
     d = daemon()
     await d.wait_ready()
-    result = await asyncio.to_thread(
-        run_cli, tmp_path, "reload", "--data-dir", str(d.data)
-    )
+    result = await asyncio.to_thread(run_cli, tmp_path, "reload", "--data-dir", str(d.data))
     assert result.returncode == 0, result.stderr
     assert f"reloaded (pid {d.pid}, generation 1)" in result.stdout
     assert d.proc.poll() is None
@@ -327,6 +328,7 @@ async def test_connecting_during_the_reload_is_not_refused(daemon):
     statuses = []
     deadline = time.monotonic() + WAIT
     while d.generation() < 1 and time.monotonic() < deadline:
+
         def probe() -> int:
             with socket.create_connection(("127.0.0.1", d.port), timeout=WAIT) as sock:
                 sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -336,3 +338,185 @@ async def test_connecting_during_the_reload_is_not_refused(daemon):
         statuses.append(await asyncio.to_thread(probe))  # ConnectionRefusedError fails it
     assert d.generation() == 1
     assert statuses and set(statuses) == {200}
+
+
+async def test_a_session_exiting_during_the_reload_reports_its_exit_once(daemon):
+    d = daemon()
+    await d.wait_ready()
+    ws = await open_ws(d)
+    # Exits exactly while the daemon is between processes: once the state is written.
+    wait_then_exit = (
+        f"echo waiting; while ! ls {d.run}/handover-*.json >/dev/null 2>&1; do sleep 0.005; done; "
+        "echo bye; exit 7"
+    )
+    await attach(ws, "exiting", command=wait_then_exit)
+    # Another one exits before the reload, with nobody attached: handed over exited.
+    await attach(ws, "done", command="echo finished; exit 3")
+    await ws.request("terminal", "detach", sessionId="done")
+    stream = Stream()
+    await stream.until(ws, "exiting", lambda s: "waiting" in s.text)
+    await d.reload()
+    await ws.session.close()
+
+    ws = await open_ws(d)
+    await attach(ws, "exiting", resumeFrom=stream.end)
+    await stream.until(ws, "exiting", lambda s: bool(s.closes))
+    assert "bye" in stream.text
+    assert [(c["exitCode"], c["signal"]) for c in stream.closes] == [(7, None)]
+    done = Stream()
+    await attach(ws, "done")
+    await done.until(ws, "done", lambda s: bool(s.closes))
+    assert "finished" in done.text and done.closes[0]["exitCode"] == 3
+    # Told once: the sessions are gone, nobody can be told again.
+    listed = await ws.request("terminal", "list")
+    ids = [s["sessionId"] for s in listed["data"]["sessions"]]
+    assert "exiting" not in ids and "done" not in ids
+    assert len(d.logged("terminal session ended")) == 2  # one per session, across both
+    await ws.close()
+
+
+async def test_input_flooded_during_the_reload_is_kept_in_order(daemon, tmp_path: Path):
+    d = daemon()
+    await d.wait_ready()
+    out = d.root / "typed.txt"
+    ws = await open_ws(d)
+    await attach(ws, "sink", command=f"stty -echo; echo ready; exec cat > {out}")
+    await ws.expect(lambda f: "ready" in f.get("data", ""))
+    acked: list[int] = []
+    sent = 0
+
+    async def flood() -> None:
+        nonlocal sent
+        for i in range(100_000):
+            try:
+                await ws.send(
+                    {"channel": "terminal", "type": "input", "sessionId": "sink",
+                     "data": f"line-{i}\n", "requestId": f"in-{i}"}
+                )  # fmt: skip
+            except (ConnectionError, RuntimeError):
+                return
+            sent = i + 1
+            await asyncio.sleep(0)
+
+    async def acks() -> None:
+        while True:
+            msg = await ws.ws.receive(timeout=WAIT)
+            if msg.type is not aiohttp.WSMsgType.TEXT:
+                return
+            frame = json.loads(msg.data)
+            rid = frame.get("requestId", "")
+            if rid.startswith("in-") and frame.get("success"):
+                acked.append(int(rid[3:]))
+
+    reader = asyncio.ensure_future(acks())
+    writer = asyncio.ensure_future(flood())
+    await wait_for(lambda: len(acked) >= 200, WAIT)
+    before = d.generation()
+    os.kill(d.pid, signal.SIGHUP)
+    await asyncio.wait_for(reader, WAIT)  # the socket closed (1012)
+    writer.cancel()
+    await asyncio.gather(writer, return_exceptions=True)
+    assert ws.ws.close_code == 1012
+    await ws.session.close()
+    await wait_for(lambda: d.generation() > before, WAIT)
+    await d.wait_ready()
+    ws = await open_ws(d)
+    await attach(ws, "sink")
+    await ws.request("terminal", "input", sessionId="sink", data="END\n")
+    await wait_for(lambda: out.exists() and "END" in out.read_text(), WAIT)
+    lines = out.read_text().split("\n")
+    assert lines[-2:] == ["END", ""]
+    got = [int(line[5:]) for line in lines[:-2]]
+    # Every acknowledged line arrived, once, in order; nothing was invented.
+    assert got == list(range(len(got)))
+    assert acked and max(acked) < len(got) <= sent
+    await ws.close()
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            kids += [int(x) for x in f.read().split()]
+    return kids
+
+
+def _fd_kinds(pid: int) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        kind = target.split(":")[0] if ":" in target else target
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
+def _footprint(pid: int) -> tuple[int, int, list[int]]:
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    with open(f"/proc/{pid}/maps") as f:
+        maps = sum(1 for _ in f)
+    return fds, maps, sorted(_children(pid))
+
+
+RELOADS = int(os.environ.get("AETHERD_TEST_RELOADS", "10"))
+
+
+async def test_reloads_in_a_row_leak_no_fd_mapping_or_process(daemon):
+    """RELOADS reloads (10 in CI; bench/reload.py --leaks runs 100): the footprint stays."""
+    d = daemon()
+    await d.wait_ready()
+    ws = await open_ws(d)
+    await attach(ws, "a", command=COUNTER)
+    await attach(ws, "b", command="exec cat")
+    await ws.close()
+    await d.reload()
+    first = _footprint(d.pid)
+    first_kinds = _fd_kinds(d.pid)
+    assert len(first[2]) == 2  # the two shells, nothing else
+    for _ in range(RELOADS):
+        await d.reload()
+    assert d.proc.poll() is None and d.generation() == RELOADS + 1
+    kinds = _fd_kinds(d.pid)
+    assert kinds.get("/dev/ptmx") == first_kinds.get("/dev/ptmx") == 2, kinds
+    assert kinds.get("anon_inode") == first_kinds.get("anon_inode"), kinds  # pidfds, epoll
+    # Connections of the readiness probes close a moment later: wait for them, bounded.
+    await wait_for(lambda: _footprint(d.pid)[0] <= first[0], 10)
+    _, maps, kids = _footprint(d.pid)
+    assert kids == first[2]
+    assert maps <= first[1] + 8, (maps, first[1])
+    ws = await open_ws(d)
+    stream = Stream()
+    await attach(ws, "a", resumeFrom=0)
+    await stream.until(ws, "a", lambda s: len(numbers(s.text)) > 3)
+    got = numbers(stream.text)
+    assert got == list(range(got[0], got[0] + len(got)))
+    await ws.close()
+
+
+async def test_unreadable_state_is_a_clean_restart_with_one_line(daemon, tmp_path: Path):
+    """A new version that cannot read the state: one line, sessions ended and reaped."""
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    env = {"PYTHONPATH": f"{newer}{os.pathsep}{child_env(tmp_path)['PYTHONPATH']}"}
+    d = daemon(env=env)
+    await d.wait_ready()
+    ws = await open_ws(d)
+    created = await attach(ws, "old", command="exec cat")
+    await ws.close()
+    # "Install" a version that reads only state version 2.
+    (newer / "sitecustomize.py").write_text(
+        "import aetherd.services.handover as h\nh.HANDOVER_VERSION = 2\n"
+    )
+    await d.reload()
+    lines = d.logged("handover state version")
+    assert len(lines) == 1 and "starting clean" in lines[0]["msg"]
+    assert lines[0]["level"] == "warning"
+    await wait_for(lambda: _children(d.pid) == [], WAIT)  # the shell was ended and reaped
+    assert not psutil.pid_exists(created["pid"])
+    ws = await open_ws(d)
+    listed = await ws.request("terminal", "list")
+    assert listed["data"]["sessions"] == []
+    assert d.info()["restoredSessions"] == 0 and d.info()["generation"] == 1
+    await ws.close()
