@@ -37,6 +37,7 @@ from aetherd.settings import Settings
 from aetherd.transport.access import AUTH, DAEMON, TRANSPORT, TransportState
 from aetherd.transport.auth import Authenticator, TokenSetup, connect_url, setup_tokens
 from aetherd.transport.browser import add_browser_http
+from aetherd.transport.console import console_url
 from aetherd.transport.guard import ConnectionGuard, GuardedSite
 from aetherd.transport.proxy import add_preview_proxy
 from aetherd.transport.routes import add_routes
@@ -266,10 +267,13 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> Reexec
                 "version": __version__,
             },
         )
+        log.info("console at %s", console_url(settings, host, port, None))
         if tokens.tokens and (tokens.generated or sys.stdout.isatty()):
             # The one place a token is shown: stdout, never the log.
             print(
                 f"aetherd: connect with {connect_url(settings, host, port, tokens.tokens[0])}",
+                f"aetherd: console at {console_url(settings, host, port, tokens.tokens[0])}",
+                sep="\n",
                 flush=True,
             )
         elif tokens.tokens and not settings.token and not settings.token_file:

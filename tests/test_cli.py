@@ -165,6 +165,11 @@ async def test_serve_with_embedded_defaults_then_sigterm(tmp_path: Path):
         token_path = tmp_path / "xdg" / "aetherd" / "token"
         token = token_path.read_text().strip()
         assert f"/workspaces/local/ws?token={token}" in connect_line
+        # The web console's URL beside it: the token in the fragment, never sent to a server.
+        console_line = await asyncio.to_thread(proc.stdout.readline)
+        assert console_line.strip() == (
+            f"aetherd: console at http://127.0.0.1:{port}/workspaces/local/#token={token}"
+        )
         await wait_ready(port, proc)
         client = await connect(f"http://127.0.0.1:{port}/workspaces/local/ws", token)
         try:

@@ -67,6 +67,15 @@ def test_install_script_into_a_fresh_venv_then_run_the_entrypoint(tmp_path: Path
         import aetherd
 
         assert info["version"] == aetherd.__version__
+        # The install built (or kept) the web console, and the installed package serves it.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=WAIT) as resp:
+            assert resp.url.endswith("/workspaces/local/")
+            assert "Content-Security-Policy" in resp.headers
+            assert b'src="assets/app.js"' in resp.read()
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/workspaces/local/assets/app.js", timeout=WAIT
+        ) as resp:
+            assert len(resp.read()) > 100_000
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(WAIT) == 0
     finally:

@@ -157,12 +157,30 @@ class AgentRunner:
             )
         yield from self.turns.stats.samples()
 
-    async def history(self, before_seq: int | None = None, limit: int | None = None) -> HistoryPage:
-        """A page of the transcript, merged, and the calls still waiting for a person."""
+    async def history(
+        self,
+        before_seq: int | None = None,
+        limit: int | None = None,
+        after_seq: int | None = None,
+    ) -> HistoryPage:
+        """A page of the transcript, merged, and the calls still waiting for a person.
+
+        Backwards from `before_seq` (the newest events first chosen), or forwards from
+        `after_seq` (the oldest events after it); INVALID_MESSAGE for both at once.
+        """
+        if before_seq is not None and after_seq is not None:
+            raise AetherError(
+                ErrorCode.INVALID_MESSAGE,
+                "invalid field 'afterSeq': give beforeSeq or afterSeq, not both",
+                field="afterSeq",
+            )
         cap = self.settings.agent_history_events
         limit = cap if limit is None else max(1, min(limit, cap))
         events, latest, has_more = await self.store.history(
-            before_seq=before_seq, limit=limit, max_bytes=self.settings.agent_history_bytes
+            before_seq=before_seq,
+            after_seq=after_seq,
+            limit=limit,
+            max_bytes=self.settings.agent_history_bytes,
         )
         return HistoryPage(events, latest, has_more, self.pending_events())
 

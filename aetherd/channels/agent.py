@@ -23,6 +23,8 @@ from aetherd.agent.runner import HistoryPage
 from aetherd.errors import AetherError, ErrorCode
 from aetherd.protocol import Channel, dumps, encode
 from aetherd.protocol.agent import (
+    ALL_TASKS,
+    MAX_SEQ,
     PUSHES,
     AbortReply,
     AgentAbort,
@@ -33,15 +35,18 @@ from aetherd.protocol.agent import (
     AgentPrompt,
     AgentReject,
     AgentSettings,
+    AgentSubscribe,
     AgentToolResponse,
+    AgentUnsubscribe,
     DecisionReply,
     HistoryReply,
     PromptReply,
     SettingsReply,
+    SubscribeReply,
     ToolResponseReply,
     event_item,
 )
-from aetherd.protocol.context import Context
+from aetherd.protocol.context import Context, Slot
 
 channel = Channel("agent", pushes=PUSHES)
 
@@ -221,23 +226,92 @@ async def reject(ctx: Context, msg: AgentReject) -> DecisionReply | None:
     concurrent=True,
 )
 async def history(ctx: Context, msg: AgentHistory) -> HistoryReply | None:
-    """A page of older events: `data: {events, latestSeq, hasMore, pending}`."""
+    """A page of older (`beforeSeq`) or newer (`afterSeq`) events:
+    `data: {events, latestSeq, hasMore, pending}`."""
 
     async def run() -> HistoryReply:
-        return history_reply(await ctx.services.agent.history(msg.before_seq, msg.limit))
+        page = await ctx.services.agent.history(msg.before_seq, msg.limit, msg.after_seq)
+        return history_reply(page)
 
     return await _guard(ctx, run)
 
 
+class TaskFilter:
+    """Which task's live events a connection receives: `task_id` None means every task."""
+
+    __slots__ = ("task_id",)
+
+    def __init__(self) -> None:
+        self.task_id: str | None = None
+
+    def wants(self, recorded: Recorded) -> bool:
+        """True when `recorded` goes to this connection. An event of no task always does."""
+        return self.task_id is None or recorded.task_id in (None, self.task_id)
+
+
+FILTER: Slot[TaskFilter] = Slot("agent.filter", TaskFilter)
+
+
+@channel.handler("subscribe", AgentSubscribe, reply=SubscribeReply | None)
+async def subscribe(ctx: Context, msg: AgentSubscribe) -> SubscribeReply | None:
+    """Narrow the live events this socket gets to `taskId` (`"*"`: all); `data: {taskId}`."""
+    ctx.peer.slot(FILTER).task_id = None if msg.task_id == ALL_TASKS else msg.task_id
+    return SubscribeReply(task_id=msg.task_id)
+
+
+@channel.handler("unsubscribe", AgentUnsubscribe, reply=SubscribeReply | None)
+async def unsubscribe(ctx: Context, msg: AgentUnsubscribe) -> SubscribeReply | None:
+    """Receive the live events of every task again; `data: {taskId: "*"}`."""
+    ctx.peer.slot(FILTER).task_id = None
+    return SubscribeReply(task_id=ALL_TASKS)
+
+
+HISTORY_PARAM = "agentHistory"
+
+
+def connect_history(value: str | None) -> tuple[bool, int | None]:
+    """What `?agentHistory=` asks of the connect push: (push at all, after which seq).
+
+    Absent or `all`: the v1 push, `(True, None)`. `none`: no push, `(False, None)`.
+    `after:SEQ`: the events after SEQ, `(True, SEQ)`. Anything else raises ValueError.
+    """
+    if value is None or value == "all":
+        return True, None
+    if value == "none":
+        return False, None
+    prefix, _, number = value.partition(":")
+    if prefix == "after" and number.isascii() and number.isdigit() and len(number) <= 19:
+        seq = int(number)
+        if seq <= MAX_SEQ:
+            return True, seq
+    raise ValueError(
+        f"invalid query parameter '{HISTORY_PARAM}': expected 'all', 'none' or "
+        f"'after:SEQ' (SEQ from 0 to {MAX_SEQ}); the whole history follows"
+    )
+
+
 @channel.on_connect
 async def push_history(ctx: Context) -> None:
-    """Subscribe, then push `history`, then the events that arrived meanwhile."""
+    """Subscribe, then push `history`, then the events that arrived meanwhile.
+
+    `?agentHistory=none` skips the push (the subscriber goes live at once);
+    `?agentHistory=after:SEQ` pushes only the events after SEQ, oldest first.
+    """
     runner = ctx.services.agent
     peer = ctx.peer
+    wanted = peer.slot(FILTER).wants
+    try:
+        push, after_seq = connect_history(peer.query.get(HISTORY_PARAM))
+    except ValueError as exc:
+        error = {"error": str(exc), "code": ErrorCode.INVALID_MESSAGE, "field": HISTORY_PARAM}
+        peer.send(AgentErrorEvent.model_validate(error))
+        push, after_seq = True, None
     held: list[Recorded] = []
-    state: dict[str, Any] = {"live": False, "latest": 0}
+    state: dict[str, Any] = {"live": not push, "latest": 0}
 
     def deliver(recorded: Recorded) -> None:
+        if not wanted(recorded):
+            return
         if state["live"]:
             if recorded.seq > state["latest"]:
                 peer.send(frame_text(recorded))
@@ -245,12 +319,15 @@ async def push_history(ctx: Context) -> None:
             held.append(recorded)
 
     peer.add_cleanup(runner.subscribe(deliver))
+    if not push:
+        return
     try:
-        page = await runner.history()
+        page = await runner.history(after_seq=after_seq)
     except BaseException:
         # No history: still deliver live events rather than hold them forever.
         for recorded in held:
-            peer.send(frame_text(recorded))
+            if wanted(recorded):
+                peer.send(frame_text(recorded))
         held.clear()
         state["live"] = True
         raise
@@ -258,7 +335,7 @@ async def push_history(ctx: Context) -> None:
     peer.send(history_frame_text(page))
     state["latest"] = latest
     for recorded in held:
-        if recorded.seq > latest:
+        if recorded.seq > latest and wanted(recorded):
             peer.send(frame_text(recorded))
             latest = recorded.seq
     held.clear()

@@ -1,7 +1,7 @@
 """The agent channel's messages, both ways (docs/protocol.md section 4).
 
 Client → server: `AgentPrompt`, `AgentSettings`, `AgentAbort`, `AgentToolResponse`,
-`AgentApprove`, `AgentReject`, `AgentHistory`.
+`AgentApprove`, `AgentReject`, `AgentHistory`, `AgentSubscribe`, `AgentUnsubscribe`.
 
 Server → client: the transcript events (`status`, `text`, `thinking`,
 `tool_invocation`, `permission_request`, `tool_result`, `done`), each
@@ -75,10 +75,24 @@ class AgentReject(Message):
 
 
 class AgentHistory(Message):
-    """`history`: page back through the transcript."""
+    """`history`: page back (`beforeSeq`) or forward (`afterSeq`) through the transcript."""
 
     before_seq: int | None = Field(None, ge=1, le=MAX_SEQ)
+    after_seq: int | None = Field(None, ge=0, le=MAX_SEQ)
     limit: int | None = Field(None, ge=1, le=MAX_SEQ)
+
+
+ALL_TASKS = "*"
+
+
+class AgentSubscribe(Message):
+    """`subscribe`: narrow this socket's live agent events to one task (`"*"`: all)."""
+
+    task_id: str = Field(ALL_TASKS, min_length=1, max_length=MAX_TASK_ID)
+
+
+class AgentUnsubscribe(Message):
+    """`unsubscribe`: receive the live events of every task again."""
 
 
 # -- reply data ------------------------------------------------------------------------
@@ -110,6 +124,12 @@ class ToolResponseReply(Model):
     """`tool_response` → the call answered and its task."""
 
     tool_call_id: str
+    task_id: str
+
+
+class SubscribeReply(Model):
+    """`subscribe` / `unsubscribe` → the task whose live events this socket gets (`"*"`: all)."""
+
     task_id: str
 
 

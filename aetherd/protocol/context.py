@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -55,6 +55,9 @@ class Peer(Protocol):
     """One connected client, as the protocol layer sees it (no aiohttp here)."""
 
     id: str
+    # The upgrade request's query parameters (first value of each; `token` left out),
+    # for connect hooks that take options (`?agentHistory=`).
+    query: Mapping[str, str]
 
     @property
     def closed(self) -> bool: ...

@@ -415,18 +415,36 @@ class TranscriptStore:
 
     # -- reads ----------------------------------------------------------------------------
     async def history(
-        self, *, before_seq: int | None = None, limit: int, max_bytes: int
+        self,
+        *,
+        before_seq: int | None = None,
+        after_seq: int | None = None,
+        limit: int,
+        max_bytes: int,
     ) -> tuple[list[dict[str, Any]], int, bool]:
-        """The newest `limit` events before `before_seq` (bounded by `max_bytes` of payload),
-        oldest first, merged; plus the latest seq covered and whether older events exist."""
+        """A page of events (bounded by `limit` and `max_bytes` of payload), oldest first,
+        merged; plus the latest seq covered and whether more events lie beyond the page.
+
+        Backwards (the default): the newest events before `before_seq`; `hasMore` means
+        older events exist. Forwards (`after_seq` given): the oldest events after
+        `after_seq`; `hasMore` means newer ones exist, and an empty page covers up to
+        `after_seq` itself. Both at once is the caller's error (ValueError).
+        """
+        if before_seq is not None and after_seq is not None:
+            raise ValueError("before_seq and after_seq exclude each other")
+        forward = after_seq is not None
 
         def run() -> tuple[list[dict[str, Any]], int, bool]:
             assert self._conn is not None
             self._drain()
-            bound = MAX_SEQ if before_seq is None else max(0, min(before_seq, MAX_SEQ))
+            if after_seq is not None:
+                bound = max(0, min(after_seq, MAX_SEQ))
+                query = "WHERE seq > ? ORDER BY seq ASC LIMIT ?"
+            else:
+                bound = MAX_SEQ if before_seq is None else max(0, min(before_seq, MAX_SEQ))
+                query = "WHERE seq < ? ORDER BY seq DESC LIMIT ?"
             rows = self._conn.execute(
-                "SELECT seq, task_id, type, created_at, payload FROM events "
-                "WHERE seq < ? ORDER BY seq DESC LIMIT ?",
+                "SELECT seq, task_id, type, created_at, payload FROM events " + query,
                 (bound, limit + 1),
             ).fetchall()
             has_more = len(rows) > limit
@@ -441,10 +459,14 @@ class TranscriptStore:
                 size += cost
                 kept += 1
             rows = rows[:kept]
-            latest = int(rows[0][0]) if rows else 0
+            if forward:
+                latest = int(rows[-1][0]) if rows else bound
+            else:
+                latest = int(rows[0][0]) if rows else 0
+                rows.reverse()
             events = []
             loads = json.loads
-            for seq, task_id, type_, created, payload in reversed(rows):
+            for seq, task_id, type_, created, payload in rows:
                 event = {"type": type_, "taskId": task_id, "seq": seq, "createdAt": created}
                 event.update(loads(payload))
                 events.append(event)

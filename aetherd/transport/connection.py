@@ -21,7 +21,7 @@ import inspect
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import WSCloseCode, web
@@ -46,8 +46,10 @@ class Connection:
         settings: Settings,
         conn_id: str,
         metrics: Metrics,
+        query: Mapping[str, str] | None = None,
     ) -> None:
         self.id = conn_id
+        self.query: Mapping[str, str] = dict(query or {})
         self._metrics = metrics
         self._ws = ws
         self._settings = settings

@@ -1,4 +1,5 @@
-"""HTTP routes: health, readiness, metrics, info; the socket, files, config schema and protocol."""
+"""HTTP routes: health, readiness, metrics, info; the socket, files, config schema, protocol
+and the web console."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from aetherd.daemon import Daemon
 from aetherd.metrics import CONTENT_TYPE
 from aetherd.transport import config_http, protocol_http
 from aetherd.transport.access import DAEMON, check_access, json_error
+from aetherd.transport.console import add_console_routes
 from aetherd.transport.files_http import add_file_routes
 from aetherd.transport.websocket import websocket
 
@@ -85,3 +87,4 @@ def add_routes(app: web.Application) -> None:
     config_http.add_routes(app)
     protocol_http.add_routes(app)
     add_file_routes(app)  # files: bulk transfer
+    add_console_routes(app)  # the web console page and its assets

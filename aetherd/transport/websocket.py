@@ -58,6 +58,14 @@ class WebSocketHandler:
             return json_error(503, "Too many connections")
         return None
 
+    def _query(self) -> dict[str, str]:
+        """The upgrade's query parameters for the connect hooks: first values, no token."""
+        query: dict[str, str] = {}
+        for key, value in self.request.query.items():
+            if key != "token":
+                query.setdefault(key, value)
+        return query
+
     async def run(self) -> web.StreamResponse:
         """Refuse, or upgrade and serve until the socket closes."""
         refusal = self._refusal()
@@ -66,7 +74,9 @@ class WebSocketHandler:
         await self.ws.prepare(self.request)
         conn_id = self.state.next_connection_id()
         token = connection_id.set(conn_id)
-        conn = self.conn = Connection(self.ws, self.settings, conn_id, self.daemon.services.metrics)
+        conn = self.conn = Connection(
+            self.ws, self.settings, conn_id, self.daemon.services.metrics, self._query()
+        )
         dispatcher = Dispatcher(self.daemon, conn)
         tasks = self._open(conn)
         try:

@@ -118,6 +118,39 @@ async def test_history_pages_and_byte_bound(tmp_path):
     await store.stop()
 
 
+async def test_history_forward_pages_from_after_seq(tmp_path):
+    store = await open_store(tmp_path / "a.sqlite3")
+    for i in range(20):
+        store.append("t", "tool_result", {"toolCallId": str(i), "result": "x" * 1000})
+    # Oldest first after the seq; hasMore means newer events exist.
+    events, latest, more = await store.history(after_seq=5, limit=4, max_bytes=1 << 20)
+    assert [e["seq"] for e in events] == [6, 7, 8, 9] and latest == 9 and more
+    events, latest, more = await store.history(after_seq=latest, limit=100, max_bytes=1 << 20)
+    assert [e["seq"] for e in events] == list(range(10, 21)) and latest == 20 and not more
+    # Bounded by bytes too, still from the oldest; at least one event per page.
+    events, latest, more = await store.history(after_seq=0, limit=100, max_bytes=3500)
+    assert [e["seq"] for e in events] == [1, 2, 3] and latest == 3 and more
+    events, latest, more = await store.history(after_seq=0, limit=100, max_bytes=10)
+    assert [e["seq"] for e in events] == [1] and more
+    # Caught up: an empty page covering up to the seq asked for.
+    assert await store.history(after_seq=20, limit=10, max_bytes=1 << 20) == ([], 20, False)
+    with pytest.raises(ValueError):
+        await store.history(before_seq=3, after_seq=1, limit=10, max_bytes=1 << 20)
+    await store.stop()
+
+
+async def test_history_forward_merges_pieces_within_a_page(tmp_path):
+    store = await open_store(tmp_path / "a.sqlite3")
+    store.append("t", "status", {"status": "running"})
+    for piece in ("a", "b", "c"):
+        store.append("t", "text", {"messageId": "m1", "content": piece})
+    store.append("t", "done", {"status": "completed"})
+    events, latest, more = await store.history(after_seq=1, limit=10, max_bytes=1 << 20)
+    assert [(e["type"], e["seq"]) for e in events] == [("text", 4), ("done", 5)]
+    assert events[0]["content"] == "abc" and latest == 5 and not more
+    await store.stop()
+
+
 async def test_unencodable_text_is_a_clean_error_and_never_poisons_the_queue(tmp_path):
     store = await open_store(tmp_path / "a.sqlite3")
     try:
