@@ -35,7 +35,13 @@ from aetherd.services import handover
 from aetherd.services.handover import SessionState
 from aetherd.settings import Settings
 from aetherd.transport.access import AUTH, DAEMON, TRANSPORT, TransportState
-from aetherd.transport.auth import Authenticator, TokenSetup, connect_url, setup_tokens
+from aetherd.transport.auth import (
+    Authenticator,
+    TokenSetup,
+    connect_url,
+    setup_tokens,
+    watch_key_file,
+)
 from aetherd.transport.browser import add_browser_http
 from aetherd.transport.console import console_url
 from aetherd.transport.guard import ConnectionGuard, GuardedSite
@@ -65,6 +71,8 @@ def create_app(settings: Settings, tokens: TokenSetup | None = None) -> web.Appl
     install_log_filters()
     add_routes(app)
     app.cleanup_ctx.append(_services_ctx)
+    if app[AUTH].key_file is not None:
+        app.cleanup_ctx.append(_key_file_ctx)
     add_preview_proxy(app)  # section 13
     add_browser_http(app, settings)  # section 16
     app.on_shutdown.append(close_sockets)
@@ -100,6 +108,22 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         daemon.ready = False
         await daemon.services.stop()
+
+
+async def _key_file_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Re-read the JWT key file while the app runs (key rotation without a restart)."""
+    daemon = app[DAEMON]
+    task = asyncio.create_task(
+        watch_key_file(
+            app[AUTH], daemon.settings.jwt_key_reload_interval, daemon.services.executors.file.run
+        ),
+        name="jwt-key-file",
+    )
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def close_sockets(

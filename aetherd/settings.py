@@ -73,7 +73,16 @@ class Settings(BaseModel):
     # -- JWT verification (optional) ------------------------------------------------------
     jwt_secret: str | None = Field(None, description="HS256 shared secret for JWT tokens")
     jwt_public_key_file: Path | None = Field(
-        None, description="PEM public key (RSA or EC) for RS256/ES256 JWT tokens"
+        None,
+        description="Public keys for JWT tokens: PEM (one or several keys) or a JWKS document",
+    )
+    jwt_key_reload_interval: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds between checks of jwt_public_key_file for a new key set",
+    )
+    jwt_max_keys: int = Field(
+        32, ge=1, description="Public keys held from jwt_public_key_file at most"
     )
     jwt_audience: str | None = Field(None, description="Required `aud` claim of JWT tokens")
     jwt_workspace_claim: str | None = Field(

@@ -1,18 +1,24 @@
-"""Authentication before the upgrade: static tokens (constant-time) and optional JWTs."""
+"""Authentication before the upgrade: static tokens (constant-time) and optional JWTs,
+verified with a shared secret or a reloadable set of public keys (PEM or JWKS)."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import json
 import logging
 import os
+import re
 import secrets
+import stat
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 import jwt
 from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from aetherd.errors import SettingsError
@@ -103,6 +109,138 @@ def setup_tokens(settings: Settings) -> TokenSetup:
     return TokenSetup(tokens, generated)
 
 
+KEY_FILE_BYTES_PER_KEY = 16 * 1024
+"""A key file may hold `jwt_max_keys` times this many bytes (a 4096-bit RSA JWK is ~1 KiB)."""
+
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----.*?-----END \1-----", re.DOTALL)
+_ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+_EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
+
+VerifyKey = str | rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """One verification key: the algorithm is fixed by the key, never by the token."""
+
+    key: VerifyKey
+    algorithm: str
+    kid: str | None = None
+
+
+def _pem_algorithm(key: object) -> str:
+    if isinstance(key, rsa.RSAPublicKey):
+        return "RS256"
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name in _EC_ALGORITHMS:
+        return _EC_ALGORITHMS[key.curve.name]
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return "EdDSA"
+    raise SettingsError("holds a key that is not RSA, EC (P-256/384/521) or Ed25519")
+
+
+def _parse_pem_bundle(data: bytes) -> list[PublicKey]:
+    keys = []
+    for match in _PEM_BLOCK.finditer(data):
+        if b"PRIVATE" in match.group(1):
+            raise SettingsError("holds a private key; give only public keys")
+        try:
+            key = load_pem_public_key(match.group(0))
+        except Exception as exc:
+            raise SettingsError(f"has a PEM block that is not a public key: {exc}") from None
+        keys.append(PublicKey(key, _pem_algorithm(key)))  # type: ignore[arg-type]  # checked by _pem_algorithm
+    return keys
+
+
+def _parse_jwks(data: bytes) -> list[PublicKey]:
+    try:
+        document = json.loads(data)
+    except ValueError as exc:
+        raise SettingsError(f"is not valid JSON: {exc}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise SettingsError('is JSON but not a JWKS document ({"keys": [...]})')
+    keys = []
+    for index, entry in enumerate(document["keys"]):
+        if not isinstance(entry, dict):
+            raise SettingsError(f"key {index} is not a JSON object")
+        if entry.get("use", "sig") != "sig":
+            continue  # an encryption key published alongside: not ours to use
+        try:
+            jwk = jwt.PyJWK(entry)
+        except jwt.PyJWTError as exc:
+            raise SettingsError(f"key {index} is not a usable JWK: {exc}") from None
+        if jwk.algorithm_name not in _ASYMMETRIC_ALGORITHMS:
+            # A symmetric (oct) key would let every holder of the file mint tokens.
+            raise SettingsError(
+                f"key {index} has algorithm {jwk.algorithm_name}; only public keys "
+                f"({', '.join(sorted(_ASYMMETRIC_ALGORITHMS))}) are accepted"
+            )
+        kid = entry.get("kid")
+        keys.append(PublicKey(jwk.key, jwk.algorithm_name, kid if isinstance(kid, str) else None))
+    return keys
+
+
+def parse_key_set(data: bytes, max_keys: int) -> list[PublicKey]:
+    """The keys of a key file: a JWKS document (JSON) or PEM public keys, concatenated.
+
+    Raises SettingsError (the message continues "the key file ...") when the file is
+    malformed, holds a private or symmetric key, no key at all, or more than `max_keys`.
+    """
+    if data.lstrip().startswith(b"{"):
+        keys = _parse_jwks(data)
+    else:
+        keys = _parse_pem_bundle(data)
+    if not keys:
+        raise SettingsError("holds no public key")
+    if len(keys) > max_keys:
+        raise SettingsError(f"holds {len(keys)} keys, more than jwt_max_keys ({max_keys})")
+    return keys
+
+
+@dataclass(frozen=True)
+class KeyFileState:
+    """What was loaded, and the identity of the file it came from."""
+
+    stamp: tuple[int, int, int, int]
+    keys: list[PublicKey]
+
+
+def read_key_file(path: Path, max_keys: int, previous: KeyFileState | None) -> KeyFileState | None:
+    """Load the key file, or None when it is the one already loaded (blocking: run it in
+    the file executor). `stat` follows symlinks, so Kubernetes' ConfigMap update (a new
+    directory, then the `..data` symlink swapped to it) shows as a new inode."""
+    limit = max_keys * KEY_FILE_BYTES_PER_KEY
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SettingsError(f"cannot open it: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SettingsError("is not a regular file")
+        stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        if previous is not None and previous.stamp == stamp:
+            return None
+        if st.st_size > limit:
+            raise SettingsError(f"is larger than {limit} bytes")
+        chunks = []
+        total = 0
+        while total <= limit:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > limit:
+            raise SettingsError(f"is larger than {limit} bytes")
+    except OSError as exc:
+        raise SettingsError(f"cannot read it: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    return KeyFileState(stamp, parse_key_set(b"".join(chunks), max_keys))
+
+
 class Authenticator:
     """Checks a presented token against static tokens and, if configured, JWT keys."""
 
@@ -111,27 +249,28 @@ class Authenticator:
         self._audience = settings.jwt_audience
         self._workspace_claim = settings.jwt_workspace_claim
         self._workspace_id = settings.workspace_id
-        self._jwt_keys: list[
-            tuple[str | rsa.RSAPublicKey | ec.EllipticCurvePublicKey, list[str]]
-        ] = []
+        self._secret_keys: list[PublicKey] = []
         if settings.jwt_secret:
             redactor.add(settings.jwt_secret)
-            self._jwt_keys.append((settings.jwt_secret, ["HS256"]))
-        if settings.jwt_public_key_file is not None:
-            pem = settings.jwt_public_key_file.read_bytes()
+            self._secret_keys.append(PublicKey(settings.jwt_secret, "HS256"))
+        self.key_file = settings.jwt_public_key_file
+        self.max_keys = settings.jwt_max_keys
+        self.key_state: KeyFileState | None = None
+        if self.key_file is not None:
             try:
-                public_key = load_pem_public_key(pem)
-            except Exception as exc:
-                raise SettingsError(
-                    f"jwt_public_key_file {str(settings.jwt_public_key_file)!r} is not a PEM public key: {exc}"
-                ) from None
-            if isinstance(public_key, rsa.RSAPublicKey):
-                algorithms = ["RS256"]
-            elif isinstance(public_key, ec.EllipticCurvePublicKey):
-                algorithms = ["ES256"]
-            else:
-                raise SettingsError("jwt_public_key_file must hold an RSA or EC public key")
-            self._jwt_keys.append((public_key, algorithms))
+                self.key_state = read_key_file(self.key_file, self.max_keys, None)
+            except SettingsError as exc:
+                raise SettingsError(f"jwt_public_key_file {str(self.key_file)!r} {exc}") from None
+            log.info("JWT public keys loaded", extra=self._key_summary())
+
+    def _key_summary(self) -> dict[str, object]:
+        keys = self.key_state.keys if self.key_state else []
+        return {"keys": len(keys), "kids": [k.kid for k in keys if k.kid]}
+
+    def replace_keys(self, state: KeyFileState) -> None:
+        """Swap in a freshly read key set (on the event loop: one reference assignment)."""
+        self.key_state = state
+        log.info("JWT public keys reloaded", extra=self._key_summary())
 
     def verify(self, presented: Presented | None) -> bool:
         """True when the token is valid. Static tokens are compared in constant time."""
@@ -144,19 +283,32 @@ class Authenticator:
             matched |= hmac.compare_digest(candidate, token)
         if matched:
             return True
-        if self._jwt_keys and presented.token.count(".") == 2:
+        if (self._secret_keys or self.key_state) and presented.token.count(".") == 2:
             return self._verify_jwt(presented.token)
         return False
+
+    def _candidates(self, token: str) -> list[PublicKey]:
+        """The keys to try: with a `kid` in the header, the keys carrying that kid (or,
+        when none does, the keys without one); without a kid, every key."""
+        keys = self._secret_keys + (self.key_state.keys if self.key_state else [])
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.PyJWTError:
+            return []
+        if not isinstance(kid, str):
+            return keys
+        named = [k for k in keys if k.kid == kid]
+        return named or [k for k in keys if k.kid is None]
 
     def _verify_jwt(self, token: str) -> bool:
         options: jwt.types.Options = {
             "require": ["exp"],
             "verify_aud": self._audience is not None,
         }
-        for key, algorithms in self._jwt_keys:
+        for key in self._candidates(token):
             try:
                 claims = jwt.decode(
-                    token, key, algorithms=algorithms, audience=self._audience, options=options
+                    token, key.key, algorithms=[key.algorithm], audience=self._audience, options=options
                 )
             except jwt.PyJWTError:
                 continue
@@ -164,6 +316,30 @@ class Authenticator:
                 return False
             return True
         return False
+
+
+async def watch_key_file(
+    auth: Authenticator, interval: float, run: Callable[..., Awaitable[KeyFileState | None]]
+) -> None:
+    """Re-read the key file every `interval` seconds until cancelled; `run` runs the
+    blocking read in the file executor. A broken file keeps the keys in force (logged
+    once per distinct problem), so a bad rollout never locks every client out."""
+    path = auth.key_file
+    assert path is not None
+    last_problem = ""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            state = await run(read_key_file, path, auth.max_keys, auth.key_state)
+        except SettingsError as exc:
+            problem = f"jwt_public_key_file {str(path)!r} {exc}"
+            if problem != last_problem:
+                log.warning("%s; keeping the keys in force", problem)
+            last_problem = problem
+            continue
+        last_problem = ""
+        if state is not None:
+            auth.replace_keys(state)
 
 
 def connect_url(settings: Settings, host: str, port: int, token: str) -> str:

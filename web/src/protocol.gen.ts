@@ -287,6 +287,10 @@ export interface SettingsReply {
   provider: string;
 }
 
+export interface SubscribeReply {
+  taskId: string;
+}
+
 export interface SuccessReply {
   channel: string;
   data: unknown;
@@ -479,6 +483,7 @@ export interface AgentHistoryReply {
 
 /** agent/history */
 export interface AgentHistoryRequest {
+  afterSeq?: number | null;
   beforeSeq?: number | null;
   channel: "agent";
   limit?: number | null;
@@ -565,6 +570,23 @@ export interface AgentStatusPush {
   type: "status";
 }
 
+/** agent/subscribe reply */
+export interface AgentSubscribeReply {
+  channel: "agent";
+  data: SubscribeReply | null;
+  requestId: RequestId;
+  success: true;
+  type: "subscribe";
+}
+
+/** agent/subscribe */
+export interface AgentSubscribeRequest {
+  channel: "agent";
+  requestId?: RequestId;
+  taskId?: string;
+  type: "subscribe";
+}
+
 /** agent/text */
 export interface AgentTextPush {
   channel: "agent";
@@ -631,6 +653,22 @@ export interface AgentToolResultPush {
   taskId: string | null;
   toolCallId: string;
   type: "tool_result";
+}
+
+/** agent/unsubscribe reply */
+export interface AgentUnsubscribeReply {
+  channel: "agent";
+  data: SubscribeReply | null;
+  requestId: RequestId;
+  success: true;
+  type: "unsubscribe";
+}
+
+/** agent/unsubscribe */
+export interface AgentUnsubscribeRequest {
+  channel: "agent";
+  requestId?: RequestId;
+  type: "unsubscribe";
 }
 
 /** config/changed */
@@ -1076,7 +1114,9 @@ export type ClientFrame =
   | AgentPromptRequest
   | AgentRejectRequest
   | AgentSettingsRequest
+  | AgentSubscribeRequest
   | AgentToolResponseRequest
+  | AgentUnsubscribeRequest
   | ConfigGetRequest
   | ConfigSetRequest
   | ConfigValidateRequest
@@ -1132,11 +1172,13 @@ export const MESSAGES = {
     reject: "reject",
     settings: "settings",
     status: "status",
+    subscribe: "subscribe",
     text: "text",
     thinking: "thinking",
     tool_invocation: "tool_invocation",
     tool_response: "tool_response",
     tool_result: "tool_result",
+    unsubscribe: "unsubscribe",
   },
   config: {
     changed: "changed",
