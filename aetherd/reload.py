@@ -73,6 +73,17 @@ def process_is_aetherd(pid: int) -> bool:
     return b"aetherd" in cmdline
 
 
+def process_running(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie (its command line is briefly
+    unreadable while it execs, so that is not looked at)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return bool(fields) and fields[0] not in (b"Z", b"X")
+
+
 # -- the state of this process's reloads ----------------------------------------------------
 class ReloadState:
     """Generation, start time and reload outcomes of this daemon (for /info and /metrics)."""
@@ -296,7 +307,7 @@ def reload_main(argv: list[str]) -> int:
         if record.get("pid") == pid and record.get("generation", -1) != generation:
             print(f"aetherd: reloaded (pid {pid}, generation {record.get('generation')})")
             return 0
-        if not process_is_aetherd(pid):
+        if not process_running(pid):
             print("aetherd: error: the daemon exited during the reload", file=sys.stderr)
             return 1
     print(f"aetherd: error: no reload within {args.timeout:g} s", file=sys.stderr)

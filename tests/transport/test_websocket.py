@@ -166,6 +166,9 @@ async def test_info_reports_activity_and_idleness(daemon):
             "runningTasks",
             "lastActivityAt",
             "idleSeconds",
+            "startedAt",
+            "generation",
+            "restoredSessions",
         }
         assert body["workspaceId"] == "ws-test" and body["connections"] == 0
         assert body["lastActivityAt"].endswith("Z")
