@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "schema", help="print the protocol's AsyncAPI 3.0 description (JSON) and exit"
     )
+    from aetherd.client.cli import add_commands as add_client_commands
+
+    add_client_commands(commands)
     serve = commands.add_parser("serve", help="run the daemon")
     serve.add_argument(
         "--settings",
@@ -70,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
 
         sys.stdout.write(protocol_document())
         return 0
+    from aetherd.client.cli import COMMANDS as CLIENT_COMMANDS
+
+    if args.command in CLIENT_COMMANDS:
+        from aetherd.client.cli import run as run_client
+
+        return run_client(args)
     if args.command != "serve":
         parser.print_help(sys.stderr)
         return 2

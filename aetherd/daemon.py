@@ -25,6 +25,7 @@ from aetherd.services.fs import FileLimits, FileSystem
 from aetherd.services.idle import IdleAction
 from aetherd.services.jail import Jail
 from aetherd.services.ports import PortScanner
+from aetherd.services.resources import ResourceMonitor
 from aetherd.services.terminal import TerminalManager
 from aetherd.services.transcript import TranscriptStore
 from aetherd.services.watcher import Watcher
@@ -51,6 +52,7 @@ class Services:
     ports: PortScanner
     transcript: TranscriptStore
     agent: AgentRunner
+    resources: ResourceMonitor
     idle: IdleAction | None = None
 
     def __init__(self, settings: Settings) -> None:
@@ -161,7 +163,12 @@ def build_services(settings: Settings) -> Services:
     )
     services.agent = services.add(AgentRunner(settings, services.jail, services.transcript))
 
-    # -- operations (metrics, notify) --
+    # -- operations (resources, metrics, notify) --
+    services.resources = services.add(
+        ResourceMonitor(
+            settings.root, interval=settings.resources_interval, executor=services.executors.file
+        )
+    )
     if settings.idle_action:
         services.idle = services.add(
             IdleAction(

@@ -430,6 +430,9 @@ class Settings(BaseModel):
         None, description="Shell command run once the workspace has been idle idle_action_after s"
     )
     idle_action_after: float = Field(600.0, gt=0, description="Idle seconds before idle_action")
+    resources_interval: float = Field(
+        5.0, gt=0, description="Seconds between activity/resources pushes to subscribed sockets"
+    )
 
     @field_validator("root")
     @classmethod

@@ -4,12 +4,14 @@ and the web console."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
 from aiohttp import web
 
 from aetherd import __version__
+from aetherd.channels.activity import figures
 from aetherd.daemon import Daemon
 from aetherd.metrics import CONTENT_TYPE
 from aetherd.transport import config_http, protocol_http
@@ -17,6 +19,8 @@ from aetherd.transport.access import DAEMON, check_access, json_error
 from aetherd.transport.console import add_console_routes
 from aetherd.transport.files_http import add_file_routes
 from aetherd.transport.websocket import websocket
+
+log = logging.getLogger("aetherd.http")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -74,7 +78,16 @@ async def info(request: web.Request) -> web.Response:
     denied = check_access(request)
     if denied is not None:
         return denied
-    return web.json_response(info_payload(request.app[DAEMON]))
+    daemon = request.app[DAEMON]
+    payload = info_payload(daemon)
+    try:
+        now = await daemon.services.resources.read()
+    except Exception as exc:  # an unreadable root must not cost the control plane /info
+        log.warning("reading resources for /info failed: %s", exc)
+        payload["resources"] = None
+    else:
+        payload["resources"] = figures(now).model_dump(mode="json")
+    return web.json_response(payload)
 
 
 def add_routes(app: web.Application) -> None:

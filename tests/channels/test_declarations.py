@@ -65,7 +65,7 @@ def test_pushes_are_declared_where_the_protocol_pushes():
     assert pushes["files"] == {"change", "resync"}
     assert pushes["ports"] == {"open", "close"}
     assert pushes["config"] == {"changed"}
-    assert pushes["activity"] == set()
+    assert pushes["activity"] == {"resources"}
     assert pushes["agent"] == {
         "status",
         "text",

@@ -169,7 +169,9 @@ async def test_info_reports_activity_and_idleness(daemon):
             "startedAt",
             "generation",
             "restoredSessions",
+            "resources",
         }
+        assert set(body["resources"]) == {"cpu", "memory", "disk", "source"}
         assert body["workspaceId"] == "ws-test" and body["connections"] == 0
         assert body["lastActivityAt"].endswith("Z")
         client = await daemon.connect()
