@@ -31,7 +31,7 @@ from aetherd.reload import (
     inherited_listener,
     write_record,
 )
-from aetherd.services import handover
+from aetherd.services import handover, keeper
 from aetherd.services.handover import SessionState
 from aetherd.settings import Settings
 from aetherd.transport.access import AUTH, DAEMON, TRANSPORT, TransportState
@@ -202,15 +202,21 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> Reexec
             with contextlib.suppress(OSError):
                 os.close(fd)
         abandoned = taken.pids
-    activated = systemd.listen_fds() if sock is None else []
-    if sock is not None:
-        pass
-    elif activated:
-        sock = activated[0]
-        for extra in activated[1:]:
-            extra.close()
-        log.info("using the socket passed by socket activation")
-    else:
+    # Socket activation, and fds a keeper (aetherd init, systemd's fd store) kept
+    # through a crash: named as systemd names them (LISTEN_FDNAMES).
+    named = keeper.named_fds()
+    orphans = [(fd, name) for fd, name in named if name.startswith(keeper.PTY_PREFIX)]
+    for fd, name in named:
+        if name.startswith(keeper.PTY_PREFIX):
+            continue
+        candidate = inherited_listener(fd) if sock is None else None
+        if candidate is not None:
+            sock = candidate
+            log.info("using the listening socket passed in LISTEN_FDS")
+        else:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    if sock is None:
         sock = _bind(settings)
     host, port = sock.getsockname()[:2]
     try:
@@ -222,8 +228,15 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> Reexec
     daemon = app[DAEMON]
     daemon.reloads = reloads
     daemon.services.metrics.add_source(reloads)
+    terminals = daemon.services.terminals
     if taken is not None and taken.state is not None:
-        daemon.services.terminals.handover = (taken.state.terminals, taken.blob)
+        terminals.handover = (taken.state.terminals, taken.blob)
+    terminals.orphans = orphans
+    kept_by = keeper.from_environment(terminals.keeper_exit)
+    terminals.keeper = kept_by
+    if isinstance(kept_by, keeper.InitKeeper):
+        kept_by.start()
+    kept_by.keep_listener(sock.fileno())
     runner = web.AppRunner(
         app,
         handle_signals=False,
@@ -342,14 +355,18 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> Reexec
         sock.close()
         loop.set_exception_handler(previous_handler)
     if handed is not None and listen_copy is not None:
-        return _prepare_reexec(settings, listen_copy, handed)
+        return _prepare_reexec(settings, listen_copy, handed, kept_by)
+    kept_by.close()
     reloads.stopped()
     log.info("stopped")
     return None
 
 
 def _prepare_reexec(
-    settings: Settings, listen_fd: int, handed: tuple[list[SessionState], bytes]
+    settings: Settings,
+    listen_fd: int,
+    handed: tuple[list[SessionState], bytes],
+    kept_by: keeper.Keeper,
 ) -> Reexec:
     """Write the handover state; the fds and pids the next process inherits."""
     states, blob = handed
@@ -369,4 +386,10 @@ def _prepare_reexec(
         log.warning("reload: cannot write the handover state: %s", exc)
         path = settings.runtime_path / f"handover-{os.getpid()}.json"
     log.info("re-executing", extra={"pid": os.getpid()})
+    extra_env: dict[str, str] = {}
+    if isinstance(kept_by, keeper.InitKeeper):
+        # The socket to aetherd init outlives the exec, like the PTYs.
+        fd = kept_by.sock.detach()
+        extra_env[keeper.KEEPER_ENV] = str(fd)
+        return Reexec(path, fds, pids, extra_env, [fd])
     return Reexec(path, fds, pids)

@@ -189,18 +189,28 @@ def run_check(settings: Any) -> int:
 class Reexec:
     """What `serve()` returns when it stopped for a reload: everything `execv` needs."""
 
-    def __init__(self, state_path: Path, fds: list[int], pids: list[int]) -> None:
+    def __init__(
+        self,
+        state_path: Path,
+        fds: list[int],
+        pids: list[int],
+        extra_env: dict[str, str] | None = None,
+        extra_fds: list[int] | None = None,
+    ) -> None:
         self.state_path = state_path
         self.fds = fds
         self.pids = pids
+        self.extra_env = extra_env or {}
+        self.extra_fds = extra_fds or []
 
     def exec(self) -> None:
         """Replace this process with the new code; returns only if execv failed."""
         from aetherd.services.handover import envelope
 
-        for fd in self.fds:
+        for fd in self.fds + self.extra_fds:
             os.set_inheritable(fd, True)
         os.environ.update(envelope(self.state_path, self.fds, self.pids))
+        os.environ.update(self.extra_env)
         # A SIGHUP arriving before the new process installs its handler must not kill
         # it: an ignored signal stays ignored across execv (shells reset it, see _spawn).
         signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -163,6 +163,14 @@ class Settings(BaseModel):
         description="Private runtime directory for the reload handover (default "
         "$XDG_RUNTIME_DIR/aetherd, else DATA_DIR/run)",
     )
+    terminal_ring_files: bool = Field(
+        True,
+        description="Mirror each terminal ring into a memory-mapped file under the runtime "
+        "directory, so scrollback survives a crash",
+    )
+    init_max_restarts: int = Field(
+        5, ge=0, description="Daemon restarts `aetherd init` allows per minute after a crash"
+    )
     reload_check_timeout: float = Field(
         30.0, gt=0, description="Seconds the new code's check may take before a reload is refused"
     )

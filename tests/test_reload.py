@@ -40,9 +40,17 @@ WAIT = 30.0
 class Daemon:
     """`aetherd serve` in a child process; its JSON log goes to a file."""
 
-    def __init__(self, tmp: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        wrap: list[str] | None = None,
+        port: int | None = None,
+        pass_fds: tuple[int, ...] = (),
+    ) -> None:
         self.tmp = tmp
-        self.port = free_port()
+        self.port = port or free_port()
         self.root = tmp / "root"
         self.root.mkdir(exist_ok=True)
         self.data = tmp / "data"
@@ -50,6 +58,7 @@ class Daemon:
         self.log_path = tmp / "daemon.log"
         self.env = child_env(tmp, HOME=str(tmp), **(env or {}))
         argv = [
+            *(wrap or []),
             *aetherd_command(),
             "serve",
             "--host", "127.0.0.1",
@@ -65,7 +74,7 @@ class Daemon:
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             argv, cwd=tmp, env=self.env, stdin=subprocess.DEVNULL, stdout=self._log,
-            stderr=self._log,
+            stderr=self._log, pass_fds=pass_fds,
         )  # fmt: skip
         self.pid = self.proc.pid
 

@@ -56,6 +56,7 @@ class SessionState(BaseModel):
     retention_left: float | None  # seconds left on the exited-retention clock
     eof: bool
     terminating: bool  # a close was under way: the new daemon finishes it
+    kept: bool = False  # a keeper holds a duplicate of the fd already
 
 
 class HandoverState(BaseModel):

@@ -39,8 +39,11 @@ from typing import Any
 
 from aetherd.errors import AetherError, ErrorCode
 from aetherd.metrics import Sample
+from aetherd.services import ringfile
 from aetherd.services.handover import SessionState
 from aetherd.services.jail import Jail
+from aetherd.services.keeper import Keeper, fd_name
+from aetherd.services.ringfile import RingFile, ring_dir
 from aetherd.settings import Settings
 
 log = logging.getLogger("aetherd.terminal")
@@ -262,11 +265,17 @@ class TerminalSession:
         self._exit_callbacks: list[Callable[[Exit], Any]] = []
         self.paused_count = 0  # how often backpressure stopped reading (for tests/metrics)
         self.adopted = False  # taken over from the previous process (a reload)
+        # Not this process's child (adopted after a crash): the keeper reports the exit.
+        self.orphan = False
+        self.ring_file: RingFile | None = None  # the ring's mapped mirror (crash survival)
+        self.kept = False  # a keeper holds a duplicate of the PTY fd
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
         """Start reading the PTY and watching the process."""
         self._resume_reading()
+        if self.orphan and self.manager.keeper.forwards_exits:
+            return  # its parent is init now: init reaps it and forwards the status
         try:
             self._pidfd = os.pidfd_open(self.pid)
         except (AttributeError, OSError):
@@ -348,7 +357,10 @@ class TerminalSession:
             chunks.append(data)
             got += len(data)
         if chunks:
-            self.ring.append(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            self.ring.append(data)
+            if self.ring_file is not None:
+                self.ring_file.append(data, self.ring.end)
             self.manager.output_bytes += got
         return got
 
@@ -420,6 +432,9 @@ class TerminalSession:
         blob += self._pending_input
         self._pending_input.clear()
         fd, self.fd = self.fd, None
+        if self.ring_file is not None:
+            self.ring_file.close(remove=False)  # the next process maps it again
+            self.ring_file = None
         return SessionState(
             id=self.id,
             pid=self.pid,
@@ -441,6 +456,7 @@ class TerminalSession:
             retention_left=retention_left,
             eof=self._eof,
             terminating=terminating,
+            kept=self.kept,
         )
 
     def _adopted(self, state: SessionState, blob: bytes) -> None:
@@ -448,6 +464,8 @@ class TerminalSession:
         self.created_at = state.created_at
         self.ring.start = state.ring_start
         self.ring.append(blob[state.ring_at : state.ring_at + state.ring_len])
+        self.kept = state.kept
+        self.manager._map_ring(self)
         if state.exited:
             self.exit = Exit(state.exit_code, state.exit_signal)
             self.exit_delivered_once = state.exit_delivered
@@ -587,6 +605,8 @@ class TerminalSession:
             )
         _set_winsize(self.fd, cols, rows)
         self.cols, self.rows = cols, rows
+        if self.ring_file is not None:
+            self.ring_file.update(cols=cols, rows=rows)
 
     # -- ending ------------------------------------------------------------------------
     def _schedule_poll(self) -> None:
@@ -604,14 +624,13 @@ class TerminalSession:
         try:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
+            if self.orphan:  # adopted after a crash, under a keeper that cannot tell
+                self._finish(Exit(None, None))
+                return True
             pid, status = self.pid, 255 << 8  # reaped elsewhere; the status is lost
         if pid == 0:
             return False
-        if os.WIFSIGNALED(status):
-            exit_ = Exit(None, os.WTERMSIG(status))
-        else:
-            exit_ = Exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 255, None)
-        self._finish(exit_)
+        self._finish(exit_from_status(status))
         return True
 
     def _finish(self, exit_: Exit) -> None:
@@ -649,6 +668,9 @@ class TerminalSession:
         fd, self.fd = self.fd, None
         if fd is None:
             return
+        if self.kept:
+            self.kept = False
+            self.manager.keeper.drop(self.id)
         if self._writing:
             self._loop.remove_writer(fd)
             self._writing = False
@@ -681,6 +703,23 @@ class TerminalSession:
         except asyncio.TimeoutError:
             log.info("terminal session ignored SIGHUP; killing it", extra={"sessionId": self.id})
             await asyncio.to_thread(_signal_session, self.pid, signal.SIGKILL)
+
+
+def exit_from_status(status: int) -> Exit:
+    """An `Exit` from a wait status."""
+    if os.WIFSIGNALED(status):
+        return Exit(None, os.WTERMSIG(status))
+    return Exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 255, None)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _session_members(sid: int) -> list[int]:
@@ -748,6 +787,11 @@ class TerminalManager:
         # Set before start() by a reload: the sessions the previous process handed over.
         self.handover: tuple[list[SessionState], bytes] | None = None
         self.adopted = 0  # sessions taken over from the previous process
+        self.keeper: Keeper = Keeper()  # holds PTY fd duplicates (set by the app)
+        self.ring_dir: Path | None = None  # where rings are mirrored (None: not mirrored)
+        # Set before start() after a crash: (fd, fd name) of PTYs a keeper handed back.
+        self.orphans: list[tuple[int, str]] = []
+        self._keeper_exits: dict[int, int] = {}  # pid -> wait status, not yet matched
         self.reloaded = False  # this process was started by a reload with readable state
         self.adoption_failures = 0  # handed-over sessions that could not be taken over
 
@@ -755,11 +799,156 @@ class TerminalManager:
     async def start(self) -> None:
         """Resolve the shell once (a missing shell fails at create, with a clear error)."""
         self._shell_path = shutil.which(self.settings.terminal_shell)
+        if self.settings.terminal_ring_files and self.ring_dir is None:
+            try:
+                self.ring_dir = ring_dir(self.settings.runtime_path)
+            except OSError as exc:
+                log.warning("terminal rings are not mirrored to files: %s", exc)
         if self.handover is not None:
             states, blob = self.handover
             self.handover = None
             self.reloaded = True
             self.adopt(states, blob)
+        if self.orphans:
+            orphans, self.orphans = self.orphans, []
+            self.adopt_orphans(orphans)
+        self._remove_stale_rings()
+
+    # -- crash survival ----------------------------------------------------------------
+    def _map_ring(self, session: TerminalSession) -> None:
+        """Mirror `session`'s ring into its mapped file (rewritten whole from memory)."""
+        if self.ring_dir is None:
+            return
+        meta = {
+            "id": session.id,
+            "pid": session.pid,
+            "command": session.command,
+            "cwd": session.cwd,
+            "cols": session.cols,
+            "rows": session.rows,
+            "created_at": session.created_at,
+            "daemon": os.getpid(),
+        }
+        try:
+            ring_file = RingFile(
+                self.ring_dir / fd_name(session.id), session.ring.capacity, meta, session.ring.end
+            )
+        except (OSError, ValueError) as exc:
+            log.warning("terminal %s: ring not mirrored: %s", session.id, exc)
+            return
+        if len(session.ring):
+            ring_file.append(session.ring._buf, session.ring.end)
+        session.ring_file = ring_file
+
+    def _keep(self, session: TerminalSession) -> None:
+        if session.fd is not None and not session.kept:
+            self.keeper.keep(session.id, session.pid, session.fd)
+            session.kept = self.keeper.name != "none"
+
+    def adopt_orphans(self, fds: list[tuple[int, str]]) -> int:
+        """Take over sessions whose PTY fds a keeper handed back after a crash.
+
+        The ring and the metadata come from the mapped files; the shell is no longer
+        this process's child (its exit comes from the keeper, or is seen through a
+        pidfd without a status). A session that cannot be checked is dropped whole.
+        """
+        count = 0
+        for fd, name in fds:
+            found = ringfile.read(self.ring_dir / name) if self.ring_dir is not None else None
+            problem = None
+            meta: dict[str, Any] = {}
+            if found is None:
+                problem = "no ring file"
+            else:
+                meta, start, data = found
+                problem = self._orphan_problem(fd, meta)
+            if problem is not None:
+                self.adoption_failures += 1
+                log.warning("terminal fd %s (%s) not adopted: %s", fd, name, problem)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                if self.ring_dir is not None:
+                    self.keeper.drop(str(meta.get("id", "")))
+                continue
+            os.set_blocking(fd, False)
+            session = TerminalSession(
+                self,
+                str(meta["id"]),
+                pid=int(meta["pid"]),
+                fd=fd,
+                command=meta.get("command"),
+                cwd=str(meta.get("cwd", "/")),
+                cols=int(meta.get("cols", DEFAULT_COLS)),
+                rows=int(meta.get("rows", DEFAULT_ROWS)),
+            )
+            session.created_at = float(meta.get("created_at", session.created_at))
+            session.ring.start = start
+            session.ring.append(data)
+            session.orphan = session.adopted = session.kept = True
+            self._sessions[session.id] = session
+            self._map_ring(session)
+            session.start()
+            self.adopted += 1
+            count += 1
+            status = self._keeper_exits.pop(session.pid, None)
+            if status is not None:
+                session._finish(exit_from_status(status))
+        if count:
+            log.info("adopted %d terminal sessions after a crash", count)
+        return count
+
+    def _orphan_problem(self, fd: int, meta: dict[str, Any]) -> str | None:
+        try:
+            session_id, pid = str(meta["id"]), int(meta["pid"])
+        except (KeyError, TypeError, ValueError):
+            return "unreadable metadata"
+        if not SESSION_ID_RE.match(session_id) or session_id in self._sessions:
+            return "invalid or duplicate id"
+        try:
+            if not os.isatty(fd):
+                return "not a terminal"
+        except OSError as exc:
+            return str(exc)
+        # The shell leads its own session: a recycled pid would not.
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            if pid in self._keeper_exits:
+                return None  # it ended while the daemon was down; init has its status
+            return f"pid {pid} is gone"
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) < 4 or int(fields[3]) != pid:
+            return f"pid {pid} does not lead its session"
+        return None
+
+    def keeper_exit(self, pid: int, status: int) -> None:
+        """The keeper reaped `pid` (a shell adopted after a crash): finish its session."""
+        for session in self._sessions.values():
+            if session.pid == pid and session.orphan and session.exit is None:
+                session._finish(exit_from_status(status))
+                return
+        self._keeper_exits[pid] = status
+        while len(self._keeper_exits) > 4 * self.settings.terminal_max_sessions:
+            self._keeper_exits.pop(next(iter(self._keeper_exits)))
+
+    def _remove_stale_rings(self) -> None:
+        """Delete ring files no live daemon owns (sessions that did not survive)."""
+        if self.ring_dir is None:
+            return
+        mine = {fd_name(session.id) for session in self._sessions.values()}
+        with contextlib.suppress(OSError):
+            for entry in os.listdir(self.ring_dir):
+                stem_name = entry.rsplit(".", 1)[0]
+                if stem_name in mine or not entry.endswith(".json"):
+                    continue
+                found = ringfile.read(self.ring_dir / stem_name)
+                owner = found[0].get("daemon") if found else None
+                if isinstance(owner, int) and owner != os.getpid() and _alive(owner):
+                    continue  # another daemon's session, sharing the runtime directory
+                for suffix in (".json", ".ring"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.ring_dir / (stem_name + suffix))
 
     def hand_over(self) -> tuple[list[SessionState], bytes]:
         """Give up every session without ending it, for the next process (a reload).
@@ -808,6 +997,7 @@ class TerminalManager:
             self._sessions[state.id] = session
             session.adopted = True
             session._adopted(state, blob)
+            self._keep(session)
             self.adopted += 1
         return self.adopted
 
@@ -876,6 +1066,9 @@ class TerminalManager:
         if self._sessions.get(session.id) is session:
             del self._sessions[session.id]
             session._close_fd()
+            if session.ring_file is not None:
+                session.ring_file.close(remove=True)
+                session.ring_file = None
 
     # -- queries -----------------------------------------------------------------------
     @property
@@ -1021,6 +1214,8 @@ class TerminalManager:
             rows=rows,
         )
         self._sessions[session_id] = session
+        self._map_ring(session)
+        self._keep(session)
         session.start()
         log.info("terminal session started", extra={"sessionId": session_id, "pid": pid})
         return session

@@ -308,7 +308,11 @@ class Authenticator:
         for key in self._candidates(token):
             try:
                 claims = jwt.decode(
-                    token, key.key, algorithms=[key.algorithm], audience=self._audience, options=options
+                    token,
+                    key.key,
+                    algorithms=[key.algorithm],
+                    audience=self._audience,
+                    options=options,
                 )
             except jwt.PyJWTError:
                 continue

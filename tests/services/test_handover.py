@@ -191,3 +191,34 @@ async def test_abandoned_children_are_ended_and_reaped():
     await end_abandoned([proc.pid], grace=0.2)
     await wait_for(lambda: not os.path.exists(f"/proc/{proc.pid}"), 10)
     assert proc.returncode in (None, -signal.SIGKILL)
+
+
+def test_a_ring_file_keeps_the_last_bytes_across_the_wrap(tmp_path: Path):
+    from aetherd.services import ringfile
+
+    base = tmp_path / "s"
+    ring = ringfile.RingFile(base, 10, {"id": "s", "pid": 1})
+    ring.append(b"abcdefgh", 8)
+    ring.append(b"ijklmn", 14)  # wraps: the first 4 bytes fall out
+    meta, start, data = ringfile.read(base)
+    assert (meta["id"], start, data) == ("s", 4, b"efghijklmn")
+    ring.append(b"x" * 25, 39)  # more than the capacity at once
+    assert ringfile.read(base)[1:] == (29, b"x" * 10)
+    ring.close(remove=True)
+    assert ringfile.read(base) is None and list(tmp_path.iterdir()) == []
+
+
+async def test_a_session_mirrors_its_ring_to_a_file_until_it_is_forgotten(managers, tmp_path):
+    from aetherd.services import ringfile
+    from aetherd.services.keeper import fd_name
+
+    mgr = managers(runtime_dir=tmp_path / "rt")
+    await mgr.start()
+    session = await mgr.create("m", command="echo mirrored; exec cat")
+    text, cursor = await read_until(session, 0, lambda t: "mirrored" in t)
+    base = tmp_path / "rt" / "rings" / fd_name("m")
+    meta, start, data = ringfile.read(base)
+    assert meta["id"] == "m" and meta["pid"] == session.pid
+    assert (start, data) == (0, text.encode()) and cursor == len(data)
+    await mgr.close("m")
+    await wait_for(lambda: ringfile.read(base) is None, 10)
