@@ -292,6 +292,17 @@ async def test_under_init_a_reload_keeps_the_keeper_for_the_next_crash(tmp_path:
         listed = await ws.request("terminal", "list")
         assert sorted(s["sessionId"] for s in listed["data"]["sessions"]) == ["after", "before"]
         await ws.close()
+        # A reload after the crash: the shells (init's children now) are handed over as
+        # such, and init still reports their exit status.
+        init.send_signal(signal.SIGHUP)
+        await wait_for(lambda: _record(data).get("generation") == 3, WAIT, 0.05)
+        ws = await _connect(port)
+        ended = Stream()
+        await attach(ws, "before", resumeFrom=0)
+        await ws.request("terminal", "input", sessionId="before", data="\x04")
+        await ended.until(ws, "before", lambda s: bool(s.closes))
+        assert [(c["exitCode"], c["signal"]) for c in ended.closes] == [(0, None)]
+        await ws.close()
         init.send_signal(signal.SIGTERM)
         assert init.wait(WAIT) == 0
     finally:

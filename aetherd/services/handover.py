@@ -57,6 +57,7 @@ class SessionState(BaseModel):
     eof: bool
     terminating: bool  # a close was under way: the new daemon finishes it
     kept: bool = False  # a keeper holds a duplicate of the fd already
+    orphan: bool = False  # adopted after a crash: not this process's child
 
 
 class HandoverState(BaseModel):

@@ -457,6 +457,7 @@ class TerminalSession:
             eof=self._eof,
             terminating=terminating,
             kept=self.kept,
+            orphan=self.orphan,
         )
 
     def _adopted(self, state: SessionState, blob: bytes) -> None:
@@ -465,6 +466,7 @@ class TerminalSession:
         self.ring.start = state.ring_start
         self.ring.append(blob[state.ring_at : state.ring_at + state.ring_len])
         self.kept = state.kept
+        self.orphan = state.orphan
         self.manager._map_ring(self)
         if state.exited:
             self.exit = Exit(state.exit_code, state.exit_signal)
@@ -1015,6 +1017,8 @@ class TerminalManager:
         try:
             if not os.isatty(state.fd):
                 return f"fd {state.fd} is not a terminal"
+            if state.orphan:  # init's child since a crash: it must still lead its session
+                return self._orphan_problem(state.fd, {"id": "-", "pid": state.pid})
             # Not reaped here (WNOWAIT): the session reaps it and reports the exit.
             os.waitid(os.P_PID, state.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
