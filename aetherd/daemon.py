@@ -26,9 +26,10 @@ from aetherd.services.idle import IdleAction
 from aetherd.services.jail import Jail
 from aetherd.services.ports import PortScanner
 from aetherd.services.resources import ResourceMonitor
+from aetherd.services.search import SearchLimits, SearchService
 from aetherd.services.terminal import TerminalManager
 from aetherd.services.transcript import TranscriptStore
-from aetherd.services.watcher import Watcher
+from aetherd.services.watcher import IgnoreRules, Watcher
 from aetherd.services.wiring import wire_config
 from aetherd.settings import Settings
 
@@ -47,6 +48,7 @@ class Services:
     config: ConfigStore
     fs: FileSystem
     watcher: Watcher | None  # None when watcher_enabled is false
+    search: SearchService
     terminals: TerminalManager
     boot: BootRunner
     ports: PortScanner
@@ -64,6 +66,7 @@ class Services:
         # First in, so stopped last: every service's file work is done before the pools go.
         self.executors = Executors(
             file_threads=settings.file_io_threads,
+            search_threads=settings.search_threads,
             shutdown_timeout=min(5.0, settings.shutdown_timeout / 2),
         )
         self._lifecycle.append(self.executors)
@@ -144,6 +147,30 @@ def build_services(settings: Settings) -> Services:
                 extra_ignores=settings.watcher_ignore,
             )
         )
+
+    # -- search (files/search and files/find; skips what the watcher ignores) --
+    static_rules = IgnoreRules(settings.watcher_ignore)
+    watcher = services.watcher
+
+    def ignore_rules() -> tuple[list[str], list[str], list[str]]:
+        rules = watcher.rules if watcher is not None else static_rules
+        return sorted(rules.names), list(rules.name_globs), list(rules.path_globs)
+
+    services.search = services.add(
+        SearchService(
+            services.jail,
+            services.executors.search,
+            SearchLimits(
+                timeout=settings.search_timeout,
+                max_file_size=settings.search_max_file_size,
+                max_reply_chars=settings.search_max_reply_chars,
+                max_concurrent=settings.search_max_concurrent,
+            ),
+            engine=settings.search_engine,
+            rg_binary=settings.search_ripgrep,
+            ignore_rules=ignore_rules,
+        )
+    )
 
     # -- terminal (PTY sessions) --
     services.terminals = services.add(TerminalManager(settings, services.jail))

@@ -202,6 +202,30 @@ class Settings(BaseModel):
         le=1024,
         description="Threads of the file I/O executor (files, HTTP transfers, agent tools, config)",
     )
+    search_engine: Literal["auto", "ripgrep", "python"] = Field(
+        "auto",
+        description="Engine of files/search and files/find: ripgrep when on PATH (auto), or Python",
+    )
+    search_ripgrep: str = Field(
+        "rg", min_length=1, description="The ripgrep program (name or path)"
+    )
+    search_timeout: float = Field(
+        30.0, gt=0, description="Seconds one search or find may take (LIMIT_EXCEEDED beyond)"
+    )
+    search_max_file_size: int = Field(
+        32 * MiB, ge=1, description="Files larger than this are not searched (bytes)"
+    )
+    search_max_reply_chars: int = Field(
+        4 * MiB,
+        ge=1024,
+        description="Characters of line text (and context) in one search reply (truncated beyond)",
+    )
+    search_max_concurrent: int = Field(
+        4, ge=1, le=256, description="Searches running at once; more wait (within their time limit)"
+    )
+    search_threads: int = Field(
+        2, ge=1, le=256, description="Threads of the search executor (the Python engine)"
+    )
     watcher_enabled: bool = Field(True, description="Watch the workspace and push files/change")
     watcher_debounce: float = Field(
         0.1, ge=0, description="Seconds events on one path are coalesced before they are sent"

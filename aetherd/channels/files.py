@@ -1,7 +1,8 @@
 """The files channel (PROTOCOL.md section 3). Every frame needs a requestId.
 
-Thin handlers over `services.fs` (jailed file operations, disk work in threads) and
-`services.watcher` (change events, broadcast to every connection). The service
+Thin handlers over `services.fs` (jailed file operations, disk work in threads),
+`services.search` (`search` and `find`, section 12) and `services.watcher` (change
+events, broadcast to every connection). The service
 answers with wire-shaped dicts; each is validated into its reply model here, so a
 shape the protocol does not declare never reaches a client.
 """
@@ -27,12 +28,17 @@ from aetherd.protocol.files import (
     FilesResync,
     FileStat,
     FileWritten,
+    FindRequest,
+    FindResult,
     PathRequest,
     ReadRequest,
     RenameRequest,
+    SearchRequest,
+    SearchResult,
     WriteRequest,
 )
 from aetherd.services.fs import decode_raw_path
+from aetherd.services.search import FindQuery, SearchQuery
 
 if TYPE_CHECKING:
     from aetherd.daemon import Daemon
@@ -193,6 +199,49 @@ async def rename(ctx: Context, msg: RenameRequest) -> FileRenamed:
 async def stat(ctx: Context, msg: PathRequest) -> FileStat:
     """A file's type, size, time and mode; a symlink is reported as its target."""
     return FileStat.model_validate(await ctx.services.fs.stat(_target(msg)))
+
+
+def _where(path: str | None, raw: str | None) -> str:
+    """The directory a search or find starts from (default: the root)."""
+    if raw is not None:
+        return decode_raw_path(raw)
+    return "/" if path is None else path
+
+
+_SEARCH_ERRORS = (*_PATH_ERRORS, ErrorCode.LIMIT_EXCEEDED)
+
+
+@channel.handler(
+    "search", SearchRequest, reply=SearchResult, errors=_SEARCH_ERRORS, concurrent=True
+)
+async def search(ctx: Context, msg: SearchRequest) -> SearchResult:
+    """Lines that match, in path then line order (section 12); cancelled with the socket."""
+    result = await ctx.services.search.search(
+        SearchQuery(
+            query=msg.query,
+            path=_where(msg.path, msg.raw_path),
+            regex=msg.regex,
+            case_sensitive=msg.case_sensitive,
+            include=tuple(msg.include),
+            exclude=tuple(msg.exclude),
+            max_results=msg.max_results,
+            context_lines=msg.context_lines,
+        )
+    )
+    return SearchResult.model_validate(result)
+
+
+@channel.handler("find", FindRequest, reply=FindResult, errors=_SEARCH_ERRORS, concurrent=True)
+async def find(ctx: Context, msg: FindRequest) -> FindResult:
+    """Files by name or glob, in path order (section 12)."""
+    result = await ctx.services.search.find(
+        FindQuery(
+            pattern=msg.pattern,
+            path=_where(msg.path, msg.raw_path),
+            max_results=msg.max_results,
+        )
+    )
+    return FindResult.model_validate(result)
 
 
 def event_frame(event: dict[str, Any]) -> FilesChange | FilesResync:

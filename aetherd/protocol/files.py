@@ -1,7 +1,7 @@
 """The files channel's frames (docs/protocol.md section 3), in both directions.
 
-Client → server: `list`, `read`, `write`, `mkdir`, `delete`, `rename`, `stat` (every
-frame needs a `requestId`). Server → client: the `change` and `resync` pushes of the
+Client → server: `list`, `read`, `write`, `mkdir`, `delete`, `rename`, `stat`, `search`,
+`find` (every frame needs a `requestId`). Server → client: the `change` and `resync` pushes of the
 watcher, and each operation's reply.
 
 Paths: `path` (text), or `rawPath` (base64 of the path's bytes) for names that are not
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from aetherd.protocol.models import Frame, Message, Model, omitted
 
@@ -27,9 +27,15 @@ __all__ = [
     "FileWritten",
     "FilesChange",
     "FilesResync",
+    "FindRequest",
+    "FindResult",
     "PathRequest",
     "ReadRequest",
     "RenameRequest",
+    "SearchMatch",
+    "SearchRange",
+    "SearchRequest",
+    "SearchResult",
     "WriteRequest",
 ]
 
@@ -173,3 +179,81 @@ class FilesResync(Frame):
     channel: Literal["files"] = "files"
     type: Literal["resync"] = "resync"
     reason: Literal["watch_limit", "overflow"]
+
+
+# -- search and find (docs/protocol.md section 12) ------------------------------------------
+
+GLOBS_MAX = 100
+GLOB_CHARS = 1000
+
+
+class SearchRequest(Message):
+    """`search`: lines of the workspace's files that match `query`."""
+
+    query: str = Field(min_length=1, max_length=GLOB_CHARS)
+    regex: bool = Field(False, strict=True)
+    case_sensitive: bool | None = Field(None, strict=True)
+    path: str | None = None
+    raw_path: str | None = None
+    include: list[str] = Field(default_factory=list, max_length=GLOBS_MAX)
+    exclude: list[str] = Field(default_factory=list, max_length=GLOBS_MAX)
+    max_results: int = Field(1000, strict=True, ge=1, le=10_000)
+    context_lines: int = Field(0, strict=True, ge=0, le=10)
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _short_globs(cls, value: list[str]) -> list[str]:
+        if any(len(glob) > GLOB_CHARS for glob in value):
+            raise ValueError(f"a glob is longer than {GLOB_CHARS} characters")
+        return value
+
+
+class FindRequest(Message):
+    """`find`: files whose name holds `pattern`, or whose path matches it as a glob."""
+
+    pattern: str = Field(min_length=1, max_length=GLOB_CHARS)
+    path: str | None = None
+    raw_path: str | None = None
+    max_results: int = Field(1000, strict=True, ge=1, le=10_000)
+
+
+class SearchRange(Model):
+    """A match within `text`: character (code point) offsets, end excluded."""
+
+    start: int = Field(ge=0)
+    end: int = Field(ge=0)
+
+
+class SearchMatch(Model):
+    """One matching line."""
+
+    path: str
+    raw_path: str | None = omitted(description=RAW)
+    line: int = Field(ge=1, description="From 1")
+    column: int = Field(ge=1, description="Of the first match, in characters from 1")
+    text: str = Field(description="The line, at most 500 characters")
+    text_offset: int = Field(
+        ge=0, description="Characters of the line before `text` (0 unless a long line was cut)"
+    )
+    ranges: list[SearchRange]
+    before: list[str] | None = omitted(description="Up to `contextLines` lines before")
+    after: list[str] | None = omitted(description="Up to `contextLines` lines after")
+
+
+class SearchResult(Model):
+    """The reply of `search`."""
+
+    matches: list[SearchMatch]
+    truncated: bool
+    files_searched: int = Field(ge=0)
+    engine: Literal["ripgrep", "python"]
+
+
+class FindResult(Model):
+    """The reply of `find`."""
+
+    paths: list[str]
+    raw_paths: list[str | None] | None = omitted(
+        description="Beside `paths`, one for one, when a path is not valid UTF-8"
+    )
+    truncated: bool

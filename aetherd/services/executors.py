@@ -12,8 +12,9 @@ own `BoundedExecutor`:
 - `shutdown(timeout)` cancels what has not started and waits for running work at most
   `timeout` seconds, then gives up on it (and says so in the log).
 
-`Executors` holds the daemon's pools. Today there is `file` (all workspace file I/O:
-the files channel, HTTP transfers, the agent's file tools, the config store). To add
+`Executors` holds the daemon's pools: `file` (all workspace file I/O: the files
+channel, HTTP transfers, the agent's file tools, the config store) and `search` (the
+Python search engine's walks and reads, so a long search never takes the file threads). To add
 another kind (for example `git` or `search`): add a setting for its size, create the
 pool in `Executors.__init__`, list it in `_pools()`, and run that work with
 `await executors.<kind>.run(func, *args)`.
@@ -154,12 +155,15 @@ class BoundedExecutor:
 class Executors:
     """The daemon's executors, one per kind of blocking work."""
 
-    def __init__(self, *, file_threads: int = 16, shutdown_timeout: float = 5.0) -> None:
+    def __init__(
+        self, *, file_threads: int = 16, search_threads: int = 2, shutdown_timeout: float = 5.0
+    ) -> None:
         self.file = BoundedExecutor("file", file_threads)
+        self.search = BoundedExecutor("search", search_threads)
         self.shutdown_timeout = shutdown_timeout
 
     def _pools(self) -> list[BoundedExecutor]:
-        return [self.file]
+        return [self.file, self.search]
 
     def metrics(self) -> Iterator[Sample]:
         """Threads, busy threads, the cap and calls of each pool, read at scrape time."""

@@ -12,6 +12,7 @@ from urllib.parse import quote
 
 import pytest
 
+from aetherd.agent.events import ContentPiece
 from aetherd.channels.agent import connect_history
 from tests.channels.test_agent import start_agent, task_events
 from tests.fake_providers import FakeProvider, Turn
@@ -43,10 +44,23 @@ async def run_task(client: WsClient, task_id: str) -> list[dict[str, Any]]:
     return await task_events(client, task_id)
 
 
+OPENED: list[WsClient] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_sockets():
+    """Close the sockets `connect_with` opened, even when a test fails half-way."""
+    yield
+    while OPENED:
+        await OPENED.pop().close()
+
+
 async def connect_with(running, query: str) -> WsClient:
-    """A socket opened with `?<query>&token=…`; closed by the test."""
+    """A socket opened with `?<query>&token=…`; closed at teardown at the latest."""
     url = f"{running.ws_url}?{query}&token={quote(running.token)}"
-    return await connect(url)
+    client = await connect(url)
+    OPENED.append(client)
+    return client
 
 
 async def frames_until_reply(client: WsClient) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -244,3 +258,47 @@ async def test_subscribe_narrows_live_events_to_one_task_and_unsubscribe_restore
     assert reply["data"] == {"taskId": "later"}
     reply = await narrow.request("agent", "subscribe", taskId="")
     assert reply["success"] is False and reply["code"] == "INVALID_MESSAGE"
+
+
+async def test_after_seq_on_connect_while_a_task_streams_has_no_gap_and_no_duplicate(
+    start_daemon, anthropic
+):
+    pieces = [f"t{i};" for i in range(300)]
+    anthropic.add(Turn(text=pieces, chunk_size=0, frame_delay=0.002))
+    running = await start_agent(start_daemon, anthropic)
+    runner = running.daemon.services.agent
+    store = running.daemon.services.transcript
+    original = store.history
+    injected: list[int] = []
+
+    async def racing_history(**kwargs):
+        # Events between the subscription and the read, and during the read.
+        injected.append(runner.events.emit("race", ContentPiece("text", "race-m", "A")).seq)
+        result = await original(**kwargs)
+        injected.append(runner.events.emit("race", ContentPiece("text", "race-m", "B")).seq)
+        return result
+
+    client = await running.connect()
+    await client.expect_type("agent", "history")
+    await client.send({"channel": "agent", "type": "prompt", "prompt": "stream", "taskId": "t1"})
+    seen = await client.expect(lambda f: f.get("type") == "text" and f.get("content") == "t20;")
+    store.history = racing_history  # type: ignore[method-assign]
+    late = await connect_with(running, f"agentHistory=after:{seen['seq']}")
+    store.history = original  # type: ignore[method-assign]
+    page = await late.expect_type("agent", "history")
+    assert page["events"][0]["seq"] > seen["seq"] and page["hasMore"] is False
+    latest = page["latestSeq"]
+    after: list[dict[str, Any]] = []
+    for _ in range(2000):
+        frame = await late.expect(lambda f: f.get("channel") == "agent" and "seq" in f)
+        after.append(frame)
+        if frame["type"] == "done" and frame["taskId"] == "t1":
+            break
+    live_seqs = [f["seq"] for f in after]
+    assert live_seqs == list(range(latest + 1, latest + 1 + len(live_seqs)))  # no gap, no dup
+    assert injected[0] <= latest < injected[1] and injected[1] in live_seqs
+    text = "".join(
+        e["content"] for e in page["events"] if e["type"] == "text" and e["taskId"] == "t1"
+    )
+    text += "".join(f["content"] for f in after if f["type"] == "text" and f["taskId"] == "t1")
+    assert text == "".join(pieces[21:])
