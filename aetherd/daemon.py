@@ -25,6 +25,7 @@ from aetherd.services.fs import FileLimits, FileSystem
 from aetherd.services.idle import IdleAction
 from aetherd.services.jail import Jail
 from aetherd.services.ports import PortScanner
+from aetherd.services.process import ProcessManager
 from aetherd.services.resources import ResourceMonitor
 from aetherd.services.search import SearchLimits, SearchService
 from aetherd.services.terminal import TerminalManager
@@ -50,6 +51,7 @@ class Services:
     watcher: Watcher | None  # None when watcher_enabled is false
     search: SearchService
     terminals: TerminalManager
+    processes: ProcessManager
     boot: BootRunner
     ports: PortScanner
     transcript: TranscriptStore
@@ -178,6 +180,9 @@ def build_services(settings: Settings) -> Services:
     # stops before it.
     launcher = SessionLauncher(services.terminals, services.jail)
     services.boot = services.add(BootRunner(settings, services.config, launcher, services.jail))
+
+    # -- process (commands without a terminal) --
+    services.processes = services.add(ProcessManager(settings, services.jail))
 
     # -- ports (port scanner) --
     services.ports = services.add(PortScanner(settings))

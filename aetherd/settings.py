@@ -175,6 +175,37 @@ class Settings(BaseModel):
         30.0, gt=0, description="Seconds the new code's check may take before a reload is refused"
     )
 
+    # -- Process channel (issue 15) --------------------------------------------------------
+    process_max: int = Field(
+        64, ge=1, description="Live processes at once (exited ones are evicted oldest first)"
+    )
+    process_ring_bytes: int = Field(
+        MiB, ge=4096, description="Output kept per process stream, stdout and stderr each"
+    )
+    process_wait_output_bytes: int = Field(
+        MiB, ge=1024, description="Most bytes of each stream in a `wait: true` reply"
+    )
+    process_max_frame_bytes: int = Field(
+        65536, ge=16, le=65536, description="Raw output bytes per process output frame"
+    )
+    process_read_budget: int = Field(
+        256 * 1024, ge=4096, description="Bytes read from one process pipe per event-loop wakeup"
+    )
+    process_max_pending_input: int = Field(
+        MiB, ge=1024, description="Input bytes waiting for a process's stdin before LIMIT_EXCEEDED"
+    )
+    process_kill_grace: float = Field(
+        3.0, gt=0, description="Seconds between SIGTERM and SIGKILL (timeout, daemon stop)"
+    )
+    process_exit_drain: float = Field(
+        1.0,
+        gt=0,
+        description="Seconds to wait for a process's pipes to close after it exited",
+    )
+    process_exited_retention: float = Field(
+        600.0, gt=0, description="Seconds an exited process keeps its output and exit status"
+    )
+
     # -- Files channel and watcher (issue: files) -----------------------------------------
     files_max_size: int = Field(
         100 * MiB, ge=1, description="Largest file read, written or uploaded (FILE_TOO_LARGE / 413)"

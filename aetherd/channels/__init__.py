@@ -4,7 +4,7 @@ The order of CHANNELS is the order of the pushes on connect (PROTOCOL.md section
 terminal sessions, then ports, then the agent history.
 """
 
-from aetherd.channels import activity, agent, config, files, ports, terminal
+from aetherd.channels import activity, agent, config, files, ports, process, terminal
 from aetherd.protocol import Channel
 
 CHANNELS: list[Channel] = [
@@ -14,4 +14,5 @@ CHANNELS: list[Channel] = [
     files.channel,
     config.channel,
     activity.channel,
+    process.channel,
 ]

@@ -14,6 +14,7 @@ PTY, SQLite or YAML). Such a frame gets INVALID_MESSAGE and nothing else runs.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ from aetherd.protocol.frames import (
     success_reply,
     validation_error,
 )
-from aetherd.protocol.registry import Handler
+from aetherd.protocol.registry import Deferred, Handler
 
 if TYPE_CHECKING:
     from aetherd.daemon import Daemon
@@ -142,6 +143,13 @@ def check_unicode(raw: Any, text: str) -> None:
             "send bytes as base64",
             field=where,
         )
+
+
+def _close_unstarted(awaitable: Any) -> None:
+    """Close a deferred coroutine that never ran (its task was cancelled before its
+    first step), so it does not warn "never awaited"."""
+    if inspect.iscoroutine(awaitable) and inspect.getcoroutinestate(awaitable) == "CORO_CREATED":
+        awaitable.close()
 
 
 class Dispatcher:
@@ -308,6 +316,49 @@ class Dispatcher:
             self._metrics.request_seconds.labels(handler.channel).observe(
                 time.perf_counter() - started
             )
+        if isinstance(data, Deferred):
+            if handler.concurrent:  # already in a task of its own
+                await self._finish(handler, ctx, data, raw)
+            else:  # the reader goes on with the next frame; the reply comes later
+                try:
+                    await self._slots.acquire()
+                except asyncio.CancelledError:
+                    _close_unstarted(data.awaitable)
+                    raise
+                task = asyncio.create_task(self._finish_guarded(handler, ctx, data, raw))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(lambda _: _close_unstarted(data.awaitable))
+            return
+        self._reply(handler, ctx, data, raw)
+
+    async def _finish_guarded(
+        self, handler: Handler, ctx: Context, deferred: Deferred, raw: dict[str, Any]
+    ) -> None:
+        try:
+            await self._finish(handler, ctx, deferred, raw)
+        finally:
+            self._slots.release()
+
+    async def _finish(
+        self, handler: Handler, ctx: Context, deferred: Deferred, raw: dict[str, Any]
+    ) -> None:
+        """Await a deferred result and reply with it (or with its error)."""
+        try:
+            data = await deferred.awaitable
+        except AetherError as err:
+            self.fail(handler.channel, handler.type, ctx.request_id, err, raw)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("handler %s/%s failed", handler.channel, handler.type)
+            self.fail(handler.channel, handler.type, ctx.request_id, INTERNAL, raw)
+            return
+        self._reply(handler, ctx, data, raw)
+
+    def _reply(self, handler: Handler, ctx: Context, data: Any, raw: dict[str, Any]) -> None:
+        request_id = ctx.request_id
         try:
             data_json = handler.encode_data(data)
         except Exception:

@@ -21,6 +21,12 @@ subclasses for reply data. `reply=` is the type of a handler's result (a model, 
 list of models, or None for a bare acknowledgement); the dispatcher serialises the
 result through it, so a handler cannot send a shape its declaration does not name.
 `errors=` lists the codes a handler may answer with, for the generated schema.
+
+A handler whose answer comes much later, but whose first steps must happen in frame
+order (a `process/start` with `wait: true` must have spawned the process before the
+next frame, an `input` to it, is handled), returns `Deferred(awaitable)`: the
+dispatcher then awaits the rest in its own task, bounded like concurrent handlers, and
+replies with its result.
 """
 
 from __future__ import annotations
@@ -38,13 +44,27 @@ if TYPE_CHECKING:
     from aetherd.daemon import Daemon
     from aetherd.protocol.context import Context
 
-__all__ = ["Channel", "Empty", "Handler", "Message", "Registry"]
+__all__ = ["Channel", "Deferred", "Empty", "Handler", "Message", "Registry"]
 
 M = TypeVar("M", bound=BaseModel)
 ModelType = type[BaseModel]  # named here: `Handler.type` shadows the builtin in its body
 HandlerFunc = Callable[["Context", Any], Awaitable[Any]]
 ConnectHook = Callable[["Context"], Awaitable[None]]
 StartupHook = Callable[["Daemon"], Awaitable[None]]
+
+
+class Deferred:
+    """A handler's result that is not ready yet: the reply is `await awaitable`.
+
+    The dispatcher awaits it in a task of its own (counted against the connection's
+    `max_inflight_requests`, cancelled when the socket closes), so the frames behind
+    the request are handled meanwhile, after the handler's own first steps.
+    """
+
+    __slots__ = ("awaitable",)
+
+    def __init__(self, awaitable: Awaitable[Any]) -> None:
+        self.awaitable = awaitable
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,10 @@ def wire_config(services: Services) -> None:
         # Read at each session's start, so new terminals always get the current env.
         terminals.env_provider = lambda: dict(store.current.env)
 
+    processes = getattr(services, "processes", None)
+    if processes is not None:
+        processes.env_provider = lambda: dict(store.current.env)
+
     watcher = getattr(services, "watcher", None)
     if watcher is not None:
         applied: list[list[str] | None] = [None]

@@ -158,7 +158,7 @@ class PageProblems:
 
     def _console(self, message: Any) -> None:
         if message.type == "error":
-            self.errors.append(message.text)
+            self.errors.append(f"{message.text} @ {message.location}")
 
     def csp(self) -> list[str]:
         return [e for e in self.errors if re.search("Content.Security.Policy", e, re.I)]
@@ -197,3 +197,17 @@ async def until(page: Any, script: str, arg: Any = None, timeout: float = WAIT) 
         if asyncio.get_running_loop().time() > deadline:
             raise TimeoutError(f"{script} stayed falsy for {timeout}s")
         await asyncio.sleep(0.05)
+
+
+async def open_console(
+    browser: Any, origin: str, token: str, view: str | None = None, **page_options: Any
+) -> tuple[Any, PageProblems]:
+    """A new page on the console at `origin` (http://host:port), connected; optionally on
+    `view` (a tab name such as "files")."""
+    page = await browser.new_page(**({"viewport": {"width": 1100, "height": 700}} | page_options))
+    problems = PageProblems(page)
+    await page.goto(f"{origin}/workspaces/ws-test/#token={token}")
+    await until(page, "() => window.aetherdConsole && window.aetherdConsole.state() === 'open'")
+    if view:
+        await page.click(f"#tab-{view}")
+    return page, problems

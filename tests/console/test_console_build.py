@@ -19,9 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("console_assets")]
 
 
 def _run(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv, cwd=WEB, input=stdin, capture_output=True, text=True, timeout=180
-    )
+    return subprocess.run(argv, cwd=WEB, input=stdin, capture_output=True, text=True, timeout=180)
 
 
 def test_vitest_unit_tests_pass():

@@ -11,7 +11,7 @@ import re
 import pytest
 
 from tests.conftest import TOKEN
-from tests.console.conftest import WAIT, PageProblems, until
+from tests.console.conftest import WAIT, PageProblems, open_console, until
 from tests.support import wait_for
 
 pytestmark = pytest.mark.slow
@@ -73,3 +73,65 @@ async def test_terminal_echo_then_a_dropped_socket_loses_nothing(
     await screenshot(page)
     # The browser reports the refused reconnects while the proxy was cut; nothing else.
     assert problems.unexpected(r"WebSocket connection to .* failed") == [], problems.errors
+
+
+async def test_tabs_new_close_fit_and_reattach_after_reload(
+    start_daemon, console_assets, browser, screenshot
+):
+    running = await start_daemon()
+    terminals = running.daemon.services.terminals
+    page, problems = await open_console(browser, running.url("").rstrip("/"), TOKEN)
+    await until(page, "() => window.aetherdConsole.terminalIds().length === 1")
+    (first,) = await page.evaluate("window.aetherdConsole.terminalIds()")
+
+    # The PTY has the size xterm.js fits into the pane, and follows the window.
+    async def pty_matches_xterm() -> bool:
+        cols, rows = await page.evaluate("window.aetherdConsole.terminalSize()")
+        session = terminals.find(page_active[0])
+        return session is not None and (session.cols, session.rows) == (cols, rows)
+
+    page_active = [first]
+    await wait_for_async(pty_matches_xterm)
+    wide = terminals.get(first).cols
+    assert wide > 80
+    await page.set_viewport_size({"width": 600, "height": 500})
+    await until(page, "w => window.aetherdConsole.terminalSize()[0] < w", wide)
+    await wait_for_async(pty_matches_xterm)
+    assert terminals.get(first).cols < wide
+
+    # New tab: a second session; typing goes to it.
+    await page.get_by_role("button", name="New terminal").click()
+    await until(page, "() => window.aetherdConsole.terminalIds().length === 2")
+    second = (await page.evaluate("window.aetherdConsole.terminalIds()"))[1]
+    assert await page.evaluate("window.aetherdConsole.activeTerminal()") == second
+    await wait_for(lambda: terminals.find(second) is not None, WAIT)
+    await page.keyboard.type("echo in-second")
+    await page.keyboard.press("Enter")
+    await until(page, "() => /^in-second$/m.test(window.aetherdConsole.terminalText())")
+
+    # A reload re-attaches both sessions (pushed on connect) and replays their output.
+    await page.reload()
+    await until(page, "() => window.aetherdConsole && window.aetherdConsole.state() === 'open'")
+    await until(page, "() => window.aetherdConsole.terminalIds().length === 2")
+    assert sorted(await page.evaluate("window.aetherdConsole.terminalIds()")) == sorted(
+        [first, second]
+    )
+    await until(page, "id => /^in-second$/m.test(window.aetherdConsole.terminalText(id))", second)
+
+    # Close (the tab's close mark): the session ends on the daemon.
+    tab = page.locator(f'.term-tab[data-session="{second}"]')
+    await tab.locator(".close").click()
+    await wait_for(lambda: getattr(terminals.find(second), "exit", True) is not None, WAIT)
+    assert await page.evaluate("window.aetherdConsole.terminalIds()") == [first]
+    await screenshot(page)
+    assert problems.errors == [], problems.errors
+
+
+async def wait_for_async(predicate, timeout: float = WAIT) -> None:
+    """Like tests.support.wait_for, for an async predicate (bounded)."""
+    import asyncio
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met"
+        await asyncio.sleep(0.05)

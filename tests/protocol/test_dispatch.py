@@ -13,6 +13,7 @@ from aetherd.daemon import Daemon, Services
 from aetherd.errors import AetherError, ErrorCode
 from aetherd.protocol import Channel, Hub, Message, Registry
 from aetherd.protocol.dispatch import Dispatcher
+from aetherd.protocol.registry import Deferred
 
 
 class FakePeer:
@@ -220,3 +221,61 @@ def test_channel_rejects_duplicate_registration():
         channel.handler("a", Message)(a)
     with pytest.raises(ValueError):
         Registry([channel, Channel("x")])
+
+
+def deferred_dispatcher(make_settings) -> tuple[Dispatcher, FakePeer, dict[str, Any]]:
+    """A channel whose `later` handler records its first step, then defers its reply."""
+    state: dict[str, Any] = {"steps": [], "release": asyncio.Event()}
+    demo = Channel("later")
+
+    async def finish(fail: bool) -> str:
+        await state["release"].wait()
+        if fail:
+            raise AetherError(ErrorCode.CONFLICT, "deferred failure")
+        return "done"
+
+    @demo.handler("start", Message, reply=str)
+    async def start(ctx, msg) -> Deferred:
+        state["steps"].append("start")  # the in-order first step
+        return Deferred(finish(False))
+
+    @demo.handler("fail", Message, reply=str)
+    async def fail(ctx, msg) -> Deferred:
+        return Deferred(finish(True))
+
+    @demo.handler("next", Message)
+    async def next_(ctx, msg) -> None:
+        state["steps"].append("next")
+
+    settings = make_settings()
+    daemon = Daemon(settings, Services(settings), Hub(), Registry([demo]))
+    peer = FakePeer()
+    return Dispatcher(daemon, peer), peer, state
+
+
+async def test_a_deferred_reply_keeps_frame_order_and_comes_later(make_settings):
+    dispatcher, peer, state = deferred_dispatcher(make_settings)
+    await dispatcher.handle_text('{"channel":"later","type":"start","requestId":"a"}')
+    await dispatcher.handle_text('{"channel":"later","type":"fail","requestId":"f"}')
+    await dispatcher.handle_text('{"channel":"later","type":"next","requestId":"b"}')
+    # The first step ran before the next frame; the next frame did not wait for the reply.
+    assert state["steps"] == ["start", "next"]
+    assert [f["requestId"] for f in peer.sent] == ["b"]
+    state["release"].set()
+    for _ in range(200):
+        if len(peer.sent) == 3:
+            break
+        await asyncio.sleep(0.01)
+    replies = {f["requestId"]: f for f in peer.sent}
+    assert replies["a"]["success"] is True and replies["a"]["data"] == "done"
+    assert replies["f"]["success"] is False and replies["f"]["code"] == "CONFLICT"
+    await dispatcher.close()
+
+
+async def test_a_deferred_reply_is_cancelled_with_the_connection(make_settings):
+    dispatcher, peer, state = deferred_dispatcher(make_settings)
+    await dispatcher.handle_text('{"channel":"later","type":"start","requestId":"a"}')
+    await dispatcher.close()
+    state["release"].set()
+    await asyncio.sleep(0.05)
+    assert peer.sent == []

@@ -17,7 +17,9 @@ const VIEWS = ["terminals", "files", "agent", "ports", "config"] as const;
 type ViewName = (typeof VIEWS)[number];
 
 interface View {
-  shown?(): void;
+  /** The view became visible; `focus`: move the focus into it (not when the user is
+   * moving between the view tabs with the arrow keys). */
+  shown?(focus: boolean): void;
 }
 
 function workspaceId(): string {
@@ -76,7 +78,7 @@ function setupTabs(views: Record<ViewName, View>): void {
       byId(`view-${view}`).hidden = !on;
     }
     if (focus) buttons[VIEWS.indexOf(name)].focus();
-    views[name].shown?.();
+    views[name].shown?.(!focus);
     history.replaceState(null, "", `${location.pathname}${location.search}${name === "terminals" ? "" : `#${name}`}`);
   };
   for (const [i, button] of buttons.entries()) {
@@ -161,6 +163,7 @@ async function main(): Promise<void> {
     terminalText: (sessionId?: string) => terminals.text(sessionId),
     terminalIds: () => terminals.ids(),
     activeTerminal: () => terminals.activeId(),
+    terminalSize: (sessionId?: string) => terminals.sizeOf(sessionId),
     connections: () => socket.connections,
     state: () => socket.state,
   };

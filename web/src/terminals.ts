@@ -49,9 +49,9 @@ export class TerminalsView {
   }
 
   /** Called when the Terminals view becomes visible. */
-  shown(): void {
+  shown(focus = false): void {
     this.scheduleFit();
-    this.current()?.term.focus();
+    if (focus) this.current()?.term.focus();
   }
 
   private current(): Session | undefined {
@@ -160,7 +160,7 @@ export class TerminalsView {
     return session;
   }
 
-  select(id: string): void {
+  select(id: string, focus = true): void {
     this.active = id;
     for (const s of this.sessions.values()) {
       const on = s.id === id;
@@ -169,7 +169,7 @@ export class TerminalsView {
       s.tab.tabIndex = on ? 0 : -1;
     }
     this.scheduleFit();
-    this.sessions.get(id)?.term.focus();
+    if (focus && !byId("view-terminals").hidden) this.sessions.get(id)?.term.focus();
   }
 
   private closeSession(id: string): void {
@@ -218,6 +218,12 @@ export class TerminalsView {
     for (let i = 0; i < buffer.length; i++) lines.push(buffer.getLine(i)?.translateToString(true) ?? "");
     while (lines.length && lines[lines.length - 1] === "") lines.pop();
     return lines.join("\n");
+  }
+
+  /** [cols, rows] of a terminal (the active one by default). */
+  sizeOf(id?: string): [number, number] | null {
+    const session = id ? this.sessions.get(id) : this.current();
+    return session ? [session.term.cols, session.term.rows] : null;
   }
 
   ids(): string[] {
