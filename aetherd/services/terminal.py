@@ -386,7 +386,6 @@ class TerminalSession:
         self.ring.append(blob[state.ring_at : state.ring_at + state.ring_len])
         self.kept = state.kept
         self.orphan = state.orphan
-        self.manager._map_ring(self)
         if state.exited:
             self.exit = Exit(state.exit_code, state.exit_signal)
             self.exit_delivered_once = state.exit_delivered
@@ -400,6 +399,7 @@ class TerminalSession:
                 self._maybe_forget()
             return
         self._eof = state.eof
+        self.manager._map_ring(self)
         self.start()
         pending = blob[state.pending_at : state.pending_at + state.pending_len]
         if pending:
@@ -568,6 +568,10 @@ class TerminalSession:
             self._reap_handle.cancel()
             self._reap_handle = None
         self._close_fd()
+        if self.ring_file is not None:
+            # An ended session cannot be adopted after a crash: no mirror (and no fd) left.
+            self.ring_file.close(remove=True)
+            self.ring_file = None
         # Background jobs may outlive the shell; they belong to the session, so end them.
         self.manager._track(self._end_stragglers())
         self.exited_event.set()
