@@ -35,6 +35,7 @@ QUICK = {
     "proxy": (["--quick"], "| 64 in flight |"),
     "reload": (["--quick"], "reference: python -c pass"),
     "restart": (["--quick"], "reference: import aetherd.app"),
+    "search": (["--quick"], "| smart case `typeerror` |"),
     "support": None,
     "terminal": (["--help"], "--quick"),
 }

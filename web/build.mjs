@@ -1,6 +1,7 @@
 // Bundle web/src into aetherd/transport/console_dist (run by web/webbuild.py, `npm run build`).
 // The stamp's digest must equal webbuild.py's inputs_digest(): same files, same order.
 import { createHash } from "node:crypto";
+import { gzipSync, constants as zlib } from "node:zlib";
 import { mkdirSync, readFileSync, readdirSync, statSync, writeFileSync, copyFileSync, existsSync } from "node:fs";
 import { join, relative, sep } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -42,4 +43,9 @@ await esbuild.build({
   logLevel: "warning",
 });
 copyFileSync(join(WEB, "src", "index.html"), join(OUT, "index.html"));
+// Precompressed copies: aiohttp's FileResponse sends app.js.gz to a client that accepts gzip.
+for (const name of ["app.js", "app.css"]) {
+  const data = readFileSync(join(OUT, name));
+  writeFileSync(join(OUT, `${name}.gz`), gzipSync(data, { level: zlib.Z_BEST_COMPRESSION }));
+}
 writeFileSync(join(OUT, "stamp.json"), JSON.stringify({ inputs: digest }) + "\n");

@@ -85,7 +85,7 @@ def error_frame(err: AetherError, ref: dict[str, str] | None = None) -> str:
     return encode(ErrorFrame(code=err.code, error=err.message, ref=ref or None, **err.extra))
 
 
-REF_KEYS = ("channel", "type", "sessionId", "taskId")
+REF_KEYS = ("channel", "type", "sessionId", "taskId", "processId")
 
 
 def _sendable(value: Any) -> bool:

@@ -7,18 +7,21 @@ workspace config's `env`. It knows nothing of sockets; the process channel
 
 What a process is lives in one plain record, `ProcessState`: ids, pid, the pipe fds,
 the two output rings, stdin's pending input, the timeout and the exit. Nothing is
-hidden in a closure, so a reload can hand the fds and the rings over. `ManagedProcess`
-adds the event-loop machinery around one record (readers, timers, attachments).
+hidden in a closure (no Popen object either: the pid is reaped with `waitpid`), so a
+reload can hand the fds and the rings over: `ManagedProcess.release()` gives the
+record back with its fds open, `ProcessManager.adopt(state)` drives it again.
+`ManagedProcess` adds the event-loop machinery around one record (readers, timers,
+attachments).
 
 The terminal service's ideas, without its PTY: each stream (stdout, stderr) goes
 into its own `OutputRing` with absolute byte offsets; clients attach with a cursor per
 stream and pull (`Attachment.read()`), so a slow client costs no memory beyond the
 rings; an exited process keeps its output and exit for `process_exited_retention`.
 
-Processes: spawned by `subprocess.Popen` (fork and exec in C, `start_new_session`,
+Processes: forked and executed by `subprocess.Popen` (in C, `start_new_session`,
 signals restored to their defaults, every other fd closed), on pipes this module owns
 and reads with `loop.add_reader`; the exit is seen through a pidfd (or a 50 ms poll of
-`waitpid(WNOHANG)`), never by blocking. The exit is reported once the leader has
+`waitpid(WNOHANG)`) and reaped with `waitpid`, never by blocking. The exit is reported once the leader has
 exited and both pipes are at EOF; background children that keep a pipe open get
 `process_exit_drain` seconds, then the pipes are closed and the group is ended.
 Nothing here sleeps on the event loop.
@@ -251,12 +254,10 @@ class Attachment:
 class ManagedProcess:
     """A `ProcessState` and the event-loop machinery that drives it."""
 
-    def __init__(self, manager: ProcessManager, state: ProcessState, popen: Any = None) -> None:
+    def __init__(self, manager: ProcessManager, state: ProcessState) -> None:
         settings = manager.settings
         self.manager = manager
         self.state = state
-        # Kept only so that Popen's own finaliser never reaps the child behind our back.
-        self._popen = popen
         self.max_frame = settings.process_max_frame_bytes
         self.read_budget = settings.process_read_budget
         self.max_pending_input = settings.process_max_pending_input
@@ -295,19 +296,70 @@ class ManagedProcess:
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
-        """Start reading the pipes, watching the exit and the timeout."""
+        """Start reading the pipes, watching the exit and the timeout.
+
+        Also resumes a record taken over from `release()`: the timeout keeps its
+        original deadline (the monotonic clock is system-wide), pending input is
+        flushed, and a leader already reaped only waits for its pipes.
+        """
+        state = self.state
+        if state.exit is not None:
+            self._finished()
+            return
         for name in STREAMS:
             self._resume_reading(name)
-        try:
-            self.state.pidfd = os.pidfd_open(self.pid)
-        except (AttributeError, OSError):
-            self.state.pidfd = None
-        if self.state.pidfd is not None:
-            self._loop.add_reader(self.state.pidfd, self._check_exit)
+        if state.leader_status is not None:
+            self._drain_handle = self._loop.call_later(
+                self.manager.settings.process_exit_drain, self._drain_expired
+            )
         else:
-            self._schedule_poll()
-        if self.state.timeout is not None:
-            self._timeout_handle = self._loop.call_later(self.state.timeout, self._on_timeout)
+            if state.pidfd is None:
+                try:
+                    state.pidfd = os.pidfd_open(self.pid)
+                except (AttributeError, OSError):
+                    state.pidfd = None
+            if state.pidfd is not None:
+                self._loop.add_reader(state.pidfd, self._check_exit)
+            else:
+                self._schedule_poll()
+            if state.timeout is not None and not state.timed_out:
+                elapsed = time.monotonic() - state.started_monotonic
+                self._timeout_handle = self._loop.call_later(
+                    max(0.0, state.timeout - elapsed), self._on_timeout
+                )
+        if state.pending_input or state.close_stdin_after_input:
+            self._flush_input()
+
+    def release(self) -> ProcessState:
+        """Stop driving the process without ending it, and return its record.
+
+        For a hand-over (a daemon reload): readers, writers, timers and attachments
+        are dropped and the manager forgets it; the pipe fds and the pidfd stay open in
+        the record, for `ProcessManager.adopt` (here or in the next daemon).
+        """
+        state = self.state
+        for name in STREAMS:
+            self._pause_reading(name)
+        if self._writing and state.stdin_fd is not None:
+            self._loop.remove_writer(state.stdin_fd)
+        self._writing = False
+        if state.pidfd is not None:
+            self._loop.remove_reader(state.pidfd)
+        for handle in (
+            self._poll_handle,
+            self._timeout_handle,
+            self._drain_handle,
+            self._retention_handle,
+        ):
+            if handle is not None:
+                handle.cancel()
+        self._poll_handle = self._timeout_handle = None
+        self._drain_handle = self._retention_handle = None
+        for attachment in list(self.attachments):
+            attachment.detach()
+        if self.manager._processes.get(self.id) is self:
+            del self.manager._processes[self.id]
+        return state
 
     def on_exit(self, callback: Callable[[ProcessExitInfo], Any]) -> None:
         """Call `callback(exit)` once the exit is recorded (at once if it already is)."""
@@ -516,10 +568,7 @@ class ManagedProcess:
             self._schedule_poll()
 
     def _reap(self) -> int | None:
-        """The leader's wait status code as Popen gives it (negative: signal), or None."""
-        if self._popen is not None:
-            code: int | None = self._popen.poll()
-            return code
+        """The leader's exit code (negative: the signal that killed it), or None if running."""
         try:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
@@ -583,7 +632,6 @@ class ManagedProcess:
         self._close_stdin()
         # Whatever is left of the group (background jobs) ends with the process.
         self.manager._track(self.manager.end_group(self.pid))
-        self._popen = None
         self.exited_event.set()
         callbacks, self._exit_callbacks = self._exit_callbacks, []
         for callback in callbacks:
@@ -600,12 +648,18 @@ class ManagedProcess:
                 "timedOut": state.timed_out,
             },
         )
+        self._finished()
+        return True
+
+    def _finished(self) -> None:
+        """Tell the attached clients, and keep the exited process for the retention."""
+        self.exited_event.set()
         for attachment in list(self.attachments):
             attachment.notify()
-        self._retention_handle = self._loop.call_later(
-            self.manager.settings.process_exited_retention, self.manager._forget, self
-        )
-        return True
+        if self._retention_handle is None:
+            self._retention_handle = self._loop.call_later(
+                self.manager.settings.process_exited_retention, self.manager._forget, self
+            )
 
     def close(self) -> None:
         """Release every fd and timer (the process must have exited, or be abandoned)."""
@@ -898,13 +952,13 @@ class ProcessManager:
         ring_bytes = (
             self.settings.process_wait_output_bytes if wait else self.settings.process_ring_bytes
         )
-        popen, stdin_fd, out_fd, err_fd = _spawn(
+        pid, stdin_fd, out_fd, err_fd = _spawn(
             run_argv, self.process_env(env), str(real_cwd), stdin
         )
         now = time.time()
         state = ProcessState(
             process_id=process_id,
-            pid=popen.pid,
+            pid=pid,
             argv=run_argv,
             command=command,
             request_argv=list(argv) if argv is not None else None,
@@ -919,11 +973,24 @@ class ProcessManager:
             timeout=timeout,
             wait=wait,
         )
-        process = ManagedProcess(self, state, popen)
+        process = ManagedProcess(self, state)
         self._processes[process_id] = process
         self.started += 1
         process.start()
-        log.info("process started", extra={"processId": process_id, "pid": popen.pid})
+        log.info("process started", extra={"processId": process_id, "pid": pid})
+        return process
+
+    def adopt(self, state: ProcessState) -> ManagedProcess:
+        """Drive a process record released by `ManagedProcess.release` (a hand-over).
+
+        The process must be a child of this daemon (a reload that re-executes keeps
+        its children); its rings, offsets, stdin and timeout carry on as they were.
+        """
+        if state.process_id in self._processes:
+            raise AetherError(ErrorCode.CONFLICT, f"process '{state.process_id}' exists")
+        process = ManagedProcess(self, state)
+        self._processes[state.process_id] = process
+        process.start()
         return process
 
     async def run(self, **kwargs: Any) -> ExecResult:
@@ -951,8 +1018,13 @@ def _group_alive(pgid: int) -> bool:
 
 def _spawn(
     argv: list[str], env: dict[str, str], cwd: str, stdin: bool
-) -> tuple[subprocess.Popen[bytes], int | None, int, int]:
-    """Start `argv` in a new session on pipes; returns (popen, stdin fd, stdout fd, stderr fd).
+) -> tuple[int, int | None, int, int]:
+    """Start `argv` in a new session on pipes; returns (pid, stdin fd, stdout fd, stderr fd).
+
+    `subprocess.Popen` is only the fork and exec (in C, signals restored, other fds
+    closed): the pid is ours to reap with `waitpid`, so its `returncode` is set at once
+    and Popen's finaliser never reaps the child behind our back. The process is then
+    just a pid and three fds, which a reload can hand over.
 
     The parent keeps the non-blocking ends; the child's ends are closed here once it has
     them. A program that cannot be run is NOT_FOUND (no such file) or PERMISSION_DENIED.
@@ -1001,4 +1073,5 @@ def _spawn(
     for our_end in (out_r, err_r, in_w):
         if our_end is not None:
             os.set_blocking(our_end, False)
-    return popen, in_w, out_r, err_r
+    popen.returncode = 0  # reaped by ManagedProcess through its pidfd, never by Popen
+    return popen.pid, in_w, out_r, err_r

@@ -41,7 +41,7 @@ import stat as stat_mod
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -76,7 +76,8 @@ TEXT_MAX = 500  # characters of a line in `text` (and of each context line)
 TEXT_LEAD = 50  # characters shown before the first match when a long line is cut
 MAX_RESULTS = 10_000
 DEFAULT_RESULTS = 1000
-ARGV_BUDGET = 512 * 1024  # bytes of file names handed to one `rg` run
+ARGV_MIN, ARGV_MAX = 64 * 1024, 1536 * 1024  # bytes of file names handed to one `rg` run
+ARGV_MARGIN = 128 * 1024  # of ARG_MAX, for ripgrep's flags and the kernel's own use
 READ_CHUNK = 256 * 1024
 STDERR_MAX = 8192
 
@@ -445,18 +446,24 @@ def _size(match: dict[str, Any]) -> int:
     )
 
 
+Fetch = Callable[[], list[dict[str, Any]]]
+_Held = tuple[tuple[bytes, ...], int, Fetch]
+
+
 class TopN:
     """The first `limit` matches in (path, line) order, kept in bounded memory.
 
     Files arrive in any order (ripgrep searches in parallel). Whenever twice the limit
     is held, the files are sorted and cut; after a cut, a file that sorts after the last
     one kept cannot contribute and `wants` says so, so its lines need not be decoded.
+    A file is held as its count of matches and a `fetch` that shapes them, called only
+    for the files kept at the end.
     """
 
     def __init__(self, limit: int, max_chars: int) -> None:
         self.limit = limit
         self.max_chars = max_chars
-        self.files: list[tuple[tuple[bytes, ...], list[dict[str, Any]]]] = []
+        self.files: list[_Held] = []
         self.count = 0
         self.cut: tuple[bytes, ...] | None = None
         self.more = False
@@ -471,29 +478,33 @@ class TopN:
 
     def add(self, key: tuple[bytes, ...], matches: list[dict[str, Any]]) -> None:
         """Take one file's matches (in line order)."""
-        if not matches:
+        self.add_lazy(key, len(matches), lambda: matches)
+
+    def add_lazy(self, key: tuple[bytes, ...], count: int, fetch: Fetch) -> None:
+        """Take one file's `count` matches, which `fetch()` gives in line order."""
+        if count <= 0:
             return
         if not self.wants(key):
             self.more = True
             return
-        self.files.append((key, matches))
-        self.count += len(matches)
+        self.files.append((key, count, fetch))
+        self.count += count
         if self.count >= 2 * self.limit:
             self._trim()
 
     def _trim(self) -> None:
         self.files.sort(key=lambda item: item[0])
-        kept: list[tuple[tuple[bytes, ...], list[dict[str, Any]]]] = []
+        kept: list[_Held] = []
         total = 0
-        for key, matches in self.files:
+        for key, count, fetch in self.files:
             if total >= self.limit:
                 self.more = True
                 break
-            if total + len(matches) > self.limit:
-                matches = matches[: self.limit - total]
+            if total + count > self.limit:
+                count = self.limit - total
                 self.more = True
-            kept.append((key, matches))
-            total += len(matches)
+            kept.append((key, count, fetch))
+            total += count
         self.files = kept
         self.count = total
         if total >= self.limit and kept:
@@ -504,8 +515,8 @@ class TopN:
         self._trim()
         out: list[dict[str, Any]] = []
         chars = 0
-        for _, matches in self.files:
-            for match in matches:
+        for _, count, fetch in self.files:
+            for match in fetch()[:count]:
                 chars += _size(match)
                 if chars > self.max_chars and out:
                     return out, True
@@ -712,6 +723,86 @@ def _rg_file(rel: str, events: list[dict[str, Any]], context_lines: int) -> list
     return out
 
 
+_BEGIN = b'{"type":"begin"'
+_END = b'{"type":"end"'
+_NL_END = b"\n" + _END
+
+
+class RgJson:
+    """ripgrep's `--json` stream, fed in chunks; each finished file goes to a `TopN`.
+
+    Only the files that can still count are decoded: once `TopN.wants` says no for a
+    file, its lines are jumped over to its `end` message without being split or parsed
+    (a JSON string never holds a raw newline, so `\n{"type":"end"` only starts a
+    message). A file whose `end` carries a `binary_offset` held a NUL: it is dropped.
+    """
+
+    def __init__(self, top: TopN, context_lines: int) -> None:
+        self.top = top
+        self.context_lines = context_lines
+        self.pending = b""
+        self.skipping = False
+        self.rel = ""
+        self.key: tuple[bytes, ...] = ()
+        self.events: list[bytes] = []
+        self.matches = 0  # match lines of the current file
+        self.summary = False
+
+    def feed(self, chunk: bytes) -> None:
+        """Take the next bytes of the stream."""
+        buf = self.pending + chunk if self.pending else chunk
+        pos = 0
+        while True:
+            if self.skipping and not buf.startswith(_END, pos):
+                found = buf.find(_NL_END, pos)
+                if found < 0:
+                    last = buf.rfind(b"\n", pos)
+                    if last >= 0:
+                        pos = last + 1  # whole lines of a skipped file: gone
+                    break
+                pos = found + 1
+            newline = buf.find(b"\n", pos)
+            if newline < 0:
+                break
+            self._line(buf[pos:newline])
+            pos = newline + 1
+        self.pending = buf[pos:]
+
+    def _line(self, line: bytes) -> None:
+        if line.startswith(_BEGIN):
+            data = json.loads(line)["data"]
+            self.rel = _strip_dot(_json_text(data["path"])).decode("utf-8", "surrogateescape")
+            self.key = sort_key(self.rel)
+            self.skipping = not self.top.wants(self.key)
+            self.events = []
+            self.matches = 0
+        elif line.startswith(_END):
+            end = json.loads(line)["data"]
+            if end.get("binary_offset") is not None:
+                pass  # a NUL somewhere: binary, never matched
+            elif self.skipping:
+                self.top.skipped()
+            else:
+                events, rel, context = self.events, self.rel, self.context_lines
+
+                def fetch() -> list[dict[str, Any]]:
+                    return _rg_file(rel, [json.loads(e) for e in events], context)
+
+                self.top.add_lazy(self.key, self.matches, fetch)
+            self.matches = 0
+            self.skipping = False
+            self.events = []
+        elif line.startswith(b'{"type":"match"'):
+            if not self.skipping:
+                self.events.append(line)
+                self.matches += 1
+        elif line.startswith(b'{"type":"context"'):
+            if not self.skipping:
+                self.events.append(line)
+        elif line.endswith(b'"type":"summary"}'):  # its keys come sorted: "data" first
+            self.summary = True
+
+
 def _kill(proc: asyncio.subprocess.Process) -> None:
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -767,51 +858,19 @@ class _Rg:
             if part
         ]
 
-    async def search(
-        self, args: Sequence[str], paths: Sequence[str], top: TopN, context_lines: int
-    ) -> None:
-        """`rg --json` over `paths`; each file's matches go to `top` when its `end` arrives."""
-        proc = await self._spawn([*args, "--", *("./" + p for p in paths)])
+    async def search(self, args: Sequence[str], top: TopN, context_lines: int) -> None:
+        """`rg --json ARGS`; each file's matches go to `top` when its `end` arrives."""
+        proc = await self._spawn(args)
         try:
             assert proc.stdout is not None
-            pending = b""
-            summary = False
-            rel = ""
-            key: tuple[bytes, ...] = ()
-            taking = False
-            events: list[bytes] = []
+            stream = RgJson(top, context_lines)
             while True:
                 chunk = await proc.stdout.read(READ_CHUNK)
                 if not chunk:
                     break
-                lines = (pending + chunk).split(b"\n")
-                pending = lines.pop()
-                for line in lines:
-                    if line.startswith((b'{"type":"match"', b'{"type":"context"')):
-                        if taking:
-                            events.append(line)
-                    elif line.startswith(b'{"type":"begin"'):
-                        begin = json.loads(line)
-                        rel = _strip_dot(_json_text(begin["data"]["path"])).decode(
-                            "utf-8", "surrogateescape"
-                        )
-                        key = sort_key(rel)
-                        taking = top.wants(key)
-                        events = []
-                    elif line.startswith(b'{"type":"summary"'):
-                        summary = True
-                    elif line.startswith(b'{"type":"end"'):
-                        end = json.loads(line)
-                        if end["data"].get("binary_offset") is not None:
-                            pass  # a NUL somewhere: binary, never matched
-                        elif taking:
-                            parsed = [json.loads(e) for e in events]
-                            top.add(key, _rg_file(rel, parsed, context_lines))
-                        else:
-                            top.skipped()
-                        taking = False
-                        events = []
+                stream.feed(chunk)
                 await asyncio.sleep(0)  # a flood of output never holds the loop
+            summary = stream.summary
             code, err = await self._finish(proc)
         finally:
             _kill(proc)
@@ -822,11 +881,21 @@ class _Rg:
             raise AetherError(ErrorCode.INTERNAL_ERROR, f"ripgrep failed: {err[:500]}")
 
 
+def _argv_budget() -> int:
+    """Bytes of file names one `rg` command line may carry: ARG_MAX less the environment."""
+    try:
+        arg_max = os.sysconf("SC_ARG_MAX")
+    except (ValueError, OSError):  # pragma: no cover - Linux has it
+        arg_max = 128 * 1024
+    env = sum(len(k) + len(v) + 2 + 8 for k, v in os.environ.items())
+    return max(ARGV_MIN, min(ARGV_MAX, arg_max - env - ARGV_MARGIN))
+
+
 def _chunks(paths: Sequence[str], budget: int) -> Iterable[Sequence[str]]:
     start = 0
     size = 0
     for i, path in enumerate(paths):
-        cost = len(path.encode("utf-8", "surrogateescape")) + 4
+        cost = len(path.encode("utf-8", "surrogateescape")) + 11  # "./", NUL, the pointer
         if size + cost > budget and i > start:
             yield paths[start:i]
             start, size = i, 0
@@ -911,7 +980,13 @@ class SearchService:
             self.cancelled += 1
             raise
 
-    async def _rg_walk(self, walk: _Walk, rg: _Rg) -> list[str]:
+    @contextlib.asynccontextmanager
+    async def _rg_walk_args(self, walk: _Walk) -> AsyncIterator[list[str]]:
+        """ripgrep's flags for the walk of `walk` (and its start directory, last).
+
+        For a subdirectory, the `.gitignore` files above it (from the root down) are
+        rebased into one temp ignore file, which lives as long as the context.
+        """
         args = list(RG_WALK_FLAGS)
         if walk.max_file_size is not None:
             args += ["--max-filesize", str(walk.max_file_size)]
@@ -928,7 +1003,7 @@ class SearchService:
                         out.write("\n".join(lines) + "\n")
                     args += ["--ignore-file", temp]
                 args.append("./" + walk.start)
-            return await rg.files(args)
+            yield args
         finally:
             if temp is not None:
                 with contextlib.suppress(OSError):
@@ -949,13 +1024,28 @@ class SearchService:
         async def run_rg() -> int:
             assert self.rg_path is not None
             rg = _Rg(self.rg_path, str(self.jail.root))
-            files = await self._rg_walk(walk, rg)
-            files = [f for f in files if filters.keep(f)] if filters else files
             args = [*RG_SEARCH_FLAGS, *compiled.rg_args]
             if query.context_lines:
                 args += ["--context", str(query.context_lines)]
-            for chunk in _chunks(files, ARGV_BUDGET):
-                await rg.search(args, chunk, top, query.context_lines)
+            async with self._rg_walk_args(walk) as walk_args:
+                if not filters:
+                    # One run walks and searches; a second one lists the same walk, only
+                    # to count `filesSearched` (ripgrep's JSON counts only files with a
+                    # match). They run side by side.
+                    listing = asyncio.ensure_future(rg.files(walk_args))
+                    try:
+                        await rg.search([*args, *walk_args], top, query.context_lines)
+                        return len(await listing)
+                    finally:
+                        if not listing.done():
+                            listing.cancel()
+                            with contextlib.suppress(asyncio.CancelledError):
+                                await listing
+                # Include/exclude globs narrow the listed files here, then ripgrep
+                # searches the names it is given (as many as fit in one command line).
+                files = [f for f in await rg.files(walk_args) if filters.keep(f)]
+            for chunk in _chunks(files, _argv_budget()):
+                await rg.search([*args, "--", *("./" + p for p in chunk)], top, query.context_lines)
             return len(files)
 
         def run_python() -> int:
@@ -993,7 +1083,8 @@ class SearchService:
         async def work() -> list[str]:
             if use == "ripgrep":
                 assert self.rg_path is not None
-                return await self._rg_walk(walk, _Rg(self.rg_path, str(self.jail.root)))
+                async with self._rg_walk_args(walk) as walk_args:
+                    return await _Rg(self.rg_path, str(self.jail.root)).files(walk_args)
             return await self.executor.run(walk.files)
 
         files = await self._bounded(work, walk.cancel)

@@ -10,7 +10,9 @@ never send, and then talks to the authenticated socket and HTTP endpoints like a
 - `GET /workspaces/{id}/` answers the page with a strict Content-Security-Policy whose
   `style-src` carries a fresh nonce (xterm.js and CodeMirror inject <style> elements; the
   page gives them the nonce). No inline script is allowed at all.
-- `GET /workspaces/{id}/assets/{name}` answers the bundles, revalidated by ETag.
+- `GET /workspaces/{id}/assets/{name}` answers the bundles, revalidated by ETag; a client
+  that accepts gzip gets the build's precompressed copy (aiohttp's FileResponse picks
+  `app.js.gz` by itself), about a third of the size.
 - Another workspace id: 404 `{"error":"Workspace not found"}`, as on the socket.
 - Assets not built (an install with AETHERD_SKIP_WEB_BUILD): 503 with a line saying how.
 """

@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import signal
+import subprocess
 import uuid
 from typing import Any
 
@@ -14,7 +15,16 @@ import psutil
 import pytest
 
 from tests.conftest import TOKEN
-from tests.support import RawWebSocket, WsClient, wait_for
+from tests.support import (
+    RawWebSocket,
+    WsClient,
+    aetherd_command,
+    child_env,
+    connect,
+    read_port,
+    wait_for,
+    wait_ready,
+)
 
 
 def mine(process_id: str) -> Any:
@@ -405,3 +415,55 @@ async def test_a_stalled_client_on_a_flooding_process_keeps_memory_bounded(start
         await flood.wait()
     finally:
         stalled.close()
+
+
+@pytest.mark.slow
+async def test_processes_end_with_the_daemon(tmp_path, workspace):
+    """A real `aetherd serve`: SIGTERM ends it, and every process group with it."""
+    proc = subprocess.Popen(
+        [*aetherd_command(), "serve", "--port", "0", "--root", str(workspace)],
+        cwd=workspace,
+        env=child_env(tmp_path, AETHERD_TOKEN=TOKEN, AETHERD_PROCESS_KILL_GRACE="0.5"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    pids: list[int] = []
+    try:
+        port, _ = await asyncio.to_thread(read_port, proc)
+        await wait_ready(port, proc)
+        client = await connect(f"http://127.0.0.1:{port}/workspaces/local/ws", TOKEN)
+        try:
+            stubborn, out = await start(
+                client, command="trap '' TERM; sleep 60 & echo $!; while :; do sleep 0.05; done"
+            )
+            await out.until("stdout", b"\n")
+            pids += [stubborn["data"]["pid"], int(out.data["stdout"])]
+            plain, _ = await start(client, argv=["sleep", "60"], stdin=True)
+            pids.append(plain["data"]["pid"])
+            assert all(psutil.pid_exists(pid) for pid in pids)
+            proc.send_signal(signal.SIGTERM)
+        finally:
+            await client.close()
+        assert await asyncio.to_thread(proc.wait, 20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+    def ended(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    await wait_for(lambda: all(ended(pid) for pid in pids), 5)
+
+
+async def test_an_error_without_request_id_names_the_process_in_ref(daemon):
+    client = await daemon.connect()
+    await client.send({"channel": "process", "type": "signal", "processId": "ghost", "signal": 2})
+    frame = await client.expect_type("error", "error")
+    assert frame["code"] == "NOT_FOUND"
+    assert frame["ref"] == {"channel": "process", "type": "signal", "processId": "ghost"}

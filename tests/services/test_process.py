@@ -429,3 +429,32 @@ async def test_a_replay_that_lost_its_head_skips_the_cut_character(manager):
     await reader.to_exit()
     assert reader.frames[0].truncated
     assert set(reader.data["stdout"].decode()) == {"€"}
+
+
+async def test_a_released_record_is_adopted_with_its_output_stdin_and_timeout(manager):
+    """The hand-over seam of a reload: one record (pid, fds, rings) moves to a new manager."""
+    old = await manager()
+    new = await manager(process_kill_grace=0.3)
+    fds = open_fds()
+    process = old.spawn(argv=["cat"], stdin=True, process_id="kept", timeout=30)
+    first = Reader(process)
+    process.write(b"one\n")
+    await first.until("stdout", b"one\n")
+    state = process.release()
+    assert old.find("kept") is None and first.attachment.closed
+    adopted = new.adopt(state)
+    adopted.write(b"two\n", eof=True)
+    reader = Reader(adopted, {"stdout": first.end("stdout"), "stderr": 0})
+    exit_ = await reader.to_exit()
+    assert exit_.exit_code == 0 and reader.data["stdout"] == b"two\n"
+    assert reader.starts["stdout"] == 4 and adopted.state.stdout.ring.contents() == b"one\ntwo\n"
+    # The timeout's deadline carries over too.
+    slow = old.spawn(command="sleep 30", timeout=0.5)
+    moved = new.adopt(slow.release())
+    exit_ = await asyncio.wait_for(moved.wait(), 10)
+    assert exit_.timed_out and exit_.signal == signal.SIGTERM
+    await wait_for(lambda: new.background_tasks == 0, 5)
+    for mgr in (old, new):
+        for p in mgr.processes():
+            mgr._forget(p)
+    assert open_fds() == fds

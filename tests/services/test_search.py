@@ -450,3 +450,33 @@ async def test_cancelling_stops_the_python_engine(tmp_path: Path) -> None:
         await task
     await wait_for(lambda: executor.busy == 0, timeout=10)
     assert service.cancelled == 1
+
+
+def test_the_json_stream_reads_the_same_in_any_chunks(tree: Path) -> None:
+    """ripgrep's output split anywhere (mid-line, mid-message) gives the same result."""
+    import subprocess
+
+    from aetherd.services.search import RgJson, TopN
+
+    out = subprocess.run(
+        ["rg", "--json", "--no-config", "--hidden", "--context", "1", "-e", "needle"],
+        cwd=tree,
+        capture_output=True,
+        check=False,
+    ).stdout
+    assert out.count(b'{"type":"begin"') > 10
+
+    def read(size: int, limit: int) -> tuple[Any, bool]:
+        top = TopN(limit, 10**9)
+        stream = RgJson(top, 1)
+        for start in range(0, len(out), size):
+            stream.feed(out[start : start + size])
+        assert stream.pending == b""
+        return top.result(), stream.summary
+
+    for limit in (1, 3, 1000):
+        whole = read(len(out), limit)
+        assert whole[1] is True
+        assert len(whole[0][0]) == min(limit, len(whole[0][0])) and whole[0][0]
+        for size in (5, 13, 64, 4096):  # 5 and 13 split every marker
+            assert read(size, limit) == whole

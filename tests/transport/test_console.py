@@ -9,6 +9,7 @@ import re
 import aiohttp
 import pytest
 
+from aetherd.transport.console import DIST as PAGE_DIST
 from aetherd.transport.console import PAGE, console_url, content_security_policy
 from tests.console.conftest import console_assets  # noqa: F401 (the built assets)
 
@@ -67,7 +68,17 @@ async def test_assets_are_served_with_their_types_and_revalidated(daemon):
                 daemon.url(f"/workspaces/ws-test/assets/{name}"), headers=headers
             ) as resp:
                 assert resp.status == 304
+        # The bundle goes precompressed to a client that accepts gzip (about a third).
+        async with http.get(
+            daemon.url("/workspaces/ws-test/assets/app.js"),
+            headers={"Accept-Encoding": "gzip"},
+        ) as resp:
+            assert resp.headers["Content-Encoding"] == "gzip"
+            assert resp.content_type == "text/javascript"
+            assert int(resp.headers["Content-Length"]) < (PAGE_DIST / "app.js").stat().st_size / 2
+            assert await resp.read() == (PAGE_DIST / "app.js").read_bytes()
         for path in (
+            "/workspaces/ws-test/assets/app.js.gz",  # served as app.js, not by its own name
             "/workspaces/ws-test/assets/stamp.json",  # built, but not an asset
             "/workspaces/ws-test/assets/index.html",
             "/workspaces/ws-test/assets/..%2Fconsole.py",

@@ -136,10 +136,21 @@ export interface ConfigValidation {
   valid: boolean;
 }
 
+export interface CpuFigures {
+  limitCores: number;
+  usedCores: number;
+  usedPercent: number;
+}
+
 export interface DecisionReply {
   approved: boolean;
   requestId: string;
   taskId: string;
+}
+
+export interface DiskFigures {
+  total: number;
+  used: number;
 }
 
 export type ErrorCode = "INVALID_JSON" | "INVALID_MESSAGE" | "UNKNOWN_CHANNEL" | "UNKNOWN_TYPE" | "UNSUPPORTED_FRAME" | "NOT_FOUND" | "SESSION_NOT_FOUND" | "TASK_NOT_FOUND" | "ALREADY_EXISTS" | "INVALID_PATH" | "IS_DIRECTORY" | "NOT_DIRECTORY" | "FILE_TOO_LARGE" | "PERMISSION_DENIED" | "NO_SPACE" | "CONFLICT" | "INVALID_CONFIG" | "LIMIT_EXCEEDED" | "BUSY" | "PROVIDER_NOT_CONFIGURED" | "PROVIDER_ERROR" | "INTERNAL_ERROR";
@@ -233,11 +244,23 @@ export interface FilesSpec {
   ignore: string[];
 }
 
+export interface FindResult {
+  paths: string[];
+  /** Beside `paths`, one for one, when a path is not valid UTF-8 */
+  rawPaths?: (string | null)[] | null;
+  truncated: boolean;
+}
+
 export interface HistoryReply {
   events: (AgentStatus | AgentText | AgentThinking | AgentToolInvocation | AgentPermissionRequest | AgentToolResult | AgentDone | AgentOtherEvent)[];
   hasMore: boolean;
   latestSeq: number;
   pending: (AgentStatus | AgentText | AgentThinking | AgentToolInvocation | AgentPermissionRequest | AgentToolResult | AgentDone | AgentOtherEvent)[];
+}
+
+export interface MemoryFigures {
+  limit: number;
+  used: number;
 }
 
 export interface PortEntry {
@@ -280,6 +303,37 @@ export interface PromptReply {
 }
 
 export type RequestId = string;
+
+export interface SearchMatch {
+  /** Up to `contextLines` lines after */
+  after?: string[] | null;
+  /** Up to `contextLines` lines before */
+  before?: string[] | null;
+  /** Of the first match, in characters from 1 */
+  column: number;
+  /** From 1 */
+  line: number;
+  path: string;
+  ranges: SearchRange[];
+  /** base64 of the exact bytes, only when the name is not valid UTF-8 */
+  rawPath?: string | null;
+  /** The line, at most 500 characters */
+  text: string;
+  /** Characters of the line before `text` (0 unless a long line was cut) */
+  textOffset: number;
+}
+
+export interface SearchRange {
+  end: number;
+  start: number;
+}
+
+export interface SearchResult {
+  engine: "ripgrep" | "python";
+  filesSearched: number;
+  matches: SearchMatch[];
+  truncated: boolean;
+}
 
 export interface SettingsReply {
   model: string;
@@ -390,6 +444,48 @@ export interface WorkspaceConfig {
   /** Run at every daemon start, in the session boot:setup */
   setup_on_boot: string | null;
   terminals: TerminalSpec[];
+}
+
+/** activity/resources */
+export interface ActivityResourcesPush {
+  channel: "activity";
+  cpu: CpuFigures;
+  disk: DiskFigures;
+  memory: MemoryFigures;
+  source: "cgroup" | "psutil";
+  type: "resources";
+}
+
+/** activity/subscribe_resources reply */
+export interface ActivitySubscribeResourcesReply {
+  channel: "activity";
+  data: null;
+  requestId: RequestId;
+  success: true;
+  type: "subscribe_resources";
+}
+
+/** activity/subscribe_resources */
+export interface ActivitySubscribeResourcesRequest {
+  channel: "activity";
+  requestId?: RequestId;
+  type: "subscribe_resources";
+}
+
+/** activity/unsubscribe_resources reply */
+export interface ActivityUnsubscribeResourcesReply {
+  channel: "activity";
+  data: null;
+  requestId: RequestId;
+  success: true;
+  type: "unsubscribe_resources";
+}
+
+/** activity/unsubscribe_resources */
+export interface ActivityUnsubscribeResourcesRequest {
+  channel: "activity";
+  requestId?: RequestId;
+  type: "unsubscribe_resources";
 }
 
 /** activity/user_activity reply */
@@ -783,6 +879,26 @@ export interface FilesDeleteRequest {
   type: "delete";
 }
 
+/** files/find reply */
+export interface FilesFindReply {
+  channel: "files";
+  data: FindResult;
+  requestId: RequestId;
+  success: true;
+  type: "find";
+}
+
+/** files/find */
+export interface FilesFindRequest {
+  channel: "files";
+  maxResults?: number;
+  path?: string | null;
+  pattern: string;
+  rawPath?: string | null;
+  requestId: RequestId;
+  type: "find";
+}
+
 /** files/list reply */
 export interface FilesListReply {
   channel: "files";
@@ -865,6 +981,31 @@ export interface FilesResyncPush {
   channel: "files";
   reason: "watch_limit" | "overflow";
   type: "resync";
+}
+
+/** files/search reply */
+export interface FilesSearchReply {
+  channel: "files";
+  data: SearchResult;
+  requestId: RequestId;
+  success: true;
+  type: "search";
+}
+
+/** files/search */
+export interface FilesSearchRequest {
+  caseSensitive?: boolean | null;
+  channel: "files";
+  contextLines?: number;
+  exclude?: string[];
+  include?: string[];
+  maxResults?: number;
+  path?: string | null;
+  query: string;
+  rawPath?: string | null;
+  regex?: boolean;
+  requestId: RequestId;
+  type: "search";
 }
 
 /** files/stat reply */
@@ -1107,6 +1248,8 @@ export interface TerminalSessionsPush {
 }
 
 export type ClientFrame =
+  | ActivitySubscribeResourcesRequest
+  | ActivityUnsubscribeResourcesRequest
   | ActivityUserActivityRequest
   | AgentAbortRequest
   | AgentApproveRequest
@@ -1121,10 +1264,12 @@ export type ClientFrame =
   | ConfigSetRequest
   | ConfigValidateRequest
   | FilesDeleteRequest
+  | FilesFindRequest
   | FilesListRequest
   | FilesMkdirRequest
   | FilesReadRequest
   | FilesRenameRequest
+  | FilesSearchRequest
   | FilesStatRequest
   | FilesWriteRequest
   | PortsKillRequest
@@ -1137,6 +1282,7 @@ export type ClientFrame =
   | TerminalResizeRequest;
 
 export type PushFrame =
+  | ActivityResourcesPush
   | AgentDonePush
   | AgentErrorPush
   | AgentHistoryPush
@@ -1159,6 +1305,9 @@ export type PushFrame =
 /** Every (channel, type) the daemon speaks: use these instead of string literals. */
 export const MESSAGES = {
   activity: {
+    resources: "resources",
+    subscribe_resources: "subscribe_resources",
+    unsubscribe_resources: "unsubscribe_resources",
     user_activity: "user_activity",
   },
   agent: {
@@ -1192,11 +1341,13 @@ export const MESSAGES = {
   files: {
     change: "change",
     delete: "delete",
+    find: "find",
     list: "list",
     mkdir: "mkdir",
     read: "read",
     rename: "rename",
     resync: "resync",
+    search: "search",
     stat: "stat",
     write: "write",
   },
