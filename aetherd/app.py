@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +23,16 @@ from aetherd.daemon import Daemon, build_services
 from aetherd.errors import SettingsError
 from aetherd.logs import AccessLogger, install_log_filters
 from aetherd.protocol import Hub, Registry
+from aetherd.reload import (
+    Reexec,
+    ReloadState,
+    check_new_code,
+    end_abandoned,
+    inherited_listener,
+    write_record,
+)
+from aetherd.services import handover, keeper
+from aetherd.services.handover import SessionState
 from aetherd.settings import Settings
 from aetherd.transport.access import AUTH, DAEMON, TRANSPORT, TransportState
 from aetherd.transport.auth import (
@@ -37,6 +49,8 @@ from aetherd.transport.proxy import add_preview_proxy
 from aetherd.transport.routes import add_routes
 
 log = logging.getLogger("aetherd")
+# Seconds between the last accept() of a reloading daemon and closing its connections.
+RELOAD_SETTLE = 0.05
 
 
 def create_app(settings: Settings, tokens: TokenSetup | None = None) -> web.Application:
@@ -112,8 +126,12 @@ async def _key_file_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def close_sockets(app: web.Application) -> None:
-    """Close every socket with 1001 (going away) and stop reporting ready.
+async def close_sockets(
+    app: web.Application,
+    code: int = WSCloseCode.GOING_AWAY,
+    reason: str = "server shutting down",
+) -> None:
+    """Close every socket with 1001 (going away; 1012 for a reload) and stop reporting ready.
 
     `serve()` calls this before the runner's cleanup, because aiohttp's
     `pre_shutdown` drops open connections before `on_shutdown` runs.
@@ -123,7 +141,7 @@ async def close_sockets(app: web.Application) -> None:
     peers = list(daemon.hub)
     if peers:
         await asyncio.gather(
-            *(peer.close(WSCloseCode.GOING_AWAY, "server shutting down") for peer in peers),  # type: ignore[attr-defined]
+            *(peer.close(code, reason) for peer in peers),  # type: ignore[attr-defined]
             return_exceptions=True,
         )
 
@@ -161,21 +179,44 @@ def _bind(settings: Settings) -> socket.socket:
     return sock
 
 
-async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> Reexec | None:
     """Run the daemon until SIGTERM/SIGINT (or `stop`), then shut down gracefully.
 
     The socket is bound before the token is set up, so a start that fails (a port in
     use) leaves no token file behind: the first start that succeeds generates the
     token and prints the connect URL.
+
+    On SIGHUP the daemon reloads (`aetherd.reload`): it returns a `Reexec` once every
+    service has stopped and the state is written; the caller execs it outside the loop.
     """
     check_environment(settings)
-    activated = systemd.listen_fds()
-    if activated:
-        sock = activated[0]
-        for extra in activated[1:]:
-            extra.close()
-        log.info("using the socket passed by socket activation")
-    else:
+    taken = handover.take()
+    reloads = ReloadState(settings.data_dir)
+    reloads.begin(reloaded=taken is not None)
+    sock = inherited_listener(taken.listen_fd) if taken is not None else None
+    abandoned: list[int] = []
+    if taken is not None and taken.state is None:
+        # One line, then a clean start: the handed-over sessions are ended and reaped.
+        log.warning("reload: %s; starting clean", taken.refused)
+        for fd in taken.fds[1:] if sock is not None else taken.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        abandoned = taken.pids
+    # Socket activation, and fds a keeper (aetherd init, systemd's fd store) kept
+    # through a crash: named as systemd names them (LISTEN_FDNAMES).
+    named = keeper.named_fds()
+    orphans = [(fd, name) for fd, name in named if name.startswith(keeper.PTY_PREFIX)]
+    for fd, name in named:
+        if name.startswith(keeper.PTY_PREFIX):
+            continue
+        candidate = inherited_listener(fd) if sock is None else None
+        if candidate is not None:
+            sock = candidate
+            log.info("using the listening socket passed in LISTEN_FDS")
+        else:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    if sock is None:
         sock = _bind(settings)
     host, port = sock.getsockname()[:2]
     try:
@@ -184,6 +225,18 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     except BaseException:
         sock.close()
         raise
+    daemon = app[DAEMON]
+    daemon.reloads = reloads
+    daemon.services.metrics.add_source(reloads)
+    terminals = daemon.services.terminals
+    if taken is not None and taken.state is not None:
+        terminals.handover = (taken.state.terminals, taken.blob)
+    terminals.orphans = orphans
+    kept_by = keeper.from_environment(terminals.keeper_exit)
+    terminals.keeper = kept_by
+    if isinstance(kept_by, keeper.InitKeeper):
+        kept_by.start()
+    kept_by.keep_listener(sock.fileno())
     runner = web.AppRunner(
         app,
         handle_signals=False,
@@ -197,7 +250,45 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     loop.set_exception_handler(guard.exception_handler)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    reload_wanted = False
+    background: set[asyncio.Task[Any]] = set()
+
+    async def try_reload() -> None:
+        nonlocal reload_wanted
+        if reloads.in_progress or stop.is_set():
+            log.info("reload already under way")
+            return
+        reloads.in_progress = True
+        systemd.notify(
+            f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+        )
+        log.info("reload requested: checking the new code")
+        why = await check_new_code(settings.reload_check_timeout)
+        if why is not None:
+            reloads.in_progress = False
+            reloads.refused += 1
+            log.warning("reload refused, still serving: %s", why)
+            with contextlib.suppress(OSError):
+                write_record(settings.data_dir, reloadError={"at": time.time(), "reason": why})
+            systemd.notify("READY=1")
+            return
+        if not stop.is_set():
+            reload_wanted = True
+            stop.set()
+
+    def on_sighup() -> None:
+        task = asyncio.ensure_future(try_reload())
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    if abandoned:
+        task = asyncio.ensure_future(end_abandoned(abandoned, settings.terminal_kill_grace))
+        background.add(task)
+        task.add_done_callback(background.discard)
     watchdog: asyncio.Task[None] | None = None
+    handed: tuple[list[SessionState], bytes] | None = None
+    listen_copy: int | None = None
     try:
         await runner.setup()
         site = GuardedSite(runner, sock, guard)
@@ -226,20 +317,79 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             log.info("token is in %s", settings.token_path)
         elif not tokens.tokens:
             log.info("no static token: clients authenticate with JWTs")
+        with contextlib.suppress(OSError):
+            reloads.publish(host, port, __version__)
+        if reloads.reloaded:
+            log.info(
+                "reloaded: generation %d, %d terminal sessions adopted",
+                reloads.generation,
+                daemon.services.terminals.adopted,
+                extra={"generation": reloads.generation},
+            )
         systemd.notify(f"READY=1\nSTATUS=serving workspace {settings.workspace_id} on port {port}")
         interval = systemd.watchdog_interval()
         if interval is not None:
             watchdog = asyncio.create_task(systemd.watchdog_loop(interval), name="sd-watchdog")
         await stop.wait()
-        log.info("shutting down")
-        systemd.notify("STOPPING=1")
-        await close_sockets(app)
+        if reload_wanted:
+            # The duplicate keeps the socket listening: connections wait in its backlog.
+            listen_copy = os.dup(sock.fileno())
+            await site.stop()
+            # Requests on connections accepted just before that are answered, not reset.
+            await asyncio.sleep(RELOAD_SETTLE)
+            await close_sockets(app, WSCloseCode.SERVICE_RESTART, "service restart")
+            handed = daemon.services.terminals.hand_over()
+            log.info("reloading: handing over %d terminal sessions", len(handed[0]))
+        else:
+            log.info("shutting down")
+            systemd.notify("STOPPING=1")
+            await close_sockets(app)
     finally:
         if watchdog is not None:
             watchdog.cancel()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
+        for task in list(background):
+            task.cancel()
         await runner.cleanup()
         sock.close()
         loop.set_exception_handler(previous_handler)
+    if handed is not None and listen_copy is not None:
+        return _prepare_reexec(settings, listen_copy, handed, kept_by)
+    kept_by.close()
+    reloads.stopped()
     log.info("stopped")
+    return None
+
+
+def _prepare_reexec(
+    settings: Settings,
+    listen_fd: int,
+    handed: tuple[list[SessionState], bytes],
+    kept_by: keeper.Keeper,
+) -> Reexec:
+    """Write the handover state; the fds and pids the next process inherits."""
+    states, blob = handed
+    state = handover.HandoverState(
+        version=handover.HANDOVER_VERSION,
+        pid=os.getpid(),
+        written_at=time.time(),
+        listen_fd=listen_fd,
+        terminals=states,
+    )
+    fds = [listen_fd] + [s.fd for s in states if s.fd is not None]
+    pids = [s.pid for s in states if not s.exited]
+    try:
+        path = handover.write_state(settings.runtime_path, state, blob)
+    except OSError as exc:
+        # The next process finds no state: it ends the sessions and starts clean.
+        log.warning("reload: cannot write the handover state: %s", exc)
+        path = settings.runtime_path / f"handover-{os.getpid()}.json"
+    log.info("re-executing", extra={"pid": os.getpid()})
+    extra_env: dict[str, str] = {}
+    if isinstance(kept_by, keeper.InitKeeper):
+        # The socket to aetherd init outlives the exec, like the PTYs.
+        fd = kept_by.sock.detach()
+        extra_env[keeper.KEEPER_ENV] = str(fd)
+        return Reexec(path, fds, pids, extra_env, [fd])
+    return Reexec(path, fds, pids)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 
 from aetherd import __version__
 from aetherd.errors import SettingsError
 from aetherd.settings import Settings, env_name, field_names, flag_name, load_settings
+
+RELOAD_CHECK = "AETHERD_RELOAD_CHECK"  # aetherd.reload.CHECK_ENV (not imported: start-up cost)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "init",
         help="run as a container's PID 1: start `aetherd serve ARGS`, reap orphans, forward signals",
+        add_help=False,
+    )
+    commands.add_parser(
+        "reload",
+        help="re-execute the running daemon (new version, same pid); terminals keep running",
         add_help=False,
     )
     commands.add_parser(
@@ -54,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         from aetherd.init import main as init_main
 
         return init_main(argv[1:])
+    if argv and argv[0] == "reload":
+        from aetherd.reload import reload_main
+
+        return reload_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "schema":
@@ -75,10 +87,17 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(flags, settings_file=args.settings)
         from aetherd.logs import setup_logging
 
+        if os.environ.get(RELOAD_CHECK):
+            from aetherd.reload import run_check
+
+            return run_check(settings)
         setup_logging(settings.log_format, settings.log_level)
         from aetherd.app import serve
 
-        asyncio.run(serve(settings))
+        reexec = asyncio.run(serve(settings))
+        if reexec is not None:
+            reexec.exec()  # returns only if execv failed
+            return 1
     except SettingsError as exc:
         print(f"aetherd: error: {exc}", file=sys.stderr)
         return 2

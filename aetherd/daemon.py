@@ -38,6 +38,7 @@ from aetherd.settings import Settings
 if TYPE_CHECKING:
     from aetherd.protocol.hub import Hub
     from aetherd.protocol.registry import Registry
+    from aetherd.reload import ReloadState
 
 log = logging.getLogger("aetherd.services")
 S = TypeVar("S")
@@ -240,3 +241,4 @@ class Daemon:
     registry: Registry
     started_at: float = field(default_factory=time.time)
     ready: bool = False
+    reloads: ReloadState | None = None  # set by serve(): generation, reload outcomes

@@ -157,6 +157,24 @@ class Settings(BaseModel):
         600.0, gt=0, description="Seconds an exited, unattached session keeps its output"
     )
 
+    # -- Reload and restarts (section 14) --------------------------------------------------
+    runtime_dir: Path | None = Field(
+        None,
+        description="Private runtime directory for the reload handover (default "
+        "$XDG_RUNTIME_DIR/aetherd, else DATA_DIR/run)",
+    )
+    terminal_ring_files: bool = Field(
+        True,
+        description="Mirror each terminal ring into a memory-mapped file under the runtime "
+        "directory, so scrollback survives a crash",
+    )
+    init_max_restarts: int = Field(
+        5, ge=0, description="Daemon restarts `aetherd init` allows per minute after a crash"
+    )
+    reload_check_timeout: float = Field(
+        30.0, gt=0, description="Seconds the new code's check may take before a reload is refused"
+    )
+
     # -- Process channel (issue 15) --------------------------------------------------------
     process_max: int = Field(
         64, ge=1, description="Live processes at once (exited ones are evicted oldest first)"
@@ -562,6 +580,17 @@ class Settings(BaseModel):
             workspacePrefix=self.workspace_id[:8],
             previewToken=self.preview_token,
         )
+
+    @property
+    def runtime_path(self) -> Path:
+        """The private runtime directory: `runtime_dir`, `$XDG_RUNTIME_DIR/aetherd`, or
+        `data_dir/run`."""
+        if self.runtime_dir is not None:
+            return self.runtime_dir.expanduser().absolute()
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        if xdg and Path(xdg).is_absolute():
+            return Path(xdg) / "aetherd"
+        return self.data_dir / "run"
 
     @property
     def token_path(self) -> Path:

@@ -14,10 +14,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import jwt
 import yaml
@@ -71,32 +72,43 @@ def loopback_gateway_conf(
     return conf
 
 
-class DnsStub(asyncio.DatagramProtocol):
+class DnsStub:
     """Answers A queries for the names in `records` (case-insensitive), NXDOMAIN for the
-    rest. UDP on 127.0.0.1; `queries` counts the questions per name."""
+    rest. UDP on 127.0.0.1, served from a thread of its own so that a busy event loop
+    (a benchmark opening hundreds of sockets) never makes nginx's resolver time out;
+    `queries` counts the questions per name."""
 
     def __init__(self, records: dict[str, str]) -> None:
         self.records = {k.lower().rstrip("."): v for k, v in records.items()}
         self.queries: dict[str, int] = {}
-        self.transport: asyncio.DatagramTransport | None = None
-        self.port = 0
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)  # how often the thread looks at `stopping`
+        self.port = int(self.sock.getsockname()[1])
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, name="dns-stub", daemon=True)
 
     async def start(self) -> DnsStub:
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: self, local_addr=("127.0.0.1", 0)
-        )
-        self.port = transport.get_extra_info("sockname")[1]
+        self.thread.start()
         return self
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                data, addr = self.sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            reply = self.answer(data)
+            if reply is not None:
+                self.sock.sendto(reply, addr)
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+    def answer(self, data: bytes) -> bytes | None:
         try:
             request = DNSRecord.parse(data)
         except Exception:
-            return
+            return None
         reply = request.reply()
         name = str(request.q.qname).lower().rstrip(".")
         self.queries[name] = self.queries.get(name, 0) + 1
@@ -105,12 +117,13 @@ class DnsStub(asyncio.DatagramProtocol):
             reply.header.rcode = RCODE.NXDOMAIN
         elif request.q.qtype == QTYPE.A:
             reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(address), ttl=30))
-        assert self.transport is not None
-        self.transport.sendto(reply.pack(), addr)
+        return bytes(reply.pack())
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        self.stopping.set()
+        if self.thread.is_alive():
+            self.thread.join(5)
+        self.sock.close()
 
 
 class Signer:

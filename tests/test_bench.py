@@ -31,8 +31,10 @@ WAIT = 150.0
 QUICK = {
     "agent": (["--quick"], "## Per-token overhead (50 tokens"),
     "files": (["--quick"], "| watch setup, "),
+    "fleet": (["--quick"], "| gateway CPU, streaming terminals (one worker) |"),
     "ports": (["--quick"], "| inode → pid lookup, full walk of /proc/*/fd |"),
     "proxy": (["--quick"], "| 64 in flight |"),
+    "reload": (["--quick"], "reference: python -c pass"),
     "restart": (["--quick"], "reference: import aetherd.app"),
     "search": (["--quick"], "| smart case `typeerror` |"),
     "support": None,

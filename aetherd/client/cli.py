@@ -29,7 +29,7 @@ from aetherd.client.terminal import Terminal, exit_status
 
 __all__ = ["COMMANDS", "add_commands", "run"]
 
-COMMANDS = ("attach", "ls", "logs", "cp", "ports")
+COMMANDS = ("attach", "ls", "logs", "cp", "ports", "exec", "agent")
 DETACH_HELP = "detach with Enter ~ . (type ~~ for a literal ~ at the start of a line)"
 
 
@@ -71,6 +71,32 @@ def add_commands(commands: Any) -> None:
     cp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     cp.add_argument("source")
     cp.add_argument("dest")
+    run_ = commands.add_parser(
+        "exec",
+        parents=[common],
+        help="run a command in the workspace, without a terminal",
+        description="aetherd exec [--cwd DIR] [--env K=V] -- CMD ARGS...: stdout and stderr "
+        "to yours, your stdin to it (with end of file), Ctrl-C as SIGINT, its exit code "
+        "(128 + signal when a signal ended it).",
+    )
+    run_.add_argument("--cwd", help="workspace directory to run in (default: the root)")
+    run_.add_argument(
+        "--env", action="append", default=[], metavar="K=V", help="an environment variable"
+    )
+    run_.add_argument("--timeout", type=float, help="seconds, then SIGTERM (and SIGKILL)")
+    run_.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+    agent = commands.add_parser(
+        "agent",
+        parents=[common],
+        help="give the workspace's agent a task and stream what it does",
+        description="Stream the answer, tool calls and results; ask for approvals.",
+    )
+    agent.add_argument("prompt", help="the task (- reads it from stdin)")
+    agent.add_argument("--json", action="store_true", help="print events as JSON lines")
+    agent.add_argument("--task-id", help="the task's id (default: made by the daemon)")
+    agent.add_argument(
+        "--yes", action="store_true", help="approve every permission request without asking"
+    )
     ports = commands.add_parser("ports", parents=[common], help="list listening ports")
     ports.add_argument("--json", action="store_true", help="print JSON")
     ports.add_argument("--kill", type=int, metavar="PORT", help="end the processes on PORT")
@@ -84,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
         "logs": cmd_logs,
         "cp": cmd_cp,
         "ports": cmd_ports,
+        "exec": cmd_exec,
+        "agent": cmd_agent,
     }
     handler = handlers[args.command]
     try:
@@ -562,3 +590,208 @@ async def _download_tree(client: Client, remote: str, local: Path, progress: boo
             bar = ProgressBar(str(local / entry.name), progress)
             await client.files.download(source, local / entry.name, bar)
             bar.finish()
+
+
+# -- exec ---------------------------------------------------------------------------------
+
+
+def _env_pairs(pairs: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise AetherdError("INVALID_ARGUMENT", f"--env wants K=V, not {pair!r}")
+        env[key] = value
+    return env
+
+
+def _read_stdin(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[bytes]) -> None:
+    """A thread: local stdin into `queue` (b"" at end of file), with backpressure."""
+    while True:
+        try:
+            data = os.read(sys.stdin.fileno(), 65536)
+        except OSError:
+            data = b""
+        try:
+            asyncio.run_coroutine_threadsafe(queue.put(data), loop).result()
+        except RuntimeError:  # the loop has ended
+            return
+        if not data:
+            return
+
+
+async def cmd_exec(client: Client, args: argparse.Namespace) -> int:
+    import threading
+
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise AetherdError("INVALID_ARGUMENT", "no command: aetherd exec [options] -- CMD ARGS...")
+    env = _env_pairs(args.env)
+    process = await client.process.start(
+        argv=argv,
+        cwd=args.cwd,
+        env=env or None,
+        stdin=True,
+        timeout=args.timeout,
+        encoding="base64",
+    )
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
+    threading.Thread(target=_read_stdin, args=(loop, queue), daemon=True).start()
+
+    async def forward_stdin() -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        while True:
+            data = await queue.get()
+            text = decoder.decode(data, final=not data)
+            try:
+                await process.write(text, eof=not data)
+            except AetherdError:
+                return  # it has exited, or closed its stdin
+            if not data:
+                return
+
+    forwarded = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+
+    def forward(sig: signal.Signals) -> None:
+        client.spawn(process.signal(sig.name))
+
+    for sig in forwarded:
+        loop.add_signal_handler(sig, forward, sig)
+    feeder = asyncio.ensure_future(forward_stdin())
+    try:
+        async for stream, data in process.chunks():
+            fd = sys.stdout.fileno() if stream == "stdout" else sys.stderr.fileno()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+    finally:
+        feeder.cancel()
+        for sig in forwarded:
+            loop.remove_signal_handler(sig)
+    if process.exit is None:
+        raise process.lost or AetherdError("CONNECTION_LOST", "the process was lost")
+    return exit_status(process.exit.exit_code, process.exit.signal)
+
+
+# -- agent --------------------------------------------------------------------------------
+
+
+class AgentView:
+    """The agent's events for a person: the answer as it streams, tool calls and their
+    results, in colour on a terminal; or one JSON object per line."""
+
+    def __init__(self, as_json: bool, color: bool) -> None:
+        self.as_json = as_json
+        self.color = color
+        self.at_line_start = True
+        self.tools_shown: set[str] = set()
+
+    def _paint(self, code: str, text: str) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if self.color else text
+
+    def _line(self, text: str, out: TextIO | None = None) -> None:
+        out = out or sys.stdout
+        if not self.at_line_start:
+            out.write("\n")
+        out.write(text + "\n")
+        out.flush()
+        self.at_line_start = True
+
+    def show(self, event: Any) -> None:
+        if self.as_json:
+            print(json.dumps(event.model_dump(mode="json", by_alias=True, exclude_none=True)))
+            sys.stdout.flush()
+            return
+        kind = event.type
+        if kind in ("text", "thinking"):
+            content = event.content
+            if kind == "thinking":
+                if not self.color:
+                    return
+                content = self._paint("2", content)
+            sys.stdout.write(content)
+            sys.stdout.flush()
+            self.at_line_start = event.content.endswith("\n")
+        elif kind == "tool_invocation" and event.tool_call_id not in self.tools_shown:
+            self.tools_shown.add(event.tool_call_id)
+            args = json.dumps(event.input, ensure_ascii=False)
+            if len(args) > 200:
+                args = args[:197] + "..."
+            self._line(self._paint("36", f"▸ {event.name} {args}"))
+        elif kind == "tool_result":
+            body = (event.error if event.is_error else event.result) or ""
+            first = body.strip().splitlines()[0][:200] if body.strip() else ""
+            mark = self._paint("31", "✗") if event.is_error else self._paint("32", "✓")
+            self._line(f"  {mark} {first}")
+        elif kind == "done":
+            usage = f"{event.usage.input_tokens} in, {event.usage.output_tokens} out"
+            if event.status != "completed":
+                reason = f": {event.error}" if event.error else ""
+                self._line(self._paint("31", f"task {event.status}{reason}"), sys.stderr)
+            self._line(self._paint("2", f"[{event.status}; tokens {usage}]"), sys.stderr)
+        elif kind == "error":
+            self._line(self._paint("31", f"agent error: {event.code}: {event.error}"), sys.stderr)
+
+
+async def _ask(question: str) -> str:
+    """A line from the user (stdin), or "" at end of file."""
+    sys.stderr.write(question)
+    sys.stderr.flush()
+    line: str = await asyncio.to_thread(sys.stdin.readline)
+    return line.strip()
+
+
+async def cmd_agent(client: Client, args: argparse.Namespace) -> int:
+    from aetherd.protocol.agent import (
+        AgentDone,
+        AgentPermissionRequest,
+        AgentToolInvocation,
+    )
+
+    prompt = args.prompt
+    if prompt == "-":
+        prompt = (await asyncio.to_thread(sys.stdin.read)).strip()
+    view = AgentView(args.json, color=sys.stdout.isatty() and not args.json)
+    events = client.agent.events()
+    reply = await client.agent.prompt(prompt, args.task_id)
+    task_id = reply.task_id
+    loop = asyncio.get_running_loop()
+    interrupted = False
+
+    def interrupt() -> None:
+        nonlocal interrupted
+        interrupted = True
+        client.spawn(client.agent.abort(task_id))
+
+    loop.add_signal_handler(signal.SIGINT, interrupt)
+    try:
+        async for event in events:
+            if getattr(event, "task_id", task_id) != task_id:
+                continue
+            view.show(event)
+            if isinstance(event, AgentPermissionRequest):
+                allowed = args.yes or (
+                    await _ask(f"Allow {event.name}: {event.description}? [y/N] ")
+                ).lower() in ("y", "yes")
+                if allowed:
+                    await client.agent.approve(event.request_id)
+                else:
+                    await client.agent.reject(event.request_id, "refused by the user")
+            elif (
+                isinstance(event, AgentToolInvocation)
+                and event.status == "awaiting_input"
+                and event.name == "ask_user"
+            ):
+                question = str(event.input.get("question") or "The agent asks")
+                answer = await _ask(f"{question}\n> ")
+                await client.agent.tool_response(event.tool_call_id, answer)
+            elif isinstance(event, AgentDone):
+                if interrupted:
+                    return 130
+                return 0 if event.status == "completed" else 1
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+    raise AetherdError("CONNECTION_LOST", "the event stream ended before the task did")

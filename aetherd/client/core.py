@@ -112,6 +112,7 @@ class Client:
         from aetherd.client.config import ConfigAPI
         from aetherd.client.files import FilesAPI
         from aetherd.client.ports import PortsAPI
+        from aetherd.client.process import ProcessAPI
         from aetherd.client.terminal import TerminalAPI
 
         self.target = Target.parse(url, token, workspace)
@@ -137,6 +138,7 @@ class Client:
         self._dead: AetherdError | None = None
         self.sessions_on_connect: asyncio.Future[Frame] | None = None
         self.terminal = TerminalAPI(self)
+        self.process = ProcessAPI(self)
         self.files = FilesAPI(self)
         self.agent = AgentAPI(self)
         self.ports = PortsAPI(self)
@@ -231,6 +233,9 @@ class Client:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._runner
         self._end(None)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._http is not None:
             await self._http.close()
 
@@ -372,6 +377,10 @@ class Client:
                 await restorer(not first.done())
         except AetherdError as err:
             log.debug("restore interrupted: %s", err)
+        except Exception:
+            # A bug in a restorer must not end the client: drop this socket, try again.
+            log.exception("restoring the client's state failed")
+            self.drop()
         else:
             if not reader.done():
                 self._ready.set()

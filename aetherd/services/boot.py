@@ -68,8 +68,19 @@ class SessionLauncher:
         self.terminals = terminals
         self.jail = jail
 
+    @property
+    def reloaded(self) -> bool:
+        """True when this process took its sessions over from a reload (not a boot)."""
+        return self.terminals.reloaded
+
     async def start(self, session_id: str, command: str, cwd: Path, env: dict[str, str]) -> None:
-        """Start the session, replacing an exited one of the same id (a restart)."""
+        """Start the session, replacing an exited one of the same id (a restart).
+
+        A live session of that id handed over by a reload is the terminal already: kept.
+        """
+        existing = self.terminals.find(session_id)
+        if existing is not None and existing.alive and existing.adopted:
+            return
         self.terminals.discard(session_id)
         await self.terminals.create(
             session_id, command=command, cwd=self.jail.to_wire(cwd), env=env
@@ -202,6 +213,9 @@ class BootRunner:
         return dict(config.env)
 
     async def _run_setups(self, config: WorkspaceConfig) -> None:
+        if getattr(self.launcher, "reloaded", False):
+            log.info("reload, not a boot: setup commands skipped")
+            return
         root = self.jail.root
         env = self._base_env(config)
         if config.setup:

@@ -39,10 +39,14 @@ from typing import Any
 
 from aetherd.errors import AetherError, ErrorCode
 from aetherd.metrics import Sample
+from aetherd.services import ringfile
+from aetherd.services.handover import SessionState
 from aetherd.services.jail import Jail
+from aetherd.services.keeper import Keeper, fd_name
 from aetherd.services.ring import OutputRing
 from aetherd.services.ring import _is_continuation as _is_continuation  # re-exported
 from aetherd.services.ring import _utf8_cut as _utf8_cut  # re-exported
+from aetherd.services.ringfile import RingFile, ring_dir
 from aetherd.settings import Settings
 
 log = logging.getLogger("aetherd.terminal")
@@ -143,7 +147,7 @@ class TerminalSession:
         session_id: str,
         *,
         pid: int,
-        fd: int,
+        fd: int | None,
         command: str | None,
         cwd: str,
         cols: int,
@@ -179,11 +183,18 @@ class TerminalSession:
         self._kill_task: asyncio.Task[None] | None = None
         self._exit_callbacks: list[Callable[[Exit], Any]] = []
         self.paused_count = 0  # how often backpressure stopped reading (for tests/metrics)
+        self.adopted = False  # taken over from the previous process (a reload)
+        # Not this process's child (adopted after a crash): the keeper reports the exit.
+        self.orphan = False
+        self.ring_file: RingFile | None = None  # the ring's mapped mirror (crash survival)
+        self.kept = False  # a keeper holds a duplicate of the PTY fd
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
         """Start reading the PTY and watching the process."""
         self._resume_reading()
+        if self.orphan and self.manager.keeper.forwards_exits:
+            return  # its parent is init now: init reaps it and forwards the status
         try:
             self._pidfd = os.pidfd_open(self.pid)
         except (AttributeError, OSError):
@@ -265,7 +276,10 @@ class TerminalSession:
             chunks.append(data)
             got += len(data)
         if chunks:
-            self.ring.append(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            self.ring.append(data)
+            if self.ring_file is not None:
+                self.ring_file.append(data, self.ring.end)
             self.manager.output_bytes += got
         return got
 
@@ -300,6 +314,101 @@ class TerminalSession:
     def reading(self) -> bool:
         """True while the PTY is being read (False when paused by backpressure or ended)."""
         return self._reading
+
+    # -- handover (a reload: PROTOCOL.md section 14) -------------------------------------
+    def hand_over(self, blob: bytearray) -> SessionState:
+        """Stop watching the PTY and the process without ending either; the state to adopt.
+
+        The ring's bytes and the input not yet written go to `blob`. The PTY fd stays
+        open and is no longer this object's: whatever the program writes from now on
+        waits in the PTY for the next process to read it.
+        """
+        self._pause_reading()
+        if self._writing and self.fd is not None:
+            self._loop.remove_writer(self.fd)
+            self._writing = False
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self._reap_handle is not None:
+            self._reap_handle.cancel()
+            self._reap_handle = None
+        retention_left = None
+        if self._retention_handle is not None:
+            retention_left = max(0.0, self._retention_handle.when() - self._loop.time())
+            self._retention_handle.cancel()
+            self._retention_handle = None
+        terminating = self._kill_task is not None and self.exit is None
+        if self._kill_task is not None:
+            self._kill_task.cancel()
+        for attachment in self.attachments:
+            attachment.closed = True
+        self.attachments.clear()
+        ring_at = len(blob)
+        blob += self.ring._buf
+        pending_at = len(blob)
+        blob += self._pending_input
+        self._pending_input.clear()
+        fd, self.fd = self.fd, None
+        if self.ring_file is not None:
+            self.ring_file.close(remove=False)  # the next process maps it again
+            self.ring_file = None
+        return SessionState(
+            id=self.id,
+            pid=self.pid,
+            fd=fd,
+            command=self.command,
+            cwd=self.cwd,
+            cols=self.cols,
+            rows=self.rows,
+            created_at=self.created_at,
+            ring_start=self.ring.start,
+            ring_at=ring_at,
+            ring_len=len(self.ring),
+            pending_at=pending_at,
+            pending_len=len(blob) - pending_at,
+            exited=self.exit is not None,
+            exit_code=self.exit.exit_code if self.exit else None,
+            exit_signal=self.exit.signal if self.exit else None,
+            exit_delivered=self.exit_delivered_once,
+            retention_left=retention_left,
+            eof=self._eof,
+            terminating=terminating,
+            kept=self.kept,
+            orphan=self.orphan,
+        )
+
+    def _adopted(self, state: SessionState, blob: bytes) -> None:
+        """Take up where `hand_over` left off (in the new process)."""
+        self.created_at = state.created_at
+        self.ring.start = state.ring_start
+        self.ring.append(blob[state.ring_at : state.ring_at + state.ring_len])
+        self.kept = state.kept
+        self.orphan = state.orphan
+        if state.exited:
+            self.exit = Exit(state.exit_code, state.exit_signal)
+            self.exit_delivered_once = state.exit_delivered
+            self._eof = True
+            self.exited_event.set()
+            if state.retention_left is not None:
+                self._retention_handle = self._loop.call_later(
+                    state.retention_left, self.manager._forget, self
+                )
+            else:
+                self._maybe_forget()
+            return
+        self._eof = state.eof
+        self.manager._map_ring(self)
+        self.start()
+        pending = blob[state.pending_at : state.pending_at + state.pending_len]
+        if pending:
+            self._pending_input += pending
+            assert self.fd is not None
+            self._loop.add_writer(self.fd, self._flush_input)
+            self._writing = True
+        if state.terminating:
+            self.terminate()
 
     # -- clients -----------------------------------------------------------------------
     def attach(self, notify: Callable[[], None], resume_from: int | None = None) -> Attachment:
@@ -417,6 +526,8 @@ class TerminalSession:
             )
         _set_winsize(self.fd, cols, rows)
         self.cols, self.rows = cols, rows
+        if self.ring_file is not None:
+            self.ring_file.update(cols=cols, rows=rows)
 
     # -- ending ------------------------------------------------------------------------
     def _schedule_poll(self) -> None:
@@ -434,14 +545,13 @@ class TerminalSession:
         try:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
+            if self.orphan:  # adopted after a crash, under a keeper that cannot tell
+                self._finish(Exit(None, None))
+                return True
             pid, status = self.pid, 255 << 8  # reaped elsewhere; the status is lost
         if pid == 0:
             return False
-        if os.WIFSIGNALED(status):
-            exit_ = Exit(None, os.WTERMSIG(status))
-        else:
-            exit_ = Exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 255, None)
-        self._finish(exit_)
+        self._finish(exit_from_status(status))
         return True
 
     def _finish(self, exit_: Exit) -> None:
@@ -458,6 +568,10 @@ class TerminalSession:
             self._reap_handle.cancel()
             self._reap_handle = None
         self._close_fd()
+        if self.ring_file is not None:
+            # An ended session cannot be adopted after a crash: no mirror (and no fd) left.
+            self.ring_file.close(remove=True)
+            self.ring_file = None
         # Background jobs may outlive the shell; they belong to the session, so end them.
         self.manager._track(self._end_stragglers())
         self.exited_event.set()
@@ -479,6 +593,9 @@ class TerminalSession:
         fd, self.fd = self.fd, None
         if fd is None:
             return
+        if self.kept:
+            self.kept = False
+            self.manager.keeper.drop(self.id)
         if self._writing:
             self._loop.remove_writer(fd)
             self._writing = False
@@ -511,6 +628,23 @@ class TerminalSession:
         except asyncio.TimeoutError:
             log.info("terminal session ignored SIGHUP; killing it", extra={"sessionId": self.id})
             await asyncio.to_thread(_signal_session, self.pid, signal.SIGKILL)
+
+
+def exit_from_status(status: int) -> Exit:
+    """An `Exit` from a wait status."""
+    if os.WIFSIGNALED(status):
+        return Exit(None, os.WTERMSIG(status))
+    return Exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 255, None)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _session_members(sid: int) -> list[int]:
@@ -575,11 +709,246 @@ class TerminalManager:
         self.output_bytes = 0  # read from every PTY
         self.resyncs = 0  # clients resynchronised from a ring they had fallen out of
         self.skipped_bytes = 0  # output those clients never received
+        # Set before start() by a reload: the sessions the previous process handed over.
+        self.handover: tuple[list[SessionState], bytes] | None = None
+        self.adopted = 0  # sessions taken over from the previous process
+        self.keeper: Keeper = Keeper()  # holds PTY fd duplicates (set by the app)
+        self.ring_dir: Path | None = None  # where rings are mirrored (None: not mirrored)
+        # Set before start() after a crash: (fd, fd name) of PTYs a keeper handed back.
+        self.orphans: list[tuple[int, str]] = []
+        self._keeper_exits: dict[int, int] = {}  # pid -> wait status, not yet matched
+        self.reloaded = False  # this process was started by a reload with readable state
+        self.adoption_failures = 0  # handed-over sessions that could not be taken over
 
     # -- service lifecycle -------------------------------------------------------------
     async def start(self) -> None:
         """Resolve the shell once (a missing shell fails at create, with a clear error)."""
         self._shell_path = shutil.which(self.settings.terminal_shell)
+        if self.settings.terminal_ring_files and self.ring_dir is None:
+            try:
+                self.ring_dir = ring_dir(self.settings.runtime_path)
+            except OSError as exc:
+                log.warning("terminal rings are not mirrored to files: %s", exc)
+        if self.handover is not None:
+            states, blob = self.handover
+            self.handover = None
+            self.reloaded = True
+            self.adopt(states, blob)
+        if self.orphans:
+            orphans, self.orphans = self.orphans, []
+            self.adopt_orphans(orphans)
+        self._remove_stale_rings()
+
+    # -- crash survival ----------------------------------------------------------------
+    def _map_ring(self, session: TerminalSession) -> None:
+        """Mirror `session`'s ring into its mapped file (rewritten whole from memory)."""
+        if self.ring_dir is None:
+            return
+        meta = {
+            "id": session.id,
+            "pid": session.pid,
+            "command": session.command,
+            "cwd": session.cwd,
+            "cols": session.cols,
+            "rows": session.rows,
+            "created_at": session.created_at,
+            "daemon": os.getpid(),
+        }
+        try:
+            ring_file = RingFile(
+                self.ring_dir / fd_name(session.id), session.ring.capacity, meta, session.ring.end
+            )
+        except (OSError, ValueError) as exc:
+            log.warning("terminal %s: ring not mirrored: %s", session.id, exc)
+            return
+        if len(session.ring):
+            ring_file.append(session.ring._buf, session.ring.end)
+        session.ring_file = ring_file
+
+    def _keep(self, session: TerminalSession) -> None:
+        if session.fd is not None and not session.kept:
+            self.keeper.keep(session.id, session.pid, session.fd)
+            session.kept = self.keeper.name != "none"
+
+    def adopt_orphans(self, fds: list[tuple[int, str]]) -> int:
+        """Take over sessions whose PTY fds a keeper handed back after a crash.
+
+        The ring and the metadata come from the mapped files; the shell is no longer
+        this process's child (its exit comes from the keeper, or is seen through a
+        pidfd without a status). A session that cannot be checked is dropped whole.
+        """
+        count = 0
+        for fd, name in fds:
+            found = ringfile.read(self.ring_dir / name) if self.ring_dir is not None else None
+            problem = None
+            meta: dict[str, Any] = {}
+            if found is None:
+                problem = "no ring file"
+            else:
+                meta, start, data = found
+                problem = self._orphan_problem(fd, meta)
+            if problem is not None:
+                self.adoption_failures += 1
+                log.warning("terminal fd %s (%s) not adopted: %s", fd, name, problem)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                if self.ring_dir is not None:
+                    self.keeper.drop(str(meta.get("id", "")))
+                continue
+            os.set_blocking(fd, False)
+            session = TerminalSession(
+                self,
+                str(meta["id"]),
+                pid=int(meta["pid"]),
+                fd=fd,
+                command=meta.get("command"),
+                cwd=str(meta.get("cwd", "/")),
+                cols=int(meta.get("cols", DEFAULT_COLS)),
+                rows=int(meta.get("rows", DEFAULT_ROWS)),
+            )
+            session.created_at = float(meta.get("created_at", session.created_at))
+            session.ring.start = start
+            session.ring.append(data)
+            session.orphan = session.adopted = session.kept = True
+            self._sessions[session.id] = session
+            self._map_ring(session)
+            session.start()
+            self.adopted += 1
+            count += 1
+            status = self._keeper_exits.pop(session.pid, None)
+            if status is not None:
+                session._finish(exit_from_status(status))
+        if count:
+            log.info("adopted %d terminal sessions after a crash", count)
+        return count
+
+    def _orphan_problem(self, fd: int, meta: dict[str, Any]) -> str | None:
+        try:
+            session_id, pid = str(meta["id"]), int(meta["pid"])
+        except (KeyError, TypeError, ValueError):
+            return "unreadable metadata"
+        if not SESSION_ID_RE.match(session_id) or session_id in self._sessions:
+            return "invalid or duplicate id"
+        try:
+            if not os.isatty(fd):
+                return "not a terminal"
+        except OSError as exc:
+            return str(exc)
+        # The shell leads its own session: a recycled pid would not.
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            if pid in self._keeper_exits:
+                return None  # it ended while the daemon was down; init has its status
+            return f"pid {pid} is gone"
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) < 4 or int(fields[3]) != pid:
+            return f"pid {pid} does not lead its session"
+        return None
+
+    def keeper_exit(self, pid: int, status: int) -> None:
+        """The keeper reaped `pid` (a shell adopted after a crash): finish its session."""
+        for session in self._sessions.values():
+            if session.pid == pid and session.orphan and session.exit is None:
+                session._finish(exit_from_status(status))
+                return
+        self._keeper_exits[pid] = status
+        while len(self._keeper_exits) > 4 * self.settings.terminal_max_sessions:
+            self._keeper_exits.pop(next(iter(self._keeper_exits)))
+
+    def _remove_stale_rings(self) -> None:
+        """Delete ring files no live daemon owns (sessions that did not survive)."""
+        if self.ring_dir is None:
+            return
+        mine = {fd_name(session.id) for session in self._sessions.values()}
+        with contextlib.suppress(OSError):
+            for entry in os.listdir(self.ring_dir):
+                stem_name = entry.rsplit(".", 1)[0]
+                if stem_name in mine or not entry.endswith(".json"):
+                    continue
+                found = ringfile.read(self.ring_dir / stem_name)
+                owner = found[0].get("daemon") if found else None
+                if isinstance(owner, int) and owner != os.getpid() and _alive(owner):
+                    continue  # another daemon's session, sharing the runtime directory
+                for suffix in (".json", ".ring"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.ring_dir / (stem_name + suffix))
+
+    def hand_over(self) -> tuple[list[SessionState], bytes]:
+        """Give up every session without ending it, for the next process (a reload).
+
+        Returns each session's state and a blob with the rings' bytes. The PTY fds stay
+        open (the caller makes them inheritable); the processes keep running. After
+        this, `stop()` has nothing left to end and `create` answers BUSY.
+        """
+        self._stopping = True
+        blob = bytearray()
+        states = [session.hand_over(blob) for session in self._sessions.values()]
+        self._sessions.clear()
+        for task in list(self._tasks):
+            task.cancel()  # stragglers' signals and closes: the next process finishes them
+        return states, bytes(blob)
+
+    def adopt(self, states: list[SessionState], blob: bytes) -> int:
+        """Take over the sessions a previous process handed over; returns how many.
+
+        Each live session is checked first: its fd must be a terminal and its pid a
+        child of this process (the same process, after execv). A session that fails
+        the check is dropped whole (its fd closed), never half adopted.
+        """
+        for state in states:
+            problem = self._adoption_problem(state)
+            if problem is not None:
+                self.adoption_failures += 1
+                log.warning("terminal session %s not adopted: %s", state.id, problem)
+                if state.fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(state.fd)
+                continue
+            if state.fd is not None:
+                os.set_inheritable(state.fd, False)
+                os.set_blocking(state.fd, False)
+            session = TerminalSession(
+                self,
+                state.id,
+                pid=state.pid,
+                fd=state.fd,
+                command=state.command,
+                cwd=state.cwd,
+                cols=state.cols,
+                rows=state.rows,
+            )
+            self._sessions[state.id] = session
+            session.adopted = True
+            session._adopted(state, blob)
+            self._keep(session)
+            self.adopted += 1
+        return self.adopted
+
+    def _adoption_problem(self, state: SessionState) -> str | None:
+        if not SESSION_ID_RE.match(state.id):
+            return "invalid id"
+        if state.id in self._sessions:
+            return "duplicate id"
+        if len(self._sessions) >= self.settings.terminal_max_sessions:
+            return "too many sessions"
+        if state.exited:
+            return None
+        if state.fd is None:
+            return "no PTY fd"
+        try:
+            if not os.isatty(state.fd):
+                return f"fd {state.fd} is not a terminal"
+            if state.orphan:  # init's child since a crash: it must still lead its session
+                return self._orphan_problem(state.fd, {"id": "-", "pid": state.pid})
+            # Not reaped here (WNOWAIT): the session reaps it and reports the exit.
+            os.waitid(os.P_PID, state.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return f"pid {state.pid} is not a child of this process"
+        except OSError as exc:
+            return f"fd {state.fd}: {exc.strerror or exc}"
+        return None
 
     async def stop(self) -> None:
         """End every session: SIGHUP, then SIGKILL after the grace period; reap and close."""
@@ -624,6 +993,9 @@ class TerminalManager:
         if self._sessions.get(session.id) is session:
             del self._sessions[session.id]
             session._close_fd()
+            if session.ring_file is not None:
+                session.ring_file.close(remove=True)
+                session.ring_file = None
 
     # -- queries -----------------------------------------------------------------------
     @property
@@ -647,6 +1019,18 @@ class TerminalManager:
             "aetherd_terminal_output_bytes",
             "Bytes read from terminal PTYs",
             self.output_bytes,
+            kind="counter",
+        )
+        yield Sample(
+            "aetherd_terminal_adopted_sessions",
+            "Terminal sessions taken over from the previous process (reload)",
+            self.adopted,
+            kind="counter",
+        )
+        yield Sample(
+            "aetherd_terminal_adoption_failures",
+            "Handed-over terminal sessions that could not be taken over",
+            self.adoption_failures,
             kind="counter",
         )
         yield Sample(
@@ -757,6 +1141,8 @@ class TerminalManager:
             rows=rows,
         )
         self._sessions[session_id] = session
+        self._map_ring(session)
+        self._keep(session)
         session.start()
         log.info("terminal session started", extra={"sessionId": session_id, "pid": pid})
         return session
@@ -814,7 +1200,13 @@ def _spawn(argv: list[str], env: dict[str, str], cwd: str, cols: int, rows: int)
                 os.dup2(slave, target)  # dup2 makes them inheritable
             if slave > 2:
                 os.close(slave)
-            for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM):
+            for sig in (
+                signal.SIGPIPE,
+                signal.SIGXFSZ,
+                signal.SIGINT,
+                signal.SIGTERM,
+                signal.SIGHUP,  # ignored by the daemon while it re-executes itself
+            ):
                 signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, set())
             os.chdir(cwd)

@@ -40,10 +40,16 @@ def info_payload(daemon: Daemon) -> dict[str, Any]:
     services = daemon.services
     activity = services.activity
     running = services.running_tasks()
+    reloads = daemon.reloads
     return {
         "workspaceId": daemon.settings.workspace_id,
         "version": __version__,
         "uptimeSeconds": round(time.time() - daemon.started_at, 3),
+        # Section 14: when this process started serving, how many starts and reloads
+        # came before it, and how many terminal sessions it took over from the last one.
+        "startedAt": _iso(reloads.started_at if reloads else daemon.started_at),
+        "generation": reloads.generation if reloads else 0,
+        "restoredSessions": services.terminals.adopted,
         "connections": activity.connections,
         "terminals": services.terminal_count(),
         "runningTasks": running,
@@ -52,6 +58,10 @@ def info_payload(daemon: Daemon) -> dict[str, Any]:
         ),
         "idleSeconds": round(activity.idle_seconds(running), 3),
     }
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 async def metrics(request: web.Request) -> web.Response:

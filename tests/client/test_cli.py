@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from aetherd.client.cli import EscapeParser, ProgressBar
 from tests.client.relay import Relay
 from tests.client.tmux import Tmux
 from tests.conftest import TOKEN
+from tests.fake_providers import FakeProvider, ToolUse, Turn
 from tests.support import aetherd_command, child_env, wait_for
 
 PROMPT = re.compile(r"[#$] $")
@@ -275,3 +277,131 @@ async def test_a_daemon_that_is_not_there_is_one_line(setup, tmp_path) -> None:
     setup.env["AETHERD_TOKEN"] = "wrong"
     code, _, err = await setup.cli("ls")
     assert code == 1 and err == "aetherd: error: UNAUTHORIZED: the daemon refused the token\n"
+
+
+# -- agent --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def agent_setup(start_daemon, tmp_path, monkeypatch):
+    for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    provider = await FakeProvider("anthropic").start()
+    running = await start_daemon(
+        anthropic_api_key="sk-ant-test", anthropic_base_url=provider.base_url
+    )
+    relay = await Relay(running.server.port).start()
+    yield Setup(running, relay, tmp_path), provider
+    await relay.close()
+    await provider.close()
+
+
+def write_turns(provider: FakeProvider) -> None:
+    write = ToolUse("write_file", json.dumps({"path": "/hello.txt", "content": "hi\n"}))
+    provider.add(
+        Turn(text=["I'll ", "write it."], tools=[write]),
+        Turn(text=["Done."]),
+    )
+
+
+async def test_agent_streams_events_as_json_lines(agent_setup, workspace) -> None:
+    setup, provider = agent_setup
+    write_turns(provider)
+    code, out, err = await setup.cli("agent", "--json", "--task-id", "t1", "write hello")
+    assert code == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert {e["taskId"] for e in events} == {"t1"}
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "status" and kinds[-1] == "done" and "tool_result" in kinds
+    assert "".join(e["content"] for e in events if e["type"] == "text") == "I'll write it.Done."
+    assert (workspace / "hello.txt").read_text() == "hi\n"
+
+
+@pytest.mark.parametrize("answer", ["y", "n"])
+async def test_agent_asks_for_approval_in_ask_mode(agent_setup, workspace, answer) -> None:
+    setup, provider = agent_setup
+    write_turns(provider)
+    async with setup.client() as client:
+        await client.agent.settings(permission_mode="ask")
+    code, out, err = await setup.cli("agent", "write hello", stdin=f"{answer}\n".encode())
+    assert code == 0, err
+    assert "Allow write_file" in err  # the question
+    assert "▸ write_file" in out and "I'll write it." in out and "Done." in out
+    assert (workspace / "hello.txt").exists() == (answer == "y")
+    assert ("✓" in out) == (answer == "y") and ("✗" in out) == (answer == "n")
+
+
+async def test_agent_without_a_provider_key_is_one_line(setup, monkeypatch) -> None:
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    code, out, err = await setup.cli("agent", "hello")
+    assert code == 1 and out == ""
+    assert err.startswith("aetherd: error: PROVIDER_NOT_CONFIGURED: ") and err.count("\n") == 1
+
+
+# -- exec ---------------------------------------------------------------------------------
+
+
+async def test_exec_exit_codes_streams_stdin_and_options(setup, workspace) -> None:
+    assert (await setup.cli("exec", "--", "sh", "-c", "exit 7"))[0] == 7
+    code, out, err = await setup.cli("exec", "--", "sh", "-c", "echo out; echo err >&2")
+    assert (code, out, err) == (0, "out\n", "err\n")
+    code, out, _ = await setup.cli("exec", "--", "cat", stdin=b"hi\nthere\n")
+    assert (code, out) == (0, "hi\nthere\n")  # cat saw the end of its input
+    code, out, _ = await setup.cli("exec", "--", "wc", "-c", stdin=b"")
+    assert (code, out.strip()) == (0, "0")
+    assert (await setup.cli("exec", "--", "sh", "-c", "kill -TERM $$"))[0] == 128 + 15
+    (workspace / "sub").mkdir()
+    code, out, _ = await setup.cli(
+        "exec", "--cwd", "/sub", "--env", "A=b c", "--", "sh", "-c", 'pwd; echo "$A"'
+    )
+    assert code == 0 and out.splitlines() == [str(workspace / "sub"), "b c"]
+    code, _, err = await setup.cli("exec", "--", "/no/such/program")
+    assert code == 1 and err.startswith("aetherd: error: NOT_FOUND")
+    code, _, err = await setup.cli("exec")
+    assert code == 1 and "no command" in err
+
+
+async def test_exec_output_is_byte_exact(setup) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *aetherd_command(),
+        "exec",
+        "--",
+        "printf",
+        "\\377\\000\\376",
+        stdout=asyncio.subprocess.PIPE,
+        env=setup.env,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert (proc.returncode, out) == (0, b"\xff\x00\xfe")
+
+
+async def test_exec_forwards_ctrl_c_as_sigint(setup) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *aetherd_command(),
+        "exec",
+        "--",
+        "sleep",
+        "30",
+        stdin=asyncio.subprocess.DEVNULL,
+        env=setup.env,
+    )
+    try:
+        async with setup.client() as client:
+
+            async def started() -> bool:
+                return any(
+                    p.argv == ["sleep", "30"] and not p.exited for p in await client.process.list()
+                )
+
+            for _ in range(200):
+                if await started():
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the process never started")
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 30) == 128 + signal.SIGINT
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -433,3 +433,107 @@ async def test_agent_events_continue_across_a_cut_without_gap_or_duplicate(
     finally:
         await relay.close()
         await provider.close()
+
+
+# -- processes ---------------------------------------------------------------------------
+
+
+async def read_process(process: Any, timeout: float = 30) -> dict[str, str]:
+    out = {"stdout": "", "stderr": ""}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            item = await process.output.get(max(0.0, deadline - loop.time()))
+        except StopAsyncIteration:
+            return out
+        assert not item.truncated
+        out[item.stream] += item.data
+
+
+async def test_process_streams_stdin_exit_and_signals(start_daemon) -> None:
+    running = await start_daemon()
+    async with Client(running.ws_url, TOKEN) as client:
+        process = await client.process.start(
+            argv=["sh", "-c", "cat; echo err-$((1+1)) >&2; exit 3"], stdin=True
+        )
+        assert process.pid is not None
+        await process.write("héllo\n")
+        await process.write("", eof=True)
+        assert await read_process(process) == {"stdout": "héllo\n", "stderr": "err-2\n"}
+        assert process.exit is not None and process.exit.exit_code == 3
+        sleeper = await client.process.start("sleep 30")
+        assert any(p.process_id == sleeper.process_id for p in await client.process.list())
+        await sleeper.signal("SIGTERM")
+        exit_ = await sleeper.wait(10)
+        assert exit_ is not None and (exit_.exit_code, exit_.signal) == (None, 15)
+        result = await client.process.run("echo hi; echo there >&2; exit 4")
+        assert (result.stdout, result.stderr, result.exit_code) == ("hi\n", "there\n", 4)
+        with pytest.raises(AetherdError) as err:
+            await client.process.attach("nope")
+        assert err.value.code == "NOT_FOUND"
+        with pytest.raises(AetherdError) as err:
+            await client.process.start(argv=["/no/such/program"])
+        assert err.value.code == "NOT_FOUND"
+
+
+async def test_process_bytes_are_exact_with_base64(start_daemon) -> None:
+    running = await start_daemon()
+    async with Client(running.ws_url, TOKEN) as client:
+        process = await client.process.start(
+            argv=["printf", "\\377\\000\\376 ok"], encoding="base64"
+        )
+        chunks = [chunk async for chunk in process.chunks()]
+        assert b"".join(data for _, data in chunks) == b"\xff\x00\xfe ok"
+
+
+PROCESS_COUNTER = (
+    "for i in $(seq 1 {n}); do echo out-$i; echo err-$i >&2; sleep {pause}; done; exit 5"
+)
+
+
+async def test_process_streams_survive_cut_connections(start_daemon) -> None:
+    running = await start_daemon()
+    relay = await Relay(running.server.port).start()
+    try:
+        url = f"ws://127.0.0.1:{relay.port}/workspaces/ws-test/ws"
+        async with Client(url, TOKEN) as client:
+            n = 200
+            process = await client.process.start(PROCESS_COUNTER.format(n=n, pause=0.005))
+            text = {"stdout": "", "stderr": ""}
+            for cut in range(1, 3):
+                while f"out-{cut * 60}\n" not in text["stdout"]:
+                    item = await process.output.get(20)
+                    text[item.stream] += item.data
+                relay.blocked = True
+                relay.cut()
+                await wait_for(lambda: client.state == "reconnecting")
+                relay.blocked = False
+                await wait_for(lambda: client.connected, timeout=15)
+            rest = await read_process(process)
+            out = (text["stdout"] + rest["stdout"]).split()
+            err = (text["stderr"] + rest["stderr"]).split()
+            assert out == [f"out-{i}" for i in range(1, n + 1)]
+            assert err == [f"err-{i}" for i in range(1, n + 1)]
+            assert process.exit is not None and process.exit.exit_code == 5
+    finally:
+        await relay.close()
+
+
+async def test_a_slow_process_reader_loses_nothing(start_daemon) -> None:
+    running = await start_daemon()
+    async with Client(running.ws_url, TOKEN, stream_limit=4) as client:
+        n = 2000
+        process = await client.process.start(PROCESS_COUNTER.format(n=n, pause=0))
+        out = {"stdout": "", "stderr": ""}
+        for count in range(100_000):
+            assert len(process.output) <= 4
+            try:
+                item = await process.output.get(20)
+            except StopAsyncIteration:
+                break
+            out[item.stream] += item.data
+            if count % 5 == 0:
+                await asyncio.sleep(0.001)
+        assert out["stdout"].split() == [f"out-{i}" for i in range(1, n + 1)]
+        assert out["stderr"].split() == [f"err-{i}" for i in range(1, n + 1)]

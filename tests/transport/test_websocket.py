@@ -166,6 +166,9 @@ async def test_info_reports_activity_and_idleness(daemon):
             "runningTasks",
             "lastActivityAt",
             "idleSeconds",
+            "startedAt",
+            "generation",
+            "restoredSessions",
             "resources",
         }
         assert set(body["resources"]) == {"cpu", "memory", "disk", "source"}

@@ -1,0 +1,194 @@
+"""The state a daemon hands to the next one when it re-executes itself (PROTOCOL.md §14).
+
+Two parts, written by the old process just before `execv` and read once by the new one:
+
+- the **envelope**, in the environment: `AETHERD_HANDOVER` (the state file's path),
+  `AETHERD_HANDOVER_FDS` (the inherited descriptors, the listening socket first) and
+  `AETHERD_HANDOVER_PIDS` (the child processes behind them). Its form never changes,
+  so any version can clean up after any other: close the fds, end and reap the pids;
+- the **state file** (JSON, mode 0600 in the private runtime directory) with a
+  `version`, and a blob beside it holding the rings' bytes. A version this code cannot
+  read is a clean restart (one log line), never a half-adopted session.
+
+Plain data and files only: no sockets, no event loop. `aetherd.reload` does the exec.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+HANDOVER_VERSION = 1
+ENV_FILE = "AETHERD_HANDOVER"
+ENV_FDS = "AETHERD_HANDOVER_FDS"
+ENV_PIDS = "AETHERD_HANDOVER_PIDS"
+# A state file older than this is not ours to adopt (a leftover from a crash).
+MAX_STATE_BYTES = 64 * 1024 * 1024
+
+
+class SessionState(BaseModel):
+    """One terminal session as handed over."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=128)
+    pid: int = Field(gt=0)
+    fd: int | None = Field(None, ge=0)  # None once exited (the PTY was closed)
+    command: str | None
+    cwd: str
+    cols: int = Field(ge=1)
+    rows: int = Field(ge=1)
+    created_at: float
+    ring_start: int = Field(ge=0)  # absolute offset of the ring's first byte
+    ring_at: int = Field(ge=0)  # where the ring's bytes start in the blob
+    ring_len: int = Field(ge=0)
+    pending_at: int = Field(ge=0)  # input not yet written to the PTY, in the blob
+    pending_len: int = Field(ge=0)
+    exited: bool
+    exit_code: int | None
+    exit_signal: int | None
+    exit_delivered: bool
+    retention_left: float | None  # seconds left on the exited-retention clock
+    eof: bool
+    terminating: bool  # a close was under way: the new daemon finishes it
+    kept: bool = False  # a keeper holds a duplicate of the fd already
+    orphan: bool = False  # adopted after a crash: not this process's child
+
+
+class HandoverState(BaseModel):
+    """The state file (version 1)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int
+    pid: int
+    written_at: float
+    listen_fd: int = Field(ge=0)
+    terminals: list[SessionState]
+    # Section 10's processes are handed over here once that channel exists.
+    processes: list[dict[str, Any]] = []
+
+
+def runtime_dir(path: Path) -> Path:
+    """Create the private runtime directory (0700) if needed; refuse one others can enter."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def write_state(directory: Path, state: HandoverState, blob: bytes) -> Path:
+    """Write the state file and its blob into `directory`; return the state file's path."""
+    runtime_dir(directory)
+    path = directory / f"handover-{state.pid}.json"
+    _write_private(path.with_suffix(".blob"), blob)
+    _write_private(path, state.model_dump_json().encode())
+    return path
+
+
+def envelope(path: Path, fds: list[int], pids: list[int]) -> dict[str, str]:
+    """The environment variables that carry the handover across `execv`."""
+    return {
+        ENV_FILE: str(path),
+        ENV_FDS: ",".join(str(fd) for fd in fds),
+        ENV_PIDS: ",".join(str(pid) for pid in pids),
+    }
+
+
+def _ints(text: str | None) -> list[int]:
+    out = []
+    for part in (text or "").split(","):
+        if part.strip().isdigit():
+            out.append(int(part))
+    return out
+
+
+class Taken:
+    """What a new process found in its environment: the envelope, and the state if readable."""
+
+    def __init__(self, path: Path | None, fds: list[int], pids: list[int]) -> None:
+        self.path = path
+        self.fds = fds
+        self.pids = pids
+        self.state: HandoverState | None = None
+        self.blob = b""
+        self.refused: str | None = None  # why the state was not adopted
+
+    @property
+    def listen_fd(self) -> int | None:
+        """The inherited listening socket (first fd of the envelope)."""
+        return self.fds[0] if self.fds else None
+
+
+def take(environ: dict[str, str] | Any = None) -> Taken | None:
+    """Pop the envelope from `environ` (os.environ) and read the state it points to.
+
+    None when this process was not started by a reload. Otherwise a `Taken` whose
+    `state` is None, with `refused` saying why, when the state cannot be used. The files
+    are removed either way: a state is read once.
+    """
+    environ = os.environ if environ is None else environ
+    if ENV_FILE not in environ:
+        return None
+    path = Path(environ.pop(ENV_FILE))
+    taken = Taken(path, _ints(environ.pop(ENV_FDS, "")), _ints(environ.pop(ENV_PIDS, "")))
+    blob_path = path.with_suffix(".blob")
+    try:
+        raw = path.read_bytes()[: MAX_STATE_BYTES + 1]
+        blob = blob_path.read_bytes()
+    except OSError as exc:
+        taken.refused = f"cannot read the handover state {path}: {exc.strerror or exc}"
+        return taken
+    finally:
+        for leftover in (path, blob_path):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        taken.refused = "the handover state is not valid JSON"
+        return taken
+    version = data.get("version") if isinstance(data, dict) else None
+    if version != HANDOVER_VERSION:
+        taken.refused = (
+            f"handover state version {version!r} is not readable by this version "
+            f"(reads {HANDOVER_VERSION})"
+        )
+        return taken
+    try:
+        state = HandoverState.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(part) for part in err["loc"])
+        taken.refused = f"the handover state is malformed at {where}: {err['msg']}"
+        return taken
+    if state.pid != os.getpid():
+        taken.refused = f"the handover state belongs to pid {state.pid}, not this process"
+        return taken
+    for session in state.terminals:
+        if session.ring_at + session.ring_len > len(blob) or (
+            session.pending_at + session.pending_len > len(blob)
+        ):
+            taken.refused = f"the handover blob is shorter than session {session.id!r} needs"
+            return taken
+    taken.state = state
+    taken.blob = blob
+    return taken
