@@ -408,7 +408,7 @@ async def test_the_time_limit(tmp_path: Path, engine: str) -> None:
     lines = [" ".join(words[(i * 7 + j) % 10] for j in range(12)) for i in range(20000)]
     for n in range(40):
         (root / f"f{n:02}.txt").write_text("\n".join(lines) + "\n")
-    service = SearchService(Jail(root), BoundedExecutor("search", 1), SearchLimits(timeout=0.3))
+    service = SearchService(Jail(root), BoundedExecutor("search", 1), SearchLimits(timeout=0.001))
     slow = SearchQuery(r"\b\w+\b.{0,100}\b\w{7}\b.{0,50}ta$", regex=True)
     with pytest.raises(AetherError) as caught:
         await service.search(slow, engine)  # type: ignore[arg-type]
