@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import secrets
+import select
 import stat as stat_mod
 import sys
 from collections.abc import Sequence
@@ -221,6 +223,108 @@ def read_regular(
     finally:
         os.close(fd)
     return b"".join(chunks), st
+
+
+# -- Small reads on the event loop ------------------------------------------------------------
+
+#: File system types whose lookups and page-cache reads never wait on a network or on a
+#: user-space server: local disk file systems and the kernel's pseudo file systems.
+#: Anything else (nfs, cifs, 9p, ceph, fuse.*, autofs, ...) can block a lookup for as
+#: long as its server likes.
+LOCAL_FS_TYPES = frozenset(
+    {
+        "ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "jfs", "reiserfs", "zfs", "bcachefs",
+        "vfat", "exfat", "ntfs", "ntfs3", "hfsplus", "squashfs", "erofs", "iso9660", "udf",
+        "tmpfs", "ramfs", "overlay", "proc", "sysfs", "devtmpfs", "devpts", "mqueue",
+        "cgroup", "cgroup2", "securityfs", "debugfs", "tracefs", "pstore", "bpf",
+        "configfs", "hugetlbfs", "fusectl", "binfmt_misc", "nsfs", "efivarfs", "selinuxfs",
+    }
+)  # fmt: skip
+MOUNTINFO = "/proc/self/mountinfo"
+
+
+def mount_types(text: str) -> set[str]:
+    """The file system types named in a /proc/self/mountinfo text."""
+    types = set()
+    for line in text.splitlines():
+        _, sep, after = line.partition(" - ")
+        if sep:
+            types.add(after.split(" ", 1)[0])
+    return types
+
+
+class LoopReadGate:
+    """Whether a small file read may run on the event loop instead of in a thread.
+
+    Only while every mount of this process is of a `LOCAL_FS_TYPES` type: the jail's
+    realpath and the opener's walk may touch any mount (a symlink can point anywhere
+    before the jail refuses it), so one network mount anywhere sends every read to the
+    file executor. The mount table is read once, and again when the kernel reports a
+    change (poll on the open mountinfo file gives POLLPRI), so a mount made later is
+    seen at the next read. The data itself is read with RWF_NOWAIT (`pread_cached`).
+    """
+
+    def __init__(self, path: str = MOUNTINFO) -> None:
+        self.path = path
+        self.types: set[str] = set()
+        self._file: io.FileIO | None = None
+        self._poll: select.poll | None = None
+        self._ok = False
+        with contextlib.suppress(OSError, ValueError):
+            self._file = open(path, "rb", buffering=0)
+            self._poll = select.poll()
+            self._poll.register(self._file, select.POLLPRI)
+            self._scan()
+
+    def _scan(self) -> None:
+        assert self._file is not None
+        self._file.seek(0)
+        self.types = mount_types(self._file.read().decode("utf-8", "replace"))
+        self._ok = bool(self.types) and self.types <= LOCAL_FS_TYPES
+
+    def allowed(self) -> bool:
+        """True when reads may run on the loop now (the table is re-read if it changed)."""
+        if self._poll is None:
+            return False
+        try:
+            if self._poll.poll(0):
+                self._scan()
+        except (OSError, ValueError):
+            self._ok = False
+        return self._ok
+
+
+_GATE: LoopReadGate | None = None
+
+
+def loop_read_gate() -> LoopReadGate:
+    """The process's gate (one mount table per process), made on first use."""
+    global _GATE
+    if _GATE is None:
+        _GATE = LoopReadGate()
+    return _GATE
+
+
+def pread_cached(fd: int, count: int, offset: int) -> bytes | None:
+    """Exactly `count` bytes at `offset` if they are all in the page cache, else None.
+
+    `preadv` with RWF_NOWAIT never waits for the disk: it fails with EAGAIN, or reads
+    only the cached part (a short read that is not the end of the file). Both give
+    None, and so does a kernel or file system without RWF_NOWAIT; the caller then reads
+    in a thread.
+    """
+    if count <= 0:
+        return b""
+    buf = bytearray(count)
+    try:
+        got = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+    except (BlockingIOError, AttributeError):
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return None
+        raise
+    return bytes(buf) if got == count else None
 
 
 # -- Writing --------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from aetherd.services.fileio import (
     open_regular,
     open_workspace_file,
     os_error,
+    pread_cached,
     read_regular,
     write_atomic,
 )
@@ -156,6 +157,17 @@ def test_opener_checks_the_fd_not_the_path(jail, workspace, tmp_path):
     os.unlink(workspace / "f.txt")
     os.symlink(tmp_path / "secret", workspace / "f.txt")
     assert code_of(lambda: open_regular(jail, real, "/f.txt")) is ErrorCode.INVALID_PATH
+
+
+def test_pread_cached_reads_all_it_was_asked_or_nothing(workspace):
+    (workspace / "f").write_bytes(b"abcdef")
+    fd = os.open(workspace / "f", os.O_RDONLY)
+    try:
+        assert pread_cached(fd, 3, 2) == b"cde"
+        assert pread_cached(fd, 0, 0) == b""
+        assert pread_cached(fd, 10, 0) is None  # short: the caller reads in a thread
+    finally:
+        os.close(fd)
 
 
 def test_one_errno_table_with_clean_messages():
