@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import os
 import secrets
 import select
@@ -267,20 +266,35 @@ class LoopReadGate:
     def __init__(self, path: str = MOUNTINFO) -> None:
         self.path = path
         self.types: set[str] = set()
-        self._file: io.FileIO | None = None
+        self._fd: int | None = None
         self._poll: select.poll | None = None
         self._ok = False
-        with contextlib.suppress(OSError, ValueError):
-            self._file = open(path, "rb", buffering=0)
+        with contextlib.suppress(OSError):
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # kept open, to be polled
             self._poll = select.poll()
-            self._poll.register(self._file, select.POLLPRI)
+            self._poll.register(self._fd, select.POLLPRI)
             self._scan()
 
     def _scan(self) -> None:
-        assert self._file is not None
-        self._file.seek(0)
-        self.types = mount_types(self._file.read().decode("utf-8", "replace"))
+        assert self._fd is not None
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(self._fd, 1 << 16):
+            chunks.append(chunk)
+        self.types = mount_types(b"".join(chunks).decode("utf-8", "replace"))
         self._ok = bool(self.types) and self.types <= LOCAL_FS_TYPES
+
+    def close(self) -> None:
+        """Close the mount table (the gate then says no)."""
+        self._poll = None
+        self._ok = False
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
 
     def allowed(self) -> bool:
         """True when reads may run on the loop now (the table is re-read if it changed)."""
