@@ -250,4 +250,7 @@ class Daemon:
     registry: Registry
     started_at: float = field(default_factory=time.time)
     ready: bool = False
+    # Set when the sockets are being closed for a shutdown or a reload: the close code
+    # and reason that a socket upgraded from then on gets at once.
+    closing: tuple[int, str] | None = None
     reloads: ReloadState | None = None  # set by serve(): generation, reload outcomes
