@@ -1,10 +1,13 @@
-"""A real coding agent from the npm registry, run for real over ACP, offline.
+"""Real coding agents from the npm registry, run for real over ACP, offline.
 
-Gemini CLI (`@google/gemini-cli`, pinned in tests/fixtures/acp-agents) runs in its ACP
-mode against `FakeProvider("gemini")`, a server on 127.0.0.1 that speaks the Gemini
-API's streaming format. The model is scripted: call `read_file` on notes.txt, then
-`write_file` for summary.txt, then say it is done. See tests/real_agents.py for the
-flags and variables, and docs/agents.md.
+Gemini CLI (`@google/gemini-cli`) and Claude Code's ACP adapter
+(`@zed-industries/claude-code-acp`), pinned in tests/fixtures/acp-agents, run against
+`FakeProvider("gemini")` / `FakeProvider("anthropic")`: servers on 127.0.0.1 that speak
+each provider's streaming format. The model is scripted: read notes.txt, write
+summary.txt, (Claude: run `wc -l` through Bash,) then say it is done. Each agent runs
+twice: driven by a minimal ACP client in the test, and as a backend of a real
+`aetherd serve` for a WebSocket client. See tests/real_agents.py for the flags and
+variables, and docs/agents.md.
 """
 
 from __future__ import annotations
@@ -325,8 +328,16 @@ async def until_done(client: WsClient, task_id: str, approve: bool = True) -> li
         )
         out.append(frame)
         if frame["type"] == "permission_request" and approve:
+            # "Allow once": Gemini CLI refuses its "allow always" in a folder it does not
+            # trust ("Cannot enable privileged approval modes in an untrusted folder.").
+            once = next(o["optionId"] for o in frame["options"] if o["kind"] == "allow_once")
             await client.send(
-                {"channel": "agent", "type": "approve", "requestId": frame["requestId"]}
+                {
+                    "channel": "agent",
+                    "type": "approve",
+                    "requestId": frame["requestId"],
+                    "optionId": once,
+                }
             )
         if frame["type"] == "done":
             return out
@@ -381,6 +392,7 @@ async def test_gemini_cli_as_a_daemon_backend(tmp_path: Path) -> None:
             }
         )
         events = await until_done(client, "t1")
+        change = await client.expect_type("files", "change", WAIT, path="/summary.txt")
         agents = psutil.Process(serve.proc.pid).children(recursive=True)
         stored = await transcript(client)
         await client.close()
@@ -397,6 +409,7 @@ async def test_gemini_cli_as_a_daemon_backend(tmp_path: Path) -> None:
     # Gemini CLI's own fallback would have rewritten it in place.
     assert summary.read_text() == SUMMARY
     assert summary.stat().st_ino != inode
+    assert change["action"] == "modify"  # and the watcher told the socket
 
     # The events on the socket: the tool calls with their results, the approval the
     # socket gave, the text, and `done completed`.
@@ -462,6 +475,7 @@ async def test_claude_code_as_a_daemon_backend(tmp_path: Path) -> None:
             }
         )
         events = await until_done(client, "t1")
+        change = await client.expect_type("files", "change", WAIT, path="/summary.txt")
         agents = psutil.Process(serve.proc.pid).children(recursive=True)
         stored = await transcript(client)
         processes = await client.request("process", "list", WAIT)
@@ -478,8 +492,9 @@ async def test_claude_code_as_a_daemon_backend(tmp_path: Path) -> None:
     assert len(ran) == 1 and ran[0]["exitCode"] == 0, processes
     assert "2 notes.txt" in json.dumps(provider.requests[3]["messages"][-1])
     # The adapter has no file access of its own in the workspace: the read and the new
-    # file both went through the daemon's fs/* service.
+    # file both went through the daemon's fs/* service; the watcher told the socket.
     assert summary.read_text() == SUMMARY
+    assert change["action"] == "create"
     results = {e["toolCallId"]: e for e in of_type(events, "tool_result")}
     assert set(results) == {read.id, write.id, bash.id}
     assert not any(e["isError"] for e in results.values()), results
