@@ -12,6 +12,7 @@ variables, and docs/agents.md.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shlex
@@ -302,6 +303,14 @@ class Serve:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def errors(self) -> list[str]:
+        """The daemon's ERROR (or worse) log lines and tracebacks: there should be none."""
+        return [
+            line
+            for line in self.log().splitlines()
+            if '"level": "error"' in line or '"level": "critical"' in line or "Traceback" in line
+        ]
+
     async def connect(self) -> WsClient:
         await wait_ready(self.port, self.proc, WAIT)
         return await connect(f"ws://127.0.0.1:{self.port}/workspaces/local/ws", TOKEN)
@@ -436,6 +445,7 @@ async def test_gemini_cli_as_a_daemon_backend(tmp_path: Path) -> None:
         e["type"] for e in events if e["type"] not in ("text", "thinking")
     ]
     assert code == 0, log[-3000:]
+    assert serve.errors() == []
 
 
 async def test_claude_code_as_a_daemon_backend(tmp_path: Path) -> None:
@@ -515,3 +525,45 @@ async def test_claude_code_as_a_daemon_backend(tmp_path: Path) -> None:
     _, alive = psutil.wait_procs(agents, timeout=10)
     assert alive == [], alive
     assert code == 0, log[-3000:]
+    assert serve.errors() == []
+
+
+async def test_aborting_gemini_cli_mid_stream(tmp_path: Path) -> None:
+    """`abort` while the agent waits on its model: `session/cancel`, then `done aborted`."""
+    ensure_agents()
+    provider = await FakeProvider("gemini").start()
+    gate = asyncio.Event()  # never set: the model stalls after its first piece of text
+    provider.add(Turn(text=["Thinking about it", " forever"], pause_after=1, gate=gate))
+    provider.add(Turn(text=["Back again."]))
+    root = tmp_path / "ws"
+    root.mkdir()
+    home = tmp_path / "home"
+    env = {"HOME": str(home), **gemini_env(home, provider.base_url)}
+    backend = "gemini=" + shlex.join(gemini_command())
+    serve = Serve(tmp_path, root, env, "--agent-backend", backend)
+    try:
+        client = await serve.connect()
+        await client.expect_type("agent", "history", WAIT)
+        prompt = {"channel": "agent", "type": "prompt", "backend": "gemini"}
+        await client.send({**prompt, "prompt": "Think", "taskId": "t1"})
+        first = await client.expect_type("agent", "text", WAIT, taskId="t1")
+        reply = await client.request("agent", "abort", WAIT, taskId="t1")
+        events = await until_done(client, "t1")
+        # The agent is still usable: the next task runs (on a new process if the
+        # daemon had to kill it).
+        await client.send({**prompt, "prompt": "Again", "taskId": "t2"})
+        again = await until_done(client, "t2")
+        await client.close()
+    finally:
+        gate.set()
+        code = serve.stop()
+        await provider.close()
+    log = serve.log()
+    assert reply["success"] is True, reply
+    assert events[-1]["type"] == "done" and events[-1]["status"] == "aborted", log[-3000:]
+    assert first["content"] == "Thinking about it"
+    assert not of_type(events, "text")  # nothing after the abort
+    assert again[-1]["status"] == "completed", log[-3000:]
+    assert "".join(e["content"] for e in of_type(again, "text")) == "Back again."
+    assert code == 0, log[-3000:]
+    assert serve.errors() == []
