@@ -211,7 +211,7 @@ async def test_claude_code_reads_and_writes_a_new_file_through_the_acp_client(
     workspace.mkdir()
     notes, summary = workspace / "notes.txt", workspace / "summary.txt"
     notes.write_text(NOTES)
-    provider = await FakeProvider("anthropic").start()
+    provider = await FakeProvider("anthropic", side_calls=True).start()
     provider.add(
         Turn(tools=[ToolUse("mcp__acp__Read", json.dumps({"file_path": str(notes)}))]),
         Turn(
@@ -455,7 +455,7 @@ async def test_claude_code_as_a_daemon_backend(tmp_path: Path) -> None:
     root.mkdir()
     notes, summary = root / "notes.txt", root / "summary.txt"
     notes.write_text(NOTES)
-    provider = await FakeProvider("anthropic").start()
+    provider = await FakeProvider("anthropic", side_calls=True).start()
     read = ToolUse("mcp__acp__Read", json.dumps({"file_path": str(notes)}))
     write = ToolUse("mcp__acp__Write", json.dumps({"file_path": str(summary), "content": SUMMARY}))
     bash = ToolUse(
