@@ -68,6 +68,8 @@ LAZY = (
     "jwt",  # PyJWT: only with jwt_secret / jwt_public_key_file, or a JWT-shaped token
     "cryptography",  # through PyJWT and the key-file parser
     "aetherd.client",  # the command-line client: not on the `serve` path
+    "yaml",  # PyYAML: only with a settings file or a workspace config
+    "aetherd.config_yaml",
     "hypothesis",  # test-only
     "pytest",  # test-only
 )
