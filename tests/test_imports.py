@@ -70,6 +70,7 @@ LAZY = (
     "aetherd.client",  # the command-line client: not on the `serve` path
     "yaml",  # PyYAML: only with a settings file or a workspace config
     "aetherd.config_yaml",
+    "prometheus_client",  # only at the first /metrics scrape
     "hypothesis",  # test-only
     "pytest",  # test-only
 )
