@@ -17,7 +17,8 @@ Bytecode: every child gets a private, warmed `PYTHONPYCACHEPREFIX` (one untimed 
 first), so each measured start loads `.pyc` files as an installed daemon does (pip
 compiles them at install). The development environment here sets
 `PYTHONDONTWRITEBYTECODE=1`, which makes every start compile aetherd from source;
-`--source` adds a row for that case.
+`--source` adds a row for that case. `--quick` (one round, a smoke run) skips the
+private cache and the warm-up: it runs with the environment's bytecode settings.
 
 Optional rows: `--baseline DIR` (another checkout, e.g. the code before a change,
 measured in the same rounds) and `--env NAME=VALUE` (this checkout with one more
@@ -28,13 +29,14 @@ time (self time summed per package; aetherd per subpackage).
 Prints medians and min-max over the rounds, and PASS/FAIL against the targets of
 issue 18 (RSS ≤ 40 MiB, start to /readyz ≤ 0.3 s).
 
-Usage: python -m bench.startup [--rounds 10] [--settle 1.0] [--baseline DIR]
+Usage: python -m bench.startup [--rounds 10] [--settle 1.0] [--baseline DIR] [--memory-profile N]
        [--env NAME=VALUE] [--source] [--importtime N] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -56,6 +58,74 @@ FLOORS = {
 }
 # The child prints a line once its imports are done, then waits to be measured.
 HOLD = "{imports}\nimport sys\nprint('ready', flush=True)\nsys.stdin.read()\n"
+# `aetherd serve` with every module's import wrapped: its RSS before and after, less
+# what its own imports added (its *self* memory, as -X importtime gives self time).
+# A thread polls /readyz, prints the table as JSON once it answers 200 (no client),
+# and stops the daemon with SIGTERM.
+MEMORY_PROFILE = r"""
+import importlib.abc, json, os, signal, socket, sys, threading, time
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+rows, stack = [], []
+
+class Wrap(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+    def exec_module(self, module):
+        stack.append(0)
+        before = rss()
+        try:
+            self.loader.exec_module(module)
+        finally:
+            grown = rss() - before
+            children = stack.pop()
+            rows.append((module.__name__, grown - children))
+            if stack:
+                stack[-1] += grown
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+class Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = Wrap(spec.loader)
+                return spec
+        return None
+
+start = rss()
+sys.meta_path.insert(0, Finder())
+from aetherd.cli import main
+
+port = int(sys.argv[1])
+
+def probe():
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+                sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                if sock.recv(64).startswith(b"HTTP/1.1 200"):
+                    break
+        except OSError:
+            pass
+        time.sleep(0.02)
+    time.sleep(float(sys.argv[2]))
+    print("PROFILE " + json.dumps({"start": start, "ready": rss(), "rows": rows}), flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=probe, daemon=True).start()
+sys.exit(main(sys.argv[3:]))
+"""
 IMPORT_LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)")
 
 
@@ -175,6 +245,46 @@ def import_profile(row: Row, env: dict[str, str], home: Path) -> list[tuple[str,
     return [(key, ms, int(count)) for key, (ms, count) in ranked]
 
 
+def memory_profile(
+    row: Row, env: dict[str, str], home: Path, settle: float
+) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
+    """The daemon's RSS split by the imports that grew it: ({start, imports, rest, ready}
+    in MiB, [(package, self MiB, modules)] largest first). `start` is the interpreter
+    before aetherd, `rest` what grew outside any import (threads, arenas, runtime)."""
+    from tests.support import free_port
+
+    with tempfile.TemporaryDirectory(prefix="aetherd-bench-startup-") as name:
+        tmp = Path(name)
+        (tmp / "root").mkdir()
+        port = free_port()
+        argv = [
+            "serve", "--host", "127.0.0.1", "--port", str(port), "--token", "bench-token",
+            "--root", str(tmp / "root"), "--data-dir", str(tmp / "data"),
+        ]  # fmt: skip
+        run_env = {**child_env(env, row), "PYTHONPATH": str(row.repo), "HOME": str(home)}
+        out = subprocess.run(
+            [sys.executable, "-c", MEMORY_PROFILE, str(port), str(settle), *argv],
+            env=run_env, cwd=row.repo, capture_output=True, text=True, timeout=120, check=True,
+        ).stdout  # fmt: skip
+    line = next(line for line in out.splitlines() if line.startswith("PROFILE "))
+    data = json.loads(line.removeprefix("PROFILE "))
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for module, grown in data["rows"]:
+        parts = module.split(".")
+        key = ".".join(parts[:2]) if parts[0] == "aetherd" else parts[0]
+        totals[key][0] += grown / MiB
+        totals[key][1] += 1
+    imports = sum(grown for _, grown in data["rows"]) / MiB
+    summary = {
+        "start": data["start"] / MiB,
+        "imports": imports,
+        "rest": data["ready"] / MiB - data["start"] / MiB - imports,
+        "ready": data["ready"] / MiB,
+    }
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])
+    return summary, [(key, mib, int(count)) for key, (mib, count) in ranked]
+
+
 def child_env(env: dict[str, str], row: Row) -> dict[str, str]:
     """`env` with the row's changes (a None value removes the variable)."""
     merged: dict[str, str | None] = {**env, **row.env}
@@ -198,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--source", action="store_true", help="a row without .pyc files")
     parser.add_argument("--importtime", type=int, default=0, metavar="N", help="top N imports")
+    parser.add_argument(
+        "--memory-profile", type=int, default=0, metavar="N", help="top N packages by RSS"
+    )
     parser.add_argument("--quick", action="store_true", help="one round, for a smoke run")
     args = parser.parse_args(argv)
     if args.quick:
@@ -219,22 +332,33 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="aetherd-bench-home-") as home_name:
         home = Path(home_name)
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-        env.update(PYTHONPATH=str(REPO), HOME=str(home), PYTHONPYCACHEPREFIX=str(home / "pyc"))
+        env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(home)}
+        if not args.quick:
+            # A private bytecode cache, filled by the warm-up round. (It holds every
+            # module, the standard library's too: filling it takes a while.)
+            env.pop("PYTHONDONTWRITEBYTECODE", None)
+            env["PYTHONPYCACHEPREFIX"] = str(home / "pyc")
 
         def run(row: Row) -> dict[str, float]:
             if row.imports is not None:
                 return floor_round(row, env, args.settle)
             return daemon_round(row, env, home, args.settle, args.poll)
 
-        step("warm-up round (fills the bytecode cache; not counted)")
-        for row in rows:
-            run(row)
+        if not args.quick:
+            step("warm-up round (fills the bytecode cache; not counted)")
+            for row in rows:
+                run(row)
         for n in range(args.rounds):
             step(f"round {n + 1}/{args.rounds}")
             # Interleaved, so that the machine's load drifts over every row alike.
             for row in rows:
                 row.results.append(run(row))
+        memory = []
+        if args.memory_profile:
+            for row in rows:
+                if row.imports is None and not row.env:
+                    step(f"memory profile: {row.label}")
+                    memory.append((row.label, *memory_profile(row, env, home, args.settle)))
         profiles = []
         if args.importtime:
             for row in rows:
@@ -276,6 +400,18 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---|---|")
         for key, ms, n in profile[: args.importtime]:
             print(f"| {key} | {ms:.1f} | {n} |")
+    for label, summary, packages in memory:
+        print()
+        print(f"## RSS by import, {label} (one run, ready + {args.settle} s)")
+        print(
+            f"interpreter before aetherd {summary['start']:.1f} MiB + imports "
+            f"{summary['imports']:.1f} MiB + outside imports {summary['rest']:.1f} MiB "
+            f"= {summary['ready']:.1f} MiB"
+        )
+        print("| package | self RSS MiB | modules |")
+        print("|---|---|---|")
+        for key, mib, n in packages[: args.memory_profile]:
+            print(f"| {key} | {mib:.2f} | {n} |")
     return 0
 
 
