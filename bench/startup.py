@@ -11,7 +11,9 @@ data directory, an empty HOME) and measures:
 References measured in the same run, interleaved in the same rounds:
 - `python -c pass`: the interpreter's own start-up and footprint (the floor);
 - `python -c "import aiohttp"`: the floor of any aiohttp daemon (its memory is read the
-  same way, from outside, once the child has imported aiohttp and says so).
+  same way, from outside, once the child has imported aiohttp and says so);
+- `aiohttp.web` and pydantic imported and one model built: the floor of any daemon on
+  the two libraries aetherd is built on.
 
 Bytecode: every child gets a private, warmed `PYTHONPYCACHEPREFIX` (one untimed round
 first), so each measured start loads `.pyc` files as an installed daemon does (pip
@@ -52,9 +54,15 @@ from bench.support import REPO, Daemon, MiB, seconds, step
 
 TARGET_RSS_MIB = 40.0
 TARGET_READY_S = 0.3
+AIOHTTP = 'python -c "import aiohttp"'
 FLOORS = {
     "python -c pass": "",
-    'python -c "import aiohttp"': "import aiohttp",
+    AIOHTTP: "import aiohttp",
+    # What any daemon on these two libraries pays before a line of its own: both
+    # imported, and one model built (which loads pydantic-core's validator code).
+    "aiohttp.web + pydantic, one model built": (
+        "import aiohttp.web, pydantic\npydantic.create_model('M', a=(int, 0))(a=1)"
+    ),
 }
 # The child prints a line once its imports are done, then waits to be measured.
 HOLD = "{imports}\nimport sys\nprint('ready', flush=True)\nsys.stdin.read()\n"
@@ -376,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
             cells.append(spread([r[key] for r in row.results], ".1f"))
         cells.append(spread([r["threads"] for r in row.results], ".0f"))
         print(f"| {row.label} | " + " | ".join(cells) + " |")
-    daemon, aiohttp = rows[0].results, rows[-1].results
+    daemon = rows[0].results
+    aiohttp = next(row.results for row in rows if row.label == AIOHTTP)
     rss = statistics.median(r["rss"] for r in daemon)
     ready_s = statistics.median(r["ready"] for r in daemon)
     floor_s = statistics.median(r["ready"] for r in aiohttp)
