@@ -136,6 +136,7 @@ def build_services(settings: Settings) -> Services:
             read_page_size=settings.files_read_page,
             max_list_entries=settings.files_list_max_entries,
             temp_max_age=settings.files_temp_max_age,
+            loop_read_max=settings.files_loop_read_max,
         ),
     )
     services.watcher = None
@@ -208,7 +209,15 @@ def build_services(settings: Settings) -> Services:
             settings.data_dir / "agent.sqlite3", commit_batch=settings.agent_commit_batch
         )
     )
-    services.agent = services.add(AgentRunner(settings, services.jail, services.transcript))
+    services.agent = services.add(
+        AgentRunner(
+            settings,
+            services.jail,
+            services.transcript,
+            fs=services.fs,
+            processes=services.processes,
+        )
+    )
 
     # -- operations (resources, metrics, notify) --
     services.resources = services.add(
@@ -241,4 +250,7 @@ class Daemon:
     registry: Registry
     started_at: float = field(default_factory=time.time)
     ready: bool = False
+    # Set when the sockets are being closed for a shutdown or a reload: the close code
+    # and reason that a socket upgraded from then on gets at once.
+    closing: tuple[int, str] | None = None
     reloads: ReloadState | None = None  # set by serve(): generation, reload outcomes
