@@ -3,7 +3,8 @@
 Each round starts a fresh daemon (`python -m aetherd serve`, a new empty workspace and
 data directory, an empty HOME) and measures:
 - the wall time from spawning the process until `/readyz` answers 200 (polled every
-  `--poll` seconds);
+  `--poll` seconds), and the CPU time (user + system) the process used until then: on a
+  loaded machine the wall time mostly measures the neighbours, the CPU time much less;
 - `--settle` seconds after that, with no client connected: RSS, PSS and USS
   (Private_Clean + Private_Dirty) from `/proc/<pid>/smaps_rollup`, anonymous memory,
   the number of threads, and the number of modules imported (`--modules`).
@@ -41,6 +42,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -50,7 +52,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.support import REPO, Daemon, MiB, seconds, step
+from bench.support import REPO, Daemon, MiB, cpu_seconds, seconds, step
 
 TARGET_RSS_MIB = 40.0
 TARGET_READY_S = 0.3
@@ -180,7 +182,10 @@ def floor_round(row: Row, env: dict[str, str], settle: float) -> dict[str, float
     imports = row.imports or ""
     env = child_env(env, row)
     argv = [sys.executable, "-c", imports or "pass"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = {"ready": seconds(lambda: subprocess.run(argv, env=env, check=True))}
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result["cpu"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     proc = subprocess.Popen(
         [sys.executable, "-c", HOLD.format(imports=imports)],
         env=env,
@@ -214,8 +219,9 @@ def daemon_round(
         try:
             daemon.wait_ready(timeout=60, interval=poll)
             ready = time.perf_counter() - started
+            cpu = cpu_seconds(daemon.pid)
             time.sleep(settle)
-            result = {"ready": ready, **footprint(daemon.pid)}
+            result = {"ready": ready, "cpu": cpu, **footprint(daemon.pid)}
         finally:
             daemon.stop(30)
         if daemon.proc.returncode != 0:
@@ -375,11 +381,15 @@ def main(argv: list[str] | None = None) -> int:
                     profiles.append((row.label, import_profile(row, env, home)))
 
     print(f"## Start-up and idle footprint ({args.rounds} rounds: median (min-max))")
-    print("| process | start → ready | RSS MiB | PSS MiB | USS MiB | anon MiB | threads |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| process | start → ready | CPU to ready | RSS MiB | PSS MiB | USS MiB | anon MiB "
+        "| threads |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         ready = [r["ready"] * 1000 for r in row.results]
         cells = [spread(ready, ".0f") + " ms"]
+        cells.append(spread([r["cpu"] * 1000 for r in row.results], ".0f") + " ms")
         for key in ("rss", "pss", "uss", "anon"):
             cells.append(spread([r[key] for r in row.results], ".1f"))
         cells.append(spread([r["threads"] for r in row.results], ".0f"))
