@@ -69,6 +69,9 @@ class Settings(BaseModel):
         "auto", description="text on a terminal, json otherwise, unless forced"
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto", description="Event loop: uvloop when installed (auto), or force one"
+    )
 
     # -- JWT verification (optional) ------------------------------------------------------
     jwt_secret: str | None = Field(None, description="HS256 shared secret for JWT tokens")

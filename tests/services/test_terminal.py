@@ -21,6 +21,9 @@ from aetherd.services.terminal import (
 )
 from tests.support import wait_for
 
+# The whole terminal suite runs on asyncio's loop and on uvloop (tests/conftest.py).
+pytestmark = pytest.mark.event_loops
+
 
 def test_utf8_cut_never_splits_a_character():
     data = "aé€😀".encode()  # 1 + 2 + 3 + 4 bytes
