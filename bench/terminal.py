@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import pty
@@ -146,6 +147,27 @@ def raw_first_prompt(env: dict[str, str], runs: int) -> list[float]:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         os.close(fd)
+    return times
+
+
+def raw_spawn_first_prompt(env: dict[str, str], runs: int) -> list[float]:
+    """posix_spawn bash on a new PTY in-process (the daemon's way); time to its first byte."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        master, slave = os.openpty()
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, os.ttyname(slave), os.O_RDWR, 0),
+            (os.POSIX_SPAWN_DUP2, 0, 1),
+            (os.POSIX_SPAWN_DUP2, 0, 2),
+        ]
+        pid = os.posix_spawn("/bin/bash", ["bash"], env, file_actions=actions, setsid=True)
+        os.close(slave)
+        os.read(master, 65536)
+        times.append(time.perf_counter() - start)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(master)
     return times
 
 
@@ -490,7 +512,7 @@ async def run(args: argparse.Namespace, sizes: Sizes, cases: set[str]) -> dict[s
 
         if "prompt" in cases:
             step("first prompt")
-            await measure_first_prompt(aurl, turl, env, shell_env, sizes.prompts, results)
+            await measure_first_prompt(aurl, turl, env, shell_env, sizes.prompts, results, base)
     finally:
         daemon.stop(10)
         if base is not None:
@@ -611,29 +633,50 @@ async def measure_attach(aurl: str, env: dict, data_file: str, attaches: int) ->
     return attach_times
 
 
+async def first_prompt(client: Aether, sid: str, env: dict) -> float:
+    """Seconds from `create` to the session's first output (then closed, and waited for)."""
+    start = time.perf_counter()
+    await client.create(sid, env=env)
+    while True:
+        frame = await client.frame()
+        if frame.get("type") == "output" and frame.get("sessionId") == sid:
+            break
+    elapsed = time.perf_counter() - start
+    await client.close_session(sid)
+    while not (frame.get("type") == "close" and frame.get("sessionId") == sid):
+        frame = await client.frame()
+    return elapsed
+
+
 async def measure_first_prompt(
-    aurl: str, turl: str, env: dict, shell_env: dict, prompts: int, results: dict
+    aurl: str,
+    turl: str,
+    env: dict,
+    shell_env: dict,
+    prompts: int,
+    results: dict,
+    base: Daemon | None = None,
 ) -> None:
-    """Create to first output: aetherd, in-process pty.fork + exec, terminado (interleaved
-    rounds of aetherd and pty.fork, so both see the same load)."""
+    """Create to first output: aetherd, in-process pty.fork + exec, terminado (rounds of
+    aetherd, the baseline daemon if any, and pty.fork, so all see the same load)."""
     first: list[float] = []
+    base_first: list[float] = []
     raw: list[float] = []
-    async with Aether(aurl) as client:
+    spawned: list[float] = []
+    async with contextlib.AsyncExitStack() as stack:
+        client = await stack.enter_async_context(Aether(aurl))
+        other = await stack.enter_async_context(Aether(base.ws_url)) if base else None
         for index in range(prompts):
-            sid = f"p{index}"
-            start = time.perf_counter()
-            await client.create(sid, env=env)
-            while True:
-                frame = await client.frame()
-                if frame.get("type") == "output" and frame.get("sessionId") == sid:
-                    break
-            first.append(time.perf_counter() - start)
-            await client.close_session(sid)
-            while not (frame.get("type") == "close" and frame.get("sessionId") == sid):
-                frame = await client.frame()
+            first.append(await first_prompt(client, f"p{index}", env))
+            if other is not None:
+                base_first.append(await first_prompt(other, f"p{index}", env))
             raw += raw_first_prompt(shell_env, 1)
+            spawned += raw_spawn_first_prompt(shell_env, 1)
     results["aetherd_first"] = first
     results["raw_first"] = raw
+    results["raw_spawn_first"] = spawned
+    if base_first:
+        results["base_first"] = base_first
     tfirst = []
     for _ in range(max(1, prompts // 2)):
         start = time.perf_counter()
@@ -753,6 +796,18 @@ def report(r: dict[str, Any], sizes: Sizes) -> None:
             f" in-process pty.fork + exec {statistics.median(r['raw_first']) * ms:.1f} ms; terminado"
             f" {statistics.median(r['terminado_first']) * ms:.1f} ms | {judged('prompt')} |"
         )
+    if "raw_spawn_first" in r:
+        print(
+            f"| Create to first prompt | p50 {statistics.median(r['aetherd_first']) * ms:.1f} ms |"
+            f" in-process posix_spawn on a PTY {statistics.median(r['raw_spawn_first']) * ms:.1f} ms"
+            f" | {statistics.median(r['aetherd_first']) / statistics.median(r['raw_spawn_first']):.2f}x |"
+        )
+    if "base_first" in r:
+        print(
+            f"| Create to first prompt, p50 | this tree {statistics.median(r['aetherd_first']) * ms:.1f}"
+            f" ms | baseline {statistics.median(r['base_first']) * ms:.1f} ms |"
+            f" {statistics.median(r['aetherd_first']) / statistics.median(r['base_first']):.2f}x |"
+        )
     if "aetherd_rss_per_session" in r:
         print(
             f"| RSS per idle session | {r['aetherd_rss_per_session'] / 1024:.0f} KiB | terminado"
@@ -789,7 +844,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--baseline",
         help="a directory holding another version's aetherd package: its daemon takes"
-        " turns in the throughput rounds (before/after in the same run)",
+        " turns in the throughput and first-prompt rounds (before/after in the same run)",
     )
     parser.add_argument(
         "--baseline-arg",
