@@ -33,7 +33,7 @@ from aetherd.reload import (
     write_record,
 )
 from aetherd.services import handover, keeper
-from aetherd.services.handover import SessionState
+from aetherd.services.handover import ProcessHandover, SessionState
 from aetherd.settings import Settings
 from aetherd.transport.access import AUTH, DAEMON, TRANSPORT, TransportState
 from aetherd.transport.auth import (
@@ -232,6 +232,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> Reexec
     terminals = daemon.services.terminals
     if taken is not None and taken.state is not None:
         terminals.handover = (taken.state.terminals, taken.blob)
+        daemon.services.processes.handover = (taken.state.processes, taken.blob)
     terminals.orphans = orphans
     kept_by = keeper.from_environment(terminals.keeper_exit)
     terminals.keeper = kept_by
@@ -288,7 +289,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> Reexec
         background.add(task)
         task.add_done_callback(background.discard)
     watchdog: asyncio.Task[None] | None = None
-    handed: tuple[list[SessionState], bytes] | None = None
+    handed: tuple[list[SessionState], list[ProcessHandover], bytes] | None = None
     listen_copy: int | None = None
     try:
         await runner.setup()
@@ -323,9 +324,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> Reexec
             reloads.publish(host, port, __version__)
         if reloads.reloaded:
             log.info(
-                "reloaded: generation %d, %d terminal sessions adopted",
+                "reloaded: generation %d, %d terminal sessions adopted, %d processes adopted",
                 reloads.generation,
                 daemon.services.terminals.adopted,
+                daemon.services.processes.adopted,
                 extra={"generation": reloads.generation},
             )
         systemd.notify(f"READY=1\nSTATUS=serving workspace {settings.workspace_id} on port {port}")
@@ -340,8 +342,15 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> Reexec
             # Requests on connections accepted just before that are answered, not reset.
             await asyncio.sleep(RELOAD_SETTLE)
             await close_sockets(app, WSCloseCode.SERVICE_RESTART, "service restart")
-            handed = daemon.services.terminals.hand_over()
-            log.info("reloading: handing over %d terminal sessions", len(handed[0]))
+            sessions, terminal_blob = daemon.services.terminals.hand_over()
+            blob = bytearray(terminal_blob)
+            processes = daemon.services.processes.hand_over(blob)
+            handed = (sessions, processes, bytes(blob))
+            log.info(
+                "reloading: handing over %d terminal sessions and %d processes",
+                len(sessions),
+                len(processes),
+            )
         else:
             log.info("shutting down")
             systemd.notify("STOPPING=1")
@@ -367,20 +376,25 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> Reexec
 def _prepare_reexec(
     settings: Settings,
     listen_fd: int,
-    handed: tuple[list[SessionState], bytes],
+    handed: tuple[list[SessionState], list[ProcessHandover], bytes],
     kept_by: keeper.Keeper,
 ) -> Reexec:
     """Write the handover state; the fds and pids the next process inherits."""
-    states, blob = handed
+    states, processes, blob = handed
     state = handover.HandoverState(
         version=handover.HANDOVER_VERSION,
         pid=os.getpid(),
         written_at=time.time(),
         listen_fd=listen_fd,
         terminals=states,
+        processes=processes,
     )
     fds = [listen_fd] + [s.fd for s in states if s.fd is not None]
     pids = [s.pid for s in states if not s.exited]
+    for p in processes:
+        fds += [fd for fd in (p.stdout.fd, p.stderr.fd, p.stdin_fd) if fd is not None]
+        if p.leader_status is None:
+            pids.append(p.pid)
     try:
         path = handover.write_state(settings.runtime_path, state, blob)
     except OSError as exc:

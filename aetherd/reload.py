@@ -8,11 +8,12 @@ On SIGHUP (sent by `aetherd reload`, systemd's `ExecReload=`, or anyone):
    reload is refused: this process keeps serving and logs why.
 2. **Hand over.** Stop accepting (the listening socket stays open through a
    duplicate, so new connections wait in its backlog), close every WebSocket with
-   1012, take every terminal session off the event loop (`TerminalManager.hand_over`),
-   stop the other services, write the state (`aetherd.services.handover`).
-3. **Exec.** Make the listening socket and the PTY fds inheritable and `execv` the
-   same command line. The pid stays, so the PTY children stay this process's
-   children and systemd / `aetherd init` see no exit.
+   1012, take every terminal session and every process off the event loop
+   (`TerminalManager.hand_over`, `ProcessManager.hand_over`), stop the other services,
+   write the state (`aetherd.services.handover`).
+3. **Exec.** Make the listening socket, the PTY fds and the processes' pipes
+   inheritable and `execv` the same command line. The pid stays, so the shells and
+   processes stay this process's children and systemd / `aetherd init` see no exit.
 
 The data directory's `daemon.json` names the running daemon (`pid`), counts
 `generation`s (every start and every reload) and records why the last reload was

@@ -310,3 +310,75 @@ async def test_under_init_a_reload_keeps_the_keeper_for_the_next_crash(tmp_path:
             init.kill()
             init.wait(10)
         log.close()
+
+
+async def test_processes_do_not_outlive_a_crash_the_restarted_daemon_ends_them(tmp_path: Path):
+    """The process channel's processes are handed over by a reload, not kept through a
+    crash (no keeper holds their pipes). What happens, as docs/operations.md says: one
+    that writes dies of SIGPIPE; the restarted daemon ends every group the dead daemon
+    left running (a silent one, a background child), and none of them is listed."""
+    port = free_port()
+    data, run, root = tmp_path / "data", tmp_path / "run", tmp_path / "root"
+    root.mkdir()
+    log_path = tmp_path / "init.log"
+    log = log_path.open("ab")
+    argv = [
+        *aetherd_command(), "init",
+        "--host", "127.0.0.1", "--port", str(port), "--token", TOKEN, "--root", str(root),
+        "--data-dir", str(data), "--runtime-dir", str(run), "--log-format", "json",
+    ]  # fmt: skip
+    init = subprocess.Popen(
+        argv, cwd=tmp_path, env=child_env(tmp_path, HOME=str(tmp_path)), stdout=log, stderr=log
+    )
+    try:
+        await wait_for(lambda: _record(data).get("pid") is not None, WAIT, 0.05)
+        first = _record(data)["pid"]
+        ws = await _connect(port)
+        pids: dict[str, int] = {}
+        for process_id, command in (
+            ("silent", "exec sleep 1000"),
+            ("writer", "while :; do echo x; sleep 0.05; done"),
+            ("group", "sleep 1000 & echo started; wait"),
+        ):
+            reply = await ws.request("process", "start", processId=process_id, command=command)
+            assert reply["success"] is True, reply
+            pids[process_id] = reply["data"]["pid"]
+        await ws.expect(lambda f: f.get("processId") == "group" and "started" in f.get("data", ""))
+        members = [p.pid for p in psutil.Process(pids["group"]).children()]
+        assert len(members) == 1  # the background sleep, in the same process group
+
+        os.kill(first, signal.SIGKILL)
+        for _ in range(100_000):  # until the socket ends
+            msg = await ws.ws.receive(timeout=WAIT)
+            if msg.type is not aiohttp.WSMsgType.TEXT:
+                break
+        await ws.session.close()
+        await wait_for(lambda: _record(data).get("pid") not in (None, first), WAIT, 0.05)
+
+        def gone(pid: int) -> bool:
+            try:
+                return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        everyone = [*pids.values(), *members]
+        await wait_for(lambda: all(gone(pid) for pid in everyone), WAIT, 0.05)
+        ws = await _connect(port)
+        assert (await ws.request("process", "list"))["data"]["processes"] == []
+        reply = await ws.request("process", "attach", processId="silent")
+        assert reply["success"] is False and reply["code"] == "NOT_FOUND", reply
+        await ws.close()
+        lines = [
+            json.loads(line)
+            for line in log_path.read_text().splitlines()
+            if "left running by a daemon that died" in line
+        ]
+        assert len(lines) == 1 and "silent" in lines[0]["msg"] and "group" in lines[0]["msg"]
+        assert list((run / "processes").iterdir()) == []  # no record left behind
+        init.send_signal(signal.SIGTERM)
+        assert init.wait(WAIT) == 0
+    finally:
+        if init.poll() is None:
+            init.kill()
+            init.wait(10)
+        log.close()

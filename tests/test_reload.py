@@ -204,6 +204,52 @@ class Stream:
             self.take(frame)
 
 
+class PStream:
+    """The output of one process on one socket: bytes per stream, checked contiguous."""
+
+    def __init__(self, process_id: str) -> None:
+        self.id = process_id
+        self.data = {"stdout": "", "stderr": ""}
+        self.ends: dict[str, int] = {"stdout": 0, "stderr": 0}
+        self.exits: list[dict[str, Any]] = []
+
+    def mine(self, frame: dict[str, Any]) -> bool:
+        return frame.get("channel") == "process" and frame.get("processId") == self.id
+
+    def take(self, frame: dict[str, Any]) -> None:
+        if frame.get("type") == "exit":
+            self.exits.append(frame)
+            return
+        assert frame.get("type") == "output", frame
+        stream, offset, data = frame["stream"], frame["offset"], frame["data"]
+        assert offset == self.ends[stream], f"{stream}: expected {self.ends[stream]}, got {offset}"
+        assert not frame.get("truncated"), frame
+        self.data[stream] += data
+        self.ends[stream] = offset + len(data.encode())
+
+    async def until(self, ws: WsClient, pred, timeout: float = WAIT) -> None:
+        deadline = time.monotonic() + timeout
+        while not pred(self):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{self.id} never matched; {self.data!r} {self.exits}")
+            self.take(await ws.expect(self.mine, remaining))
+
+
+async def read_until_closed(ws: WsClient, streams: list[PStream]) -> int | None:
+    """Keep the process frames in flight until the socket closes; its close code."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        msg = await ws.ws.receive(timeout=WAIT)
+        if msg.type is not aiohttp.WSMsgType.TEXT:
+            return ws.ws.close_code
+        frame = json.loads(msg.data)
+        for stream in streams:
+            if stream.mine(frame):
+                stream.take(frame)
+    raise TimeoutError("socket never closed")
+
+
 def metric(d: Daemon, name: str) -> float:
     match = re.search(rf"^{name} (\S+)$", d.metrics(), re.M)
     assert match, f"no {name} in /metrics"
@@ -479,17 +525,20 @@ async def test_reloads_in_a_row_leak_no_fd_mapping_or_process(daemon):
     ws = await open_ws(d)
     await attach(ws, "a", command=COUNTER)
     await attach(ws, "b", command="exec cat")
+    reply = await ws.request("process", "start", processId="p", argv=["cat"], stdin=True)
+    assert reply["success"] is True, reply
     await ws.close()
     await d.reload()
     first = _footprint(d.pid)
     first_kinds = _fd_kinds(d.pid)
-    assert len(first[2]) == 2  # the two shells, nothing else
+    assert len(first[2]) == 3  # the two shells and the process, nothing else
     for _ in range(RELOADS):
         await d.reload()
     assert d.proc.poll() is None and d.generation() == RELOADS + 1
     kinds = _fd_kinds(d.pid)
     assert kinds.get("/dev/ptmx") == first_kinds.get("/dev/ptmx") == 2, kinds
     assert kinds.get("anon_inode") == first_kinds.get("anon_inode"), kinds  # pidfds, epoll
+    assert kinds.get("pipe") == first_kinds.get("pipe"), kinds  # the process's 3 pipes
     # Connections of the readiness probes close a moment later: wait for them, bounded.
     await wait_for(lambda: _footprint(d.pid)[0] <= first[0], 10)
     _, maps, kids = _footprint(d.pid)
@@ -501,11 +550,18 @@ async def test_reloads_in_a_row_leak_no_fd_mapping_or_process(daemon):
     await stream.until(ws, "a", lambda s: len(numbers(s.text)) > 3)
     got = numbers(stream.text)
     assert got == list(range(got[0], got[0] + len(got)))
+    # The process went through every reload too: its stdin is the same pipe.
+    proc = PStream("p")
+    assert (await ws.request("process", "attach", processId="p"))["success"]
+    assert (await ws.request("process", "input", processId="p", data="hi\n", eof=True))["success"]
+    await proc.until(ws, lambda s: bool(s.exits))
+    assert proc.data["stdout"] == "hi\n" and proc.exits[0]["exitCode"] == 0
     await ws.close()
 
 
 async def test_unreadable_state_is_a_clean_restart_with_one_line(daemon, tmp_path: Path):
-    """A new version that cannot read the state: one line, sessions ended and reaped."""
+    """A new version that cannot read the state: one line, sessions and processes ended
+    and reaped."""
     newer = tmp_path / "newer"
     newer.mkdir()
     env = {"PYTHONPATH": f"{newer}{os.pathsep}{child_env(tmp_path)['PYTHONPATH']}"}
@@ -513,10 +569,12 @@ async def test_unreadable_state_is_a_clean_restart_with_one_line(daemon, tmp_pat
     await d.wait_ready()
     ws = await open_ws(d)
     created = await attach(ws, "old", command="exec cat")
+    started = await ws.request("process", "start", processId="old", argv=["sleep", "1000"])
+    assert started["success"] is True, started
     await ws.close()
     # "Install" a version that reads only state version 2.
     (newer / "sitecustomize.py").write_text(
-        "import aetherd.services.handover as h\nh.HANDOVER_VERSION = 2\n"
+        "import aetherd.services.handover as h\nh.HANDOVER_VERSION = 3\nh.READS = (3,)\n"
     )
     await d.reload()
     lines = d.logged("handover state version")
@@ -524,8 +582,104 @@ async def test_unreadable_state_is_a_clean_restart_with_one_line(daemon, tmp_pat
     assert lines[0]["level"] == "warning"
     await wait_for(lambda: _children(d.pid) == [], WAIT)  # the shell was ended and reaped
     assert not psutil.pid_exists(created["pid"])
+    assert not psutil.pid_exists(started["data"]["pid"])  # the process too
     ws = await open_ws(d)
     listed = await ws.request("terminal", "list")
     assert listed["data"]["sessions"] == []
+    assert (await ws.request("process", "list"))["data"]["processes"] == []
     assert d.info()["restoredSessions"] == 0 and d.info()["generation"] == 1
+    await ws.close()
+
+
+BOTH = 'i=0; while :; do echo "n=$i"; echo "e=$i" >&2; i=$((i+1)); sleep 0.05; done'
+
+
+async def test_processes_keep_running_across_a_reload_and_lose_no_byte(daemon):
+    """Process channel (section 10) across a reload: same pid, both rings and their
+    offsets, stdin, an exit during the reload and one before it, each reported once."""
+    d = daemon()
+    await d.wait_ready()
+    ws = await open_ws(d)
+    counter = PStream("counter")
+    started = await ws.request("process", "start", processId="counter", command=BOTH)
+    assert started["success"] is True, started
+    pid = started["data"]["pid"]
+    cat = PStream("cat")
+    reply = await ws.request("process", "start", processId="cat", argv=["cat"], stdin=True)
+    assert reply["success"] is True, reply
+    assert (await ws.request("process", "input", processId="cat", data="one\n"))["success"]
+    await cat.until(ws, lambda s: s.data["stdout"] == "one\n")
+    # Exits exactly while the daemon is between processes: once the state is written.
+    exiting = PStream("exiting")
+    wait_then_exit = (
+        f"echo waiting; while ! ls {d.run}/handover-*.json >/dev/null 2>&1; do sleep 0.005; "
+        "done; echo bye; echo gone >&2; exit 7"
+    )
+    reply = await ws.request("process", "start", processId="exiting", command=wait_then_exit)
+    assert reply["success"] is True, reply
+    await exiting.until(ws, lambda s: "waiting" in s.data["stdout"])
+    # Ended before the reload, with nobody attached: handed over exited, told once later.
+    reply = await ws.request("process", "start", processId="done", command="echo fin; exit 3")
+    assert reply["success"] is True, reply
+    await ws.request("process", "detach", processId="done")
+    # Killed by its timeout in the new generation: the deadline is handed over.
+    # (Sent by hand: `WsClient.request` takes `timeout` for itself.)
+    await ws.send(
+        {"channel": "process", "type": "start", "requestId": "slow", "processId": "slow",
+         "argv": ["sleep", "100"], "timeout": 6}
+    )  # fmt: skip
+    assert (await ws.expect(lambda f: f.get("requestId") == "slow"))["success"]
+    await counter.until(ws, lambda s: len(numbers(s.data["stdout"])) >= 5)
+
+    os.kill(d.pid, signal.SIGHUP)
+    assert await read_until_closed(ws, [counter, cat, exiting]) == 1012
+    await ws.session.close()
+    assert not exiting.exits, "the exit came before the reload: the test raced"
+    await wait_for(lambda: d.generation() >= 1, WAIT)
+    await d.wait_ready()
+
+    ws = await open_ws(d)
+    listed = await ws.request("process", "list")
+    by_id = {p["processId"]: p for p in listed["data"]["processes"]}
+    assert by_id["counter"]["pid"] == pid and by_id["counter"]["exited"] is False
+    assert by_id["counter"]["command"] == BOTH
+    for stream in (counter, cat, exiting):
+        reply = await ws.request(
+            "process", "attach", processId=stream.id, resumeFrom=dict(stream.ends)
+        )
+        assert reply["success"] is True, reply
+    seen = numbers(counter.data["stdout"])[-1]
+    await counter.until(ws, lambda s: numbers(s.data["stdout"])[-1] >= seen + 10)
+    await counter.until(ws, lambda s: s.data["stderr"].count("\n") >= seen + 10)
+    got = numbers(counter.data["stdout"])
+    assert got == list(range(len(got))), "stdout has a gap or a duplicate"
+    errs = [int(m) for m in re.findall(r"e=(\d+)", counter.data["stderr"])]
+    assert errs == list(range(len(errs))), "stderr has a gap or a duplicate"
+    # stdin carries on: the same pipe, the same cat.
+    reply = await ws.request("process", "input", processId="cat", data="two\n", eof=True)
+    assert reply["success"] is True, reply
+    await cat.until(ws, lambda s: bool(s.exits))
+    assert cat.data["stdout"] == "one\ntwo\n" and cat.exits[0]["exitCode"] == 0
+    # The exit during the reload: the output written meanwhile, then the exit, once.
+    await exiting.until(ws, lambda s: bool(s.exits))
+    assert exiting.data == {"stdout": "waiting\nbye\n", "stderr": "gone\n"}
+    assert [(e["exitCode"], e["signal"]) for e in exiting.exits] == [(7, None)]
+    done = PStream("done")
+    assert (await ws.request("process", "attach", processId="done"))["success"]
+    await done.until(ws, lambda s: bool(s.exits))
+    assert done.data["stdout"] == "fin\n" and done.exits[0]["exitCode"] == 3
+    slow = PStream("slow")
+    assert (await ws.request("process", "attach", processId="slow"))["success"]
+    await slow.until(ws, lambda s: bool(s.exits))
+    assert slow.exits[0]["timedOut"] is True and slow.exits[0]["signal"] == signal.SIGTERM
+    # Still this daemon's child (the same process after execv), adopted and counted.
+    with open(f"/proc/{pid}/stat") as f:
+        assert int(f.read().rpartition(")")[2].split()[1]) == d.pid
+    assert metric(d, "aetherd_process_adopted_total") == 5
+    assert d.logged("reloaded: generation 1, 0 terminal sessions adopted, 5 processes adopted")
+    # Each exit was logged once, across both generations.
+    ended = [e for e in d.log_lines() if e.get("msg") == "process ended"]
+    assert sorted(e["processId"] for e in ended) == ["cat", "done", "exiting", "slow"]
+    await ws.request("process", "signal", processId="counter", signal="SIGKILL")
+    await counter.until(ws, lambda s: bool(s.exits))
     await ws.close()

@@ -19,11 +19,15 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-HANDOVER_VERSION = 1
+HANDOVER_VERSION = 2
+# Versions this code adopts. Version 1 is version 2 with no processes (its `processes`
+# list was always empty). A version 1 reader refuses version 2, so going back to an
+# older daemon is a clean restart rather than processes nobody drives or reaps.
+READS = (1, 2)
 ENV_FILE = "AETHERD_HANDOVER"
 ENV_FDS = "AETHERD_HANDOVER_FDS"
 ENV_PIDS = "AETHERD_HANDOVER_PIDS"
@@ -60,8 +64,54 @@ class SessionState(BaseModel):
     orphan: bool = False  # adopted after a crash: not this process's child
 
 
+class StreamHandover(BaseModel):
+    """One output stream of a process: its pipe and its ring."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fd: int | None = Field(None, ge=0)  # our read end; None once at EOF (closed)
+    eof: bool
+    ring_start: int = Field(ge=0)  # absolute offset of the ring's first byte
+    ring_at: int = Field(ge=0)  # where the ring's bytes start in the blob
+    ring_len: int = Field(ge=0)
+
+
+class ProcessHandover(BaseModel):
+    """One process of the process channel (PROTOCOL.md section 10) as handed over."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=128)
+    pid: int = Field(gt=0)
+    argv: list[str] = Field(min_length=1)
+    command: str | None
+    request_argv: list[str] | None
+    cwd: str
+    encoding: Literal["utf-8", "base64"]
+    started_at: float
+    started_monotonic: float  # CLOCK_MONOTONIC is system-wide: it survives the exec
+    stdout: StreamHandover
+    stderr: StreamHandover
+    stdin_fd: int | None = Field(None, ge=0)  # our write end; None without stdin or closed
+    stdin_requested: bool
+    pending_at: int = Field(ge=0)  # stdin input not yet written, in the blob
+    pending_len: int = Field(ge=0)
+    close_stdin_after_input: bool
+    timeout: float | None
+    timed_out: bool
+    terminating: bool  # SIGTERM sent, SIGKILL due after the grace: the new daemon re-arms
+    leader_status: tuple[int | None, int | None] | None  # reaped leader: (exit code, signal)
+    exit_code: int | None
+    exit_signal: int | None
+    exited: bool  # the exit is recorded (leader reaped, pipes drained)
+    duration_ms: int | None
+    wait: bool
+    retention_left: float | None  # seconds left on the exited-retention clock
+    group_left: bool  # exited, but members of its group remain: the new daemon ends them
+
+
 class HandoverState(BaseModel):
-    """The state file (version 1)."""
+    """The state file (version 2: terminals and processes)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -70,8 +120,7 @@ class HandoverState(BaseModel):
     written_at: float
     listen_fd: int = Field(ge=0)
     terminals: list[SessionState]
-    # Section 10's processes are handed over here once that channel exists.
-    processes: list[dict[str, Any]] = []
+    processes: list[ProcessHandover] = []
 
 
 def runtime_dir(path: Path) -> Path:
@@ -83,7 +132,8 @@ def runtime_dir(path: Path) -> Path:
     return path
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
+    """Write `data` to a new file `path`, mode 0600, never through a symlink."""
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -99,8 +149,8 @@ def write_state(directory: Path, state: HandoverState, blob: bytes) -> Path:
     """Write the state file and its blob into `directory`; return the state file's path."""
     runtime_dir(directory)
     path = directory / f"handover-{state.pid}.json"
-    _write_private(path.with_suffix(".blob"), blob)
-    _write_private(path, state.model_dump_json().encode())
+    write_private(path.with_suffix(".blob"), blob)
+    write_private(path, state.model_dump_json().encode())
     return path
 
 
@@ -167,10 +217,11 @@ def take(environ: dict[str, str] | Any = None) -> Taken | None:
         taken.refused = "the handover state is not valid JSON"
         return taken
     version = data.get("version") if isinstance(data, dict) else None
-    if version != HANDOVER_VERSION:
+    if version not in READS:
+        readable = " and ".join(str(v) for v in READS)
         taken.refused = (
             f"handover state version {version!r} is not readable by this version "
-            f"(reads {HANDOVER_VERSION})"
+            f"(reads {readable})"
         )
         return taken
     try:
@@ -188,6 +239,15 @@ def take(environ: dict[str, str] | Any = None) -> Taken | None:
             session.pending_at + session.pending_len > len(blob)
         ):
             taken.refused = f"the handover blob is shorter than session {session.id!r} needs"
+            return taken
+    for process in state.processes:
+        spans = [
+            (process.stdout.ring_at, process.stdout.ring_len),
+            (process.stderr.ring_at, process.stderr.ring_len),
+            (process.pending_at, process.pending_len),
+        ]
+        if any(at + length > len(blob) for at, length in spans):
+            taken.refused = f"the handover blob is shorter than process {process.id!r} needs"
             return taken
     taken.state = state
     taken.blob = blob

@@ -9,7 +9,11 @@ What a process is lives in one plain record, `ProcessState`: ids, pid, the pipe 
 the two output rings, stdin's pending input, the timeout and the exit. Nothing is
 hidden in a closure (no Popen object either: the pid is reaped with `waitpid`), so a
 reload can hand the fds and the rings over: `ManagedProcess.release()` gives the
-record back with its fds open, `ProcessManager.adopt(state)` drives it again.
+record back with its fds open, `ProcessManager.adopt(state)` drives it again, and
+`ProcessManager.hand_over()` / `adopt_handed()` carry the records across the exec as
+plain data (`aetherd.services.handover.ProcessHandover`). Live processes are recorded
+in the runtime directory (`aetherd.services.orphans`), so that the daemon started
+after a crash ends the groups the dead one left running.
 `ManagedProcess` adds the event-loop machinery around one record (readers, timers,
 attachments).
 
@@ -38,6 +42,7 @@ import os
 import re
 import secrets
 import signal as signals
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
@@ -46,7 +51,9 @@ from typing import Any, Literal
 
 from aetherd.errors import AetherError, ErrorCode
 from aetherd.metrics import Sample
+from aetherd.services.handover import ProcessHandover, StreamHandover
 from aetherd.services.jail import Jail
+from aetherd.services.orphans import ProcessRecords
 from aetherd.services.ring import OutputRing
 from aetherd.settings import Settings
 
@@ -271,6 +278,8 @@ class ManagedProcess:
         self._drain_handle: asyncio.TimerHandle | None = None
         self._retention_handle: asyncio.TimerHandle | None = None
         self._exit_callbacks: list[Callable[[ProcessExitInfo], Any]] = []
+        self._terminating = False  # SIGTERM sent; SIGKILL follows after the grace
+        self._group_task: asyncio.Task[Any] | None = None  # ending the group's leftovers
 
     # -- identity ----------------------------------------------------------------------
     @property
@@ -360,6 +369,64 @@ class ManagedProcess:
         if self.manager._processes.get(self.id) is self:
             del self.manager._processes[self.id]
         return state
+
+    def hand_over(self, blob: bytearray) -> ProcessHandover:
+        """`release()` for the next daemon process (a reload): the record as plain data.
+
+        The rings' bytes and the input not yet written go to `blob`; the pipe fds stay
+        open (the caller makes them inheritable). The pidfd is closed: the next process
+        opens its own.
+        """
+        retention_left = None
+        if self._retention_handle is not None:
+            retention_left = max(0.0, self._retention_handle.when() - self._loop.time())
+        group_left = self._group_task is not None and not self._group_task.done()
+        state = self.release()
+        pidfd, state.pidfd = state.pidfd, None
+        if pidfd is not None:
+            os.close(pidfd)
+
+        def stream(name: StreamName) -> StreamHandover:
+            s = state.stream(name)
+            at = len(blob)
+            blob.extend(s.ring._buf)
+            return StreamHandover(
+                fd=s.fd, eof=s.eof, ring_start=s.ring.start, ring_at=at, ring_len=len(s.ring)
+            )
+
+        out, err = stream("stdout"), stream("stderr")
+        pending_at = len(blob)
+        blob.extend(state.pending_input)
+        exit_ = state.exit
+        return ProcessHandover(
+            id=state.process_id,
+            pid=state.pid,
+            argv=state.argv,
+            command=state.command,
+            request_argv=state.request_argv,
+            cwd=state.cwd,
+            encoding=state.encoding,
+            started_at=state.started_at,
+            started_monotonic=state.started_monotonic,
+            stdout=out,
+            stderr=err,
+            stdin_fd=state.stdin_fd,
+            stdin_requested=state.stdin_requested,
+            pending_at=pending_at,
+            pending_len=len(state.pending_input),
+            close_stdin_after_input=state.close_stdin_after_input,
+            timeout=state.timeout,
+            timed_out=state.timed_out,
+            terminating=self._terminating and state.leader_status is None,
+            leader_status=state.leader_status,
+            exited=exit_ is not None,
+            exit_code=exit_.exit_code if exit_ else None,
+            exit_signal=exit_.signal if exit_ else None,
+            duration_ms=exit_.duration_ms if exit_ else None,
+            wait=state.wait,
+            retention_left=retention_left,
+            group_left=group_left,
+        )
 
     def on_exit(self, callback: Callable[[ProcessExitInfo], Any]) -> None:
         """Call `callback(exit)` once the exit is recorded (at once if it already is)."""
@@ -548,6 +615,7 @@ class ManagedProcess:
 
     def terminate(self) -> None:
         """SIGTERM to the group now, SIGKILL after the kill grace if the leader lives on."""
+        self._terminating = True
         self._signal_group(signals.SIGTERM)
         self.manager._track(self._kill_after_grace())
 
@@ -631,7 +699,9 @@ class ManagedProcess:
             self._poll_handle = None
         self._close_stdin()
         # Whatever is left of the group (background jobs) ends with the process.
-        self.manager._track(self.manager.end_group(self.pid))
+        self._group_task = self.manager._track(self.manager.end_group(self.pid))
+        if self.manager.records is not None:
+            self.manager.records.remove(self.pid)
         self.exited_event.set()
         callbacks, self._exit_callbacks = self._exit_callbacks, []
         for callback in callbacks:
@@ -754,8 +824,162 @@ class ProcessManager:
         self.output_bytes = 0  # read from every pipe
         self.skipped_bytes = 0  # output slow clients never received (fell out of a ring)
         self.started = 0
+        # Set before start() by a reload: the processes the previous process handed over.
+        self.handover: tuple[list[ProcessHandover], bytes] | None = None
+        self.adopted = 0  # processes taken over from the previous process
+        self.adoption_failures = 0  # handed-over processes that could not be taken over
+        # Live processes recorded in the runtime directory, for the daemon after a crash.
+        self.records: ProcessRecords | None = None
+        self.orphans_ended = 0  # groups a daemon that died left running, ended at start
 
     # -- service lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        """Adopt the processes a reload handed over; end those a crashed daemon left."""
+        if self.handover is not None:
+            states, blob = self.handover
+            self.handover = None
+            self.adopt_handed(states, blob)
+        try:
+            self.records = ProcessRecords.open(self.settings.runtime_path)
+        except OSError as exc:
+            log.warning("processes are not recorded for after a crash: %s", exc)
+            return
+        leftovers = self.records.leftovers()
+        if leftovers:
+            log.warning(
+                "ending %d processes left running by a daemon that died: %s",
+                len(leftovers),
+                ", ".join(process_id for _, process_id in leftovers)[:400],
+            )
+        for pgid, _ in leftovers:
+            self.orphans_ended += 1
+            self._track(self.end_group(pgid))
+
+    # -- handover (a reload: PROTOCOL.md section 14) -----------------------------------
+    def hand_over(self, blob: bytearray) -> list[ProcessHandover]:
+        """Give up every process without ending it, for the next daemon process.
+
+        Rings and pending input go to `blob`; the pipe fds stay open for the caller to
+        pass on. After this `spawn` answers BUSY and `stop()` has nothing left to end.
+        """
+        self._stopping = True
+        states = [process.hand_over(blob) for process in list(self._processes.values())]
+        self._processes.clear()
+        for task in list(self._tasks):
+            task.cancel()  # SIGKILLs due and groups being ended: the next process re-arms them
+        return states
+
+    def adopt_handed(self, states: list[ProcessHandover], blob: bytes) -> int:
+        """Take over the processes a previous daemon process handed over; returns how many.
+
+        Each is checked whole first (its pipes are pipes, its pid a child of this
+        process); one that fails is dropped: its fds closed, its group killed and reaped.
+        """
+        count = 0
+        for handed in states:
+            fds = [
+                fd
+                for fd in (handed.stdout.fd, handed.stderr.fd, handed.stdin_fd)
+                if fd is not None
+            ]
+            problem = self._adoption_problem(handed, fds)
+            if problem is not None:
+                self.adoption_failures += 1
+                log.warning("process %s not adopted: %s", handed.id, problem)
+                for fd in fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                if handed.leader_status is None and _is_child(handed.pid):
+                    self._track(self._end_abandoned(handed.pid))  # never another's group
+                continue
+            for fd in fds:
+                os.set_inheritable(fd, False)
+                os.set_blocking(fd, False)
+            process = self.adopt(self._state_from(handed, blob))
+            if handed.exited and handed.retention_left is not None:
+                # The retention clock carries on where it was, not from the start.
+                if process._retention_handle is not None:
+                    process._retention_handle.cancel()
+                process._retention_handle = process._loop.call_later(
+                    handed.retention_left, self._forget, process
+                )
+            if handed.terminating and process.state.leader_status is None:
+                process.terminate()
+            if handed.group_left:
+                process._group_task = self._track(self.end_group(handed.pid))
+            count += 1
+        self.adopted += count
+        if count:
+            log.info("adopted %d processes", count)
+        return count
+
+    def _adoption_problem(self, handed: ProcessHandover, fds: list[int]) -> str | None:
+        if not PROCESS_ID_RE.match(handed.id):
+            return "invalid id"
+        if handed.id in self._processes:
+            return "duplicate id"
+        if len(self._processes) >= self.settings.process_max:
+            return "too many processes"
+        try:
+            for fd in fds:
+                if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                    return f"fd {fd} is not a pipe"
+        except OSError as exc:
+            return exc.strerror or str(exc)
+        # Not reaped here: the adopted process reaps it and reports its exit.
+        if handed.leader_status is None and not _is_child(handed.pid):
+            return f"pid {handed.pid} is not a child of this process"
+        return None
+
+    def _state_from(self, handed: ProcessHandover, blob: bytes) -> ProcessState:
+        capacity = (
+            self.settings.process_wait_output_bytes
+            if handed.wait
+            else self.settings.process_ring_bytes
+        )
+
+        def stream(name: StreamName, h: StreamHandover) -> StreamState:
+            ring = OutputRing(capacity)
+            ring.start = h.ring_start
+            ring.append(blob[h.ring_at : h.ring_at + h.ring_len])
+            return StreamState(name, h.fd, ring, h.eof)
+
+        exit_ = None
+        if handed.exited:
+            exit_ = ProcessExitInfo(
+                handed.exit_code, handed.exit_signal, handed.timed_out, handed.duration_ms or 0
+            )
+        return ProcessState(
+            process_id=handed.id,
+            pid=handed.pid,
+            argv=list(handed.argv),
+            command=handed.command,
+            request_argv=handed.request_argv,
+            cwd=handed.cwd,
+            encoding=handed.encoding,
+            started_at=handed.started_at,
+            started_monotonic=handed.started_monotonic,
+            stdout=stream("stdout", handed.stdout),
+            stderr=stream("stderr", handed.stderr),
+            stdin_fd=handed.stdin_fd,
+            stdin_requested=handed.stdin_requested,
+            pending_input=bytearray(blob[handed.pending_at : handed.pending_at + handed.pending_len]),
+            close_stdin_after_input=handed.close_stdin_after_input,
+            timeout=handed.timeout,
+            timed_out=handed.timed_out,
+            leader_status=handed.leader_status,
+            exit=exit_,
+            wait=handed.wait,
+        )
+
+    async def _end_abandoned(self, pid: int) -> None:
+        """End a child that could not be adopted: its group SIGKILLed, the leader reaped."""
+        _killpg(pid, signals.SIGKILL)
+        for _ in range(200):  # SIGKILL cannot be ignored: 10 s at most, bounded anyway
+            if _reaped(pid):
+                return
+            await asyncio.sleep(0.05)
+
     async def stop(self) -> None:
         """End every process: SIGTERM to each group, SIGKILL after the grace; reap, close."""
         self._stopping = True
@@ -810,6 +1034,14 @@ class ProcessManager:
                 return
         _killpg(pgid, signals.SIGKILL)
 
+    def _record(self, process: ManagedProcess) -> None:
+        if self.records is None:
+            return
+        try:
+            self.records.add(process.id, process.pid)
+        except OSError as exc:
+            log.warning("process %s not recorded for after a crash: %s", process.id, exc)
+
     def _forget(self, process: ManagedProcess) -> None:
         if self._processes.get(process.id) is process:
             del self._processes[process.id]
@@ -851,6 +1083,24 @@ class ProcessManager:
             "aetherd_process_output_bytes",
             "Bytes read from process stdout and stderr pipes",
             self.output_bytes,
+            kind="counter",
+        )
+        yield Sample(
+            "aetherd_process_adopted",
+            "Processes taken over from the previous daemon process (a reload)",
+            self.adopted,
+            kind="counter",
+        )
+        yield Sample(
+            "aetherd_process_orphans_ended",
+            "Process groups a daemon that died left running, ended at start",
+            self.orphans_ended,
+            kind="counter",
+        )
+        yield Sample(
+            "aetherd_process_adoption_failures",
+            "Handed-over processes that failed their check and were ended",
+            self.adoption_failures,
             kind="counter",
         )
 
@@ -976,6 +1226,7 @@ class ProcessManager:
         process = ManagedProcess(self, state)
         self._processes[process_id] = process
         self.started += 1
+        self._record(process)
         process.start()
         log.info("process started", extra={"processId": process_id, "pid": pid})
         return process
@@ -1003,6 +1254,24 @@ class ProcessManager:
 def _killpg(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def _is_child(pid: int) -> bool:
+    """True if `pid` is a child of this process not reaped yet (nothing is reaped here)."""
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
+
+
+def _reaped(pid: int) -> bool:
+    """Reap `pid` if it has exited (never blocks); True once it is gone."""
+    try:
+        done, _status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return done == pid
 
 
 def _group_alive(pgid: int) -> bool:

@@ -153,7 +153,7 @@ def test_take_reads_the_state_once(tmp_path: Path):
 @pytest.mark.parametrize(
     ("mutate", "reason"),
     [
-        (lambda d: d.update(version=2), "version 2 is not readable"),
+        (lambda d: d.update(version=3), "version 3 is not readable"),
         (lambda d: d.update(pid=1), "belongs to pid 1"),
         (lambda d: d.update(terminals=[{"id": "x"}]), "malformed at terminals.0"),
     ],
@@ -169,6 +169,17 @@ def test_take_refuses_what_it_cannot_adopt(tmp_path: Path, mutate, reason):
     assert taken.fds == [7, 8]  # the envelope survives: the fds can still be closed
 
 
+def test_a_version_1_state_is_still_read(tmp_path: Path):
+    """Version 1 (before processes were handed over) is version 2 with no processes."""
+    path = write_state(tmp_path, _state(), b"")
+    data = json.loads(path.read_text())
+    data.update(version=1, processes=[])
+    path.write_text(json.dumps(data))
+    taken = take(_env(path))
+    assert taken is not None and taken.refused is None
+    assert taken.state is not None and taken.state.processes == []
+
+
 def test_take_refuses_a_short_blob_and_a_missing_file(tmp_path: Path):
     session = {
         "id": "s", "pid": 2, "fd": None, "command": None, "cwd": "/", "cols": 80, "rows": 24,
@@ -179,6 +190,23 @@ def test_take_refuses_a_short_blob_and_a_missing_file(tmp_path: Path):
     path = write_state(tmp_path, _state(terminals=[session]), b"short")
     taken = take(_env(path))
     assert taken is not None and taken.refused and "blob is shorter" in taken.refused
+    stream = {"fd": None, "eof": True, "ring_start": 0, "ring_at": 0, "ring_len": 4}
+    process = {
+        "id": "p", "pid": 2, "argv": ["true"], "command": None, "request_argv": ["true"],
+        "cwd": "/", "encoding": "utf-8", "started_at": 0.0, "started_monotonic": 0.0,
+        "stdout": stream, "stderr": {**stream, "ring_at": 4, "ring_len": 2}, "stdin_fd": None,
+        "stdin_requested": False, "pending_at": 6, "pending_len": 0,
+        "close_stdin_after_input": False, "timeout": None, "timed_out": False,
+        "terminating": False, "leader_status": [0, None], "exit_code": 0, "exit_signal": None,
+        "exited": True, "duration_ms": 1, "wait": False, "retention_left": None,
+        "group_left": False,
+    }  # fmt: skip
+    path = write_state(tmp_path, _state(processes=[process]), b"short")
+    taken = take(_env(path))
+    assert taken is not None and taken.refused and "process 'p' needs" in taken.refused
+    path = write_state(tmp_path, _state(processes=[process]), b"longer")
+    taken = take(_env(path))
+    assert taken is not None and taken.state is not None, taken.refused
     gone = take(_env(tmp_path / "absent.json"))
     assert gone is not None and gone.refused and "cannot read" in gone.refused
 

@@ -458,3 +458,83 @@ async def test_a_released_record_is_adopted_with_its_output_stdin_and_timeout(ma
         for p in mgr.processes():
             mgr._forget(p)
     assert open_fds() == fds
+
+
+async def test_hand_over_through_the_state_file_form_and_adopt_in_a_new_manager(manager):
+    """A reload without the exec: every process leaves as plain data (JSON and a blob),
+    and the next manager drives it on: rings, offsets, stdin, pending input, exits."""
+    from aetherd.services.handover import ProcessHandover
+
+    old = await manager(process_exited_retention=60.0)
+    fds = open_fds()
+    cat = old.spawn(argv=["cat"], stdin=True, process_id="cat")
+    seen = Reader(cat)
+    cat.write(b"one\n")
+    await seen.until("stdout", b"one\n")
+    seen.attachment.detach()
+    done = old.spawn(command="echo out; echo err >&2; exit 5", process_id="done")
+    await asyncio.wait_for(done.wait(), 10)
+    blob = bytearray()
+    states = old.hand_over(blob)
+    assert old.processes() == [] and old.background_tasks == 0
+    with pytest.raises(AetherError) as refused:
+        old.spawn(argv=["true"])
+    assert refused.value.code is ErrorCode.BUSY
+    by_id = {s.id: s for s in states}
+    assert by_id["cat"].stdout.fd is not None and by_id["cat"].stdin_fd is not None
+    assert by_id["done"].exited and by_id["done"].stdout.fd is None
+    assert by_id["done"].retention_left is not None and 0 < by_id["done"].retention_left <= 60
+    # Written while no manager reads: it waits in the pipe for the next one.
+    assert by_id["cat"].stdin_fd is not None
+    os.write(by_id["cat"].stdin_fd, b"between\n")
+    again = [ProcessHandover.model_validate_json(s.model_dump_json()) for s in states]
+    new = await manager()
+    new.handover = (again, bytes(blob))
+    await new.start()
+    assert new.adopted == 2 and new.adoption_failures == 0
+    adopted = new.get("cat")
+    assert adopted.pid == cat.pid
+    reader = Reader(adopted, {"stdout": seen.end("stdout"), "stderr": 0})
+    await reader.until("stdout", b"between\n")
+    adopted.write(b"two\n", eof=True)
+    exit_ = await reader.to_exit()
+    assert exit_.exit_code == 0 and reader.data["stdout"] == b"between\ntwo\n"
+    assert reader.starts["stdout"] == 4
+    ended = Reader(new.get("done"))
+    assert await ended.to_exit() == ProcessExitInfo(5, None, False, done.state.exit.duration_ms)
+    assert ended.data == {"stdout": b"out\n", "stderr": b"err\n"}
+    for p in new.processes():
+        new._forget(p)
+    await wait_for(lambda: new.background_tasks == 0, 5)
+    assert open_fds() == fds and zombies() == []
+
+
+async def test_a_handed_over_process_that_is_not_ours_is_dropped_whole(manager):
+    old = await manager()
+    real = old.spawn(argv=["cat"], stdin=True, process_id="real")
+    blob = bytearray()
+    [state] = old.hand_over(blob)
+    assert state.stdout.fd is not None
+    copy = os.dup(state.stdout.fd)
+    # pid 1 is nobody's child here: dropped, its fds (copies of real pipes) closed, and
+    # it is not signalled (it is not ours to end).
+    bogus = state.model_copy(
+        update={
+            "id": "bogus",
+            "pid": 1,
+            "stdout": state.stdout.model_copy(update={"fd": copy}),
+            "stderr": state.stderr.model_copy(update={"fd": None}),
+            "stdin_fd": None,
+        }
+    )
+    new = await manager()
+    new.handover = ([bogus, state], bytes(blob))
+    await new.start()
+    assert new.find("bogus") is None and new.adoption_failures == 1
+    try:  # the copy was closed (its number may be reused since, but not by a pipe)
+        assert not os.readlink(f"/proc/self/fd/{copy}").startswith("pipe:")
+    except FileNotFoundError:
+        pass
+    assert new.get("real").alive and new.get("real").pid == real.pid
+    metrics = {(s.name, tuple(s.labels.items())): s.value for s in new.metrics()}
+    assert metrics[("aetherd_process_adoption_failures", ())] == 1
