@@ -185,7 +185,9 @@ async def test_a_cwd_whose_name_is_not_utf8_is_sent_replaced(daemon, workspace):
     os.symlink(os.fsdecode(b"caf\xe9"), workspace / "cafe")
     client = await daemon.connect()
     await client.expect_type("terminal", "sessions")
-    reply = await client.request("terminal", "create", sessionId="u1", cwd="/cafe", command="pwd")
+    reply = await client.request(
+        "terminal", "create", sessionId="u1", cwd="/cafe", command="sleep 60"
+    )
     assert reply["success"] is True, reply
     assert reply["data"]["cwd"] == "/caf\ufffd"
     listed = await client.request("terminal", "list")
