@@ -190,10 +190,13 @@ class Peer:
         await self.ws.close()
         await self.session.close()
 
+    received = 0  # characters of text frames received
+
     async def text(self, timeout: float = 60) -> str:
         msg = await self.ws.receive(timeout=timeout)
         if msg.type is not aiohttp.WSMsgType.TEXT:
             raise ConnectionError(msg)
+        self.received += len(msg.data)
         return str(msg.data)
 
 
@@ -371,14 +374,13 @@ async def bare_echo(url: str, samples: int) -> list[float]:
     return times
 
 
-async def drain(ws: aiohttp.ClientWebSocketResponse, stop: asyncio.Event) -> int:
-    total = 0
+async def drain(ws: aiohttp.ClientWebSocketResponse, stop: asyncio.Event, total: list[int]) -> None:
+    """Read a flooding socket until `stop`, adding the characters received to `total[0]`."""
     while not stop.is_set():
         msg = await ws.receive()
         if msg.type is not aiohttp.WSMsgType.TEXT:
             break
-        total += len(msg.data)
-    return total
+        total[0] += len(msg.data)
 
 
 async def measure_memory(
@@ -577,7 +579,11 @@ async def measure_echo(
             for index in range(sizes.floods):
                 await client.create(f"flood{index}", env=env, command="exec yes")
             await asyncio.sleep(0.5)
+            received, start = client.received, time.perf_counter()
             results["aetherd_flood"] = await aether_echo(client, "echo", sizes.samples)
+            results["aetherd_flood_mbs"] = (
+                (client.received - received) / (time.perf_counter() - start) / 1e6
+            )
             for index in range(sizes.floods):
                 await client.close_session(f"flood{index}")
         await client.close_session("echo")
@@ -600,9 +606,12 @@ async def measure_echo(
             await flood.until("#")
             await flood.stdin("exec yes\r")
             floods.append(flood)
-        drains = [asyncio.create_task(drain(f.ws, stop)) for f in floods]
+        total = [0]
+        drains = [asyncio.create_task(drain(f.ws, stop, total)) for f in floods]
         await asyncio.sleep(0.5)
+        received, start = total[0], time.perf_counter()
         results["terminado_flood"] = await terminado_echo(term, sizes.samples)
+        results["terminado_flood_mbs"] = (total[0] - received) / (time.perf_counter() - start) / 1e6
         stop.set()
         for flood in floods:
             await flood.__aexit__()
@@ -782,6 +791,10 @@ def report(r: dict[str, Any], sizes: Sizes) -> None:
         print(
             f"| Echo, {sizes.floods} floods (aetherd: same socket) | {lat('aetherd_flood')} | terminado,"
             f" floods on separate sockets: {lat('terminado_flood')} | p99 {judged('flood')} |"
+        )
+        print(
+            f"| Floods drained during that echo | {r['aetherd_flood_mbs']:.1f} MB/s | terminado"
+            f" {r['terminado_flood_mbs']:.1f} MB/s | {r['aetherd_flood_mbs'] / r['terminado_flood_mbs']:.2f}x |"
         )
     if "attach" in r:
         attach = statistics.median(r["attach"])
