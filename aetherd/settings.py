@@ -69,8 +69,8 @@ class Settings(BaseModel):
         "auto", description="text on a terminal, json otherwise, unless forced"
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
-    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
-        "auto", description="Event loop: uvloop when installed (auto), or force one"
+    event_loop: Literal["asyncio", "uvloop", "auto"] = Field(
+        "asyncio", description="Event loop: asyncio's, uvloop, or auto (uvloop when installed)"
     )
 
     # -- JWT verification (optional) ------------------------------------------------------

@@ -55,21 +55,29 @@ def test_an_unknown_loop_is_a_settings_error() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("choice", ["asyncio", pytest.param("uvloop", marks=needs_uvloop)])
+@pytest.mark.parametrize(
+    "choice", ["default", "asyncio", pytest.param("uvloop", marks=needs_uvloop)]
+)
 def test_the_daemon_runs_on_the_chosen_loop_and_says_so(tmp_path: Path, choice: str) -> None:
-    """A real daemon process: the `listening` line names its loop."""
+    """A real daemon process: the `listening` line names its loop (asyncio's by default,
+    even with uvloop installed)."""
     root = tmp_path / "root"
     root.mkdir()
     proc = subprocess.Popen(
         [
             *aetherd_command(),
             "serve",
-            "--port", "0",
-            "--root", str(root),
-            "--data-dir", str(tmp_path / "data"),
-            "--token", "loop-test-token-0123456789",
-            "--log-format", "json",
-            "--event-loop", choice,
+            "--port",
+            "0",
+            "--root",
+            str(root),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--token",
+            "loop-test-token-0123456789",
+            "--log-format",
+            "json",
+            *([] if choice == "default" else ["--event-loop", choice]),
         ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -80,7 +88,7 @@ def test_the_daemon_runs_on_the_chosen_loop_and_says_so(tmp_path: Path, choice: 
     try:
         _, lines = read_port(proc, timeout=30)
         listening = json.loads(lines[-1])
-        assert listening["eventLoop"] == choice
+        assert listening["eventLoop"] == ("asyncio" if choice == "default" else choice)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -105,11 +113,16 @@ def test_a_missing_uvloop_stops_the_daemon_with_a_settings_error(tmp_path: Path)
         [
             *aetherd_command(),
             "serve",
-            "--port", "0",
-            "--root", str(tmp_path),
-            "--data-dir", str(tmp_path / "data"),
-            "--token", "loop-test-token-0123456789",
-            "--event-loop", "uvloop",
+            "--port",
+            "0",
+            "--root",
+            str(tmp_path),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--token",
+            "loop-test-token-0123456789",
+            "--event-loop",
+            "uvloop",
         ],
         capture_output=True,
         text=True,

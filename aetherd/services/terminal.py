@@ -11,9 +11,9 @@ removed, so the writing program blocks as it would on a real terminal; it is add
 back as soon as one client catches up. A client whose cursor left the ring is moved
 to the ring's start and its next chunk is marked `truncated`.
 
-Processes: the child is forked with `os.forkpty` (its own session, the PTY as its
-controlling terminal) and watched through a pidfd, so exits are seen without polling
-or blocking. Ending a session signals every process of its session (SIGHUP, then
+Processes: the child is started with posix_spawn (`aetherd.services.ptyspawn`; a fork
+where libc cannot) in its own session, with the PTY as its controlling terminal, and
+watched through a pidfd, so exits are seen without polling or blocking. Ending a session signals every process of its session (SIGHUP, then
 SIGKILL after `terminal_kill_grace`); nothing here ever sleeps on the event loop
 (ptyprocess's close() does, which is why it is not used).
 """
