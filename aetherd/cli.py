@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from pathlib import Path
@@ -125,8 +124,9 @@ def serve_main(args: argparse.Namespace) -> int:
             return run_check(settings)
         setup_logging(settings.log_format, settings.log_level)
         from aetherd.app import serve
+        from aetherd.eventloop import run
 
-        reexec = asyncio.run(serve(settings))
+        reexec = run(serve(settings), settings.event_loop)
         if reexec is not None:
             reexec.exec()  # returns only if execv failed
             return 1

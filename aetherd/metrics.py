@@ -28,6 +28,7 @@ log = logging.getLogger("aetherd.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _CHANNEL = re.compile(r'"channel":"([A-Za-z0-9_.-]{1,32})"')
+_CHANNEL_BYTES = re.compile(rb'"channel":"([A-Za-z0-9_.-]{1,32})"')
 KNOWN_CHANNELS = frozenset(
     {"terminal", "files", "agent", "ports", "config", "activity", "error", "unknown"}
 )
@@ -44,12 +45,16 @@ class Sample:
     kind: str = "gauge"  # or "counter"
 
 
-def channel_of(text: str) -> str:
-    """The `channel` of a serialized frame (cheap: only the first bytes are looked at)."""
-    match = _CHANNEL.search(text, 0, 256)
-    if match is None:
+def channel_of(text: str | bytes) -> str:
+    """The `channel` of a serialized frame, text or UTF-8 (only the first bytes are looked at)."""
+    if isinstance(text, bytes):
+        found = _CHANNEL_BYTES.search(text, 0, 256)
+        name = found.group(1).decode("ascii") if found is not None else None
+    else:
+        match = _CHANNEL.search(text, 0, 256)
+        name = match.group(1) if match is not None else None
+    if name is None:
         return "unknown"
-    name = match.group(1)
     return name if name in KNOWN_CHANNELS else "other"
 
 
@@ -227,8 +232,8 @@ class Metrics:
         self.frames.add((label, "in"), 1.0)
         self.frame_bytes.add((label, "in"), size)
 
-    def frame_out(self, text: str) -> None:
-        """Count one server frame."""
+    def frame_out(self, text: str | bytes) -> None:
+        """Count one server frame (its length in characters, or in bytes when encoded)."""
         label = channel_of(text)
         self.frames.add((label, "out"), 1.0)
         self.frame_bytes.add((label, "out"), len(text))

@@ -69,6 +69,9 @@ class Settings(BaseModel):
         "auto", description="text on a terminal, json otherwise, unless forced"
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
+    event_loop: Literal["asyncio", "uvloop", "auto"] = Field(
+        "asyncio", description="Event loop: asyncio's, uvloop, or auto (uvloop when installed)"
+    )
 
     # -- JWT verification (optional) ------------------------------------------------------
     jwt_secret: str | None = Field(None, description="HS256 shared secret for JWT tokens")

@@ -214,7 +214,7 @@ def daemon_round(
         (tmp / "root").mkdir()
         started = time.perf_counter()
         daemon = Daemon(
-            tmp / "root", tmp / "data", home=home, env=child_env(env, row), repo=row.repo
+            tmp / "root", tmp / "data", home=home, env=child_env(env, row), code=row.repo
         )
         try:
             daemon.wait_ready(timeout=60, interval=poll)
@@ -239,7 +239,7 @@ def import_profile(row: Row, env: dict[str, str], home: Path) -> list[tuple[str,
         # The shell only redirects stderr (where -X importtime writes), then execs python.
         python = ["sh", "-c", f'exec "$0" -X importtime -m aetherd "$@" 2>"{log}"', sys.executable]
         daemon = Daemon(
-            tmp / "root", tmp / "data", home=home, env=child_env(env, row), repo=row.repo,
+            tmp / "root", tmp / "data", home=home, env=child_env(env, row), code=row.repo,
             python=python,
         )  # fmt: skip
         try:

@@ -127,8 +127,9 @@ class Daemon(Child):
 
     `port` defaults to a free one; `home` becomes the daemon's HOME; `python` replaces
     `[python, "-m", "aetherd"]` (to run the daemon under a profiler, for example);
-    `env` replaces this process's environment. `repo` (default: the checkout this
-    module belongs to) is put on the child's PYTHONPATH.
+    `env` replaces this process's environment. The checkout this module belongs to is
+    on the child's PYTHONPATH, or `code` (a directory holding another version's
+    `aetherd` package, to compare two versions).
     """
 
     def __init__(
@@ -139,11 +140,11 @@ class Daemon(Child):
         port: int | None = None,
         home: Path | None = None,
         python: list[str] | None = None,
+        code: Path | None = None,
         env: dict[str, str] | None = None,
-        repo: Path = REPO,
     ) -> None:
         self.port = port or free_port()
-        env = {**(os.environ if env is None else env), "PYTHONPATH": str(repo)}
+        env = {**(os.environ if env is None else env), "PYTHONPATH": str(code or REPO)}
         if home is not None:
             env["HOME"] = str(home)
         argv = [
@@ -156,8 +157,9 @@ class Daemon(Child):
             "--data-dir", str(data_dir),
             *extra,
         ]  # fmt: skip
-        # `python -m` puts the working directory first on sys.path: run in `repo`.
-        super().__init__(argv, env, cwd=repo)
+        # `python -m` puts the working directory first on sys.path: start in `code`, so
+        # that a checkout run from elsewhere does not shadow it.
+        super().__init__(argv, env, cwd=code)
 
     @property
     def ws_url(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 
+from aetherd.metrics import channel_of
 from tests.fake_providers import FakeProvider, HttpError, Turn
 from tests.support import wait_for
 
@@ -130,3 +131,11 @@ def test_exposition_is_what_prometheus_client_prints_for_the_same_counts() -> No
     ours.request_seconds.labels("terminal").observe(0.02)
     seconds.labels("terminal").observe(0.02)
     assert ours.render().decode() == ref_text()
+
+
+def test_frames_are_counted_by_channel_as_text_or_utf8_bytes():
+    """Terminal output leaves as UTF-8 bytes, the rest as text: both are labelled alike."""
+    for frame in ('{"channel":"terminal","type":"output"}', '{"channel":"files","x":1}'):
+        assert channel_of(frame) == channel_of(frame.encode()) == frame[12:-1].split('"')[0]
+    assert channel_of(b'{"channel":"nosuch"}') == channel_of('{"channel":"nosuch"}') == "other"
+    assert channel_of(b'{"type":"x"}') == channel_of('{"type":"x"}') == "unknown"
