@@ -209,7 +209,15 @@ def build_services(settings: Settings) -> Services:
             settings.data_dir / "agent.sqlite3", commit_batch=settings.agent_commit_batch
         )
     )
-    services.agent = services.add(AgentRunner(settings, services.jail, services.transcript))
+    services.agent = services.add(
+        AgentRunner(
+            settings,
+            services.jail,
+            services.transcript,
+            fs=services.fs,
+            processes=services.processes,
+        )
+    )
 
     # -- operations (resources, metrics, notify) --
     services.resources = services.add(
