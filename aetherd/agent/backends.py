@@ -245,43 +245,47 @@ class AcpBackend:
             await conn.start(spec.argv, env, str(self.fs.jail.root))
             self.starts += 1
             try:
-                raw = await conn.request(
-                    "initialize",
-                    {
-                        "protocolVersion": PROTOCOL_VERSION,
-                        "clientCapabilities": {
-                            "fs": {"readTextFile": True, "writeTextFile": True},
-                            "terminal": True,
-                        },
-                        "clientInfo": {"name": "aetherd", "version": __version__},
-                    },
-                    timeout=self.settings.acp_start_timeout,
-                )
-                init = InitializeResult.model_validate(raw)
-            except (AcpError, AcpClosed, ValidationError) as exc:
-                reason = _reason(exc)
-                if not conn.alive:
-                    await conn.wait_exit()
-                    reason = conn.describe_exit()
-                await conn.stop(self.settings.process_kill_grace)
-                raise AcpClosed(f"agent {self.name!r} did not initialize: {reason}") from None
-            if spec.auth_method:
-                try:
-                    await conn.request(
-                        "authenticate",
-                        {"methodId": spec.auth_method},
-                        timeout=self.settings.acp_start_timeout,
-                    )
-                except (AcpError, AcpClosed) as exc:
-                    await conn.stop(self.settings.process_kill_grace)
-                    raise AcpClosed(
-                        f"agent {self.name!r} refused authenticate "
-                        f"({spec.auth_method}): {_reason(exc)}"
-                    ) from None
+                init = await self._handshake(conn, spec)
+            except BaseException:
+                # Refused, aborted or stopped while it starts: no agent is left behind.
+                await asyncio.shield(conn.stop(self.settings.process_kill_grace))
+                raise
             self.conn = conn
             self.started_spec = spec
             self.load_session = init.agent_capabilities.load_session
             return conn
+
+    async def _handshake(self, conn: AcpConnection, spec: BackendSpec) -> InitializeResult:
+        """`initialize`, then `authenticate` when the config names a method."""
+        timeout = self.settings.acp_start_timeout
+        try:
+            raw = await conn.request(
+                "initialize",
+                {
+                    "protocolVersion": PROTOCOL_VERSION,
+                    "clientCapabilities": {
+                        "fs": {"readTextFile": True, "writeTextFile": True},
+                        "terminal": True,
+                    },
+                    "clientInfo": {"name": "aetherd", "version": __version__},
+                },
+                timeout=timeout,
+            )
+            init = InitializeResult.model_validate(raw)
+        except (AcpError, AcpClosed, ValidationError) as exc:
+            reason = _reason(exc)
+            if not conn.alive:
+                await conn.wait_exit()
+                reason = conn.describe_exit()
+            raise AcpClosed(f"agent {self.name!r} did not initialize: {reason}") from None
+        if spec.auth_method:
+            try:
+                await conn.request("authenticate", {"methodId": spec.auth_method}, timeout=timeout)
+            except (AcpError, AcpClosed) as exc:
+                raise AcpClosed(
+                    f"agent {self.name!r} refused authenticate ({spec.auth_method}): {_reason(exc)}"
+                ) from None
+        return init
 
     # -- one task ----------------------------------------------------------------------
     async def run(self, job: Job) -> None:
@@ -300,6 +304,9 @@ class AcpBackend:
             status, error, code = "failed", str(exc), ErrorCode.PROVIDER_ERROR.value
         except AcpError as exc:
             status, error = "failed", f"agent {self.name!r}: {exc.message}"
+            code = ErrorCode.PROVIDER_ERROR.value
+        except ValidationError as exc:
+            status, error = "failed", f"agent {self.name!r} sent an invalid reply: {_first(exc)}"
             code = ErrorCode.PROVIDER_ERROR.value
         except AetherError as err:
             status, error, code = "failed", err.message, err.code.value
@@ -559,7 +566,10 @@ class AcpBackend:
         if turn is None or turn.session_id != req.session_id or turn.cancelled:
             return cancelled
         info = self._merge(turn, req.tool_call)
-        allow = next((o for o in req.options if o.kind.startswith("allow")), None)
+        allows = [o for o in req.options if o.kind.startswith("allow")]
+        # Answering by itself, the daemon grants this one call (`allow_once` when offered):
+        # its mode decides every request, so it never hands the agent a standing grant.
+        allow = next((o for o in allows if o.kind == "allow_once"), allows[0] if allows else None)
         mode = turn.job.permission_mode
         reason = _approval_reason(mode, info)
         if reason is None and allow is not None:
@@ -598,7 +608,9 @@ class AcpBackend:
             return cancelled
         await self.events.set_status(task_id, "running")
         if decision.approved:
-            chosen = decision.option_id or (allow.option_id if allow else req.options[0].option_id)
+            # `approve` without an optionId: the contract's default, the first allow_* option.
+            first = allows[0] if allows else req.options[0]
+            chosen = decision.option_id or first.option_id
             return {"outcome": {"outcome": "selected", "optionId": chosen}}
         refuse = next((o for o in req.options if o.kind.startswith("reject")), None)
         if refuse is None:

@@ -165,26 +165,26 @@ async def test_permission_requests_round_trip_with_options(start_daemon, tmp_pat
     assert asked["toolCallId"] == "perm-1"
     assert asked["input"] == {"command": "rm -rf build"}
     assert [o["optionId"] for o in asked["options"]] == [
-        "allow-once",
         "allow-always",
+        "allow-once",
         "reject-once",
     ]
-    assert asked["options"][0] == {"optionId": "allow-once", "name": "Allow", "kind": "allow_once"}
+    assert asked["options"][1] == {"optionId": "allow-once", "name": "Allow", "kind": "allow_once"}
     await client.expect_type("agent", "status", taskId="p1", status="awaiting_input")
     # A bad optionId is refused; then another connection approves with a named option.
     bad = await decide(other, "approve", asked["requestId"], optionId="reject-once")
     assert bad["success"] is False and bad["code"] == "INVALID_MESSAGE"
-    reply = await decide(other, "approve", asked["requestId"], optionId="allow-always")
+    reply = await decide(other, "approve", asked["requestId"], optionId="allow-once")
     assert reply["success"] is True and reply["data"]["approved"] is True
     events = await task_events(client, "p1")
-    assert texts(events) == "outcome: allow-always"
+    assert texts(events) == "outcome: allow-once"
     assert ("status", "running") in kinds(events)
 
-    # approve without optionId picks the first allow_* option.
+    # approve without optionId picks the first allow_* option (the contract's default).
     await client.request("agent", "prompt", prompt="permission", taskId="p2", backend="scripted")
     asked = await client.expect_type("agent", "permission_request", taskId="p2")
     await decide(client, "approve", asked["requestId"])
-    assert texts(await task_events(client, "p2")) == "outcome: allow-once"
+    assert texts(await task_events(client, "p2")) == "outcome: allow-always"
 
     # reject picks the first reject_* option.
     await client.request("agent", "prompt", prompt="permission", taskId="p3", backend="scripted")
@@ -195,7 +195,8 @@ async def test_permission_requests_round_trip_with_options(start_daemon, tmp_pat
     result = next(e for e in events if e["type"] == "tool_result")
     assert result["isError"] is True
 
-    # auto mode: a harmless command is allowed without asking.
+    # auto mode: a harmless command is allowed without asking, once: the daemon's
+    # mode decides each request, it never grants the agent a standing "always".
     events = await run_task(client, "p4", "permission ls -la")
     assert texts(events) == "outcome: allow-once"
     assert not [e for e in events if e["type"] == "permission_request"]
@@ -317,6 +318,34 @@ async def test_an_agent_that_dies_before_initialize_fails_the_task(start_daemon,
     assert done["status"] == "failed" and done["code"] == "PROVIDER_ERROR"
     assert "did not initialize" in done["error"]
     assert "no credentials" in done["error"]
+
+
+async def test_abort_while_the_agent_starts_leaves_no_process(start_daemon, tmp_path):
+    pidfile = tmp_path / "agent.pid"
+    command = shlex.join(["sh", "-c", f"echo $$ > {pidfile}; exec sleep 60"])
+    running = await start(start_daemon, tmp_path, agent_backends={"mute": command})
+    client = await running.connect()
+    await history(client)
+    reply = await client.request("agent", "prompt", prompt="hi", taskId="m1", backend="mute")
+    assert reply["success"] is True
+    await client.expect_type("agent", "status", taskId="m1", status="running")
+    await wait_for(lambda: pidfile.exists() and pidfile.read_text().strip() != "")
+    pid = int(pidfile.read_text())
+    reply = await client.request("agent", "abort", taskId="m1")
+    assert reply["success"] is True
+    assert (await task_events(client, "m1"))[-1]["status"] == "aborted"
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # stopped and reaped, not left waiting for initialize
+
+
+async def test_a_malformed_prompt_reply_is_a_provider_error(start_daemon, tmp_path):
+    running = await start(start_daemon, tmp_path)
+    client = await running.connect()
+    await history(client)
+    done = (await run_task(client, "b1", "bad-reply"))[-1]
+    assert done["status"] == "failed" and done["code"] == "PROVIDER_ERROR"
+    assert "invalid reply" in done["error"] and "stopReason" in done["error"]
+    assert (await run_task(client, "b2", "hello"))[-1]["status"] == "completed"
 
 
 async def test_garbage_on_stdout_is_skipped_and_the_daemon_stays_healthy(start_daemon, tmp_path):
