@@ -115,10 +115,10 @@ class Settings(BaseModel):
         description="Stop reading a client's frames while this many bytes wait to be sent to it",
     )
     stream_window_bytes: int = Field(
-        64 * 1024,
+        0,
         ge=0,
         description="Streamed output (terminal, process) sent ahead of the client's last "
-        "answered ping; 0 = unpaced",
+        "answered ping; 0 (the default) = unpaced",
     )
     stream_window_timeout: float = Field(
         10.0,
