@@ -19,7 +19,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from aetherd.errors import SettingsError
@@ -692,6 +691,8 @@ def read_settings_file(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SettingsError(f"cannot read settings file {str(path)!r}: {exc.strerror}") from None
+    import yaml  # only with a settings file: a daemon started by flags never loads PyYAML
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

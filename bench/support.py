@@ -126,9 +126,10 @@ class Daemon(Child):
     """`python -m aetherd serve` on 127.0.0.1, with the benchmark token.
 
     `port` defaults to a free one; `home` becomes the daemon's HOME; `python` replaces
-    `[python, "-m", "aetherd"]` (to run the daemon under a profiler, for example).
-    The checkout this module belongs to is on the child's PYTHONPATH, or `code` (a
-    directory holding another version's `aetherd` package, to compare two versions).
+    `[python, "-m", "aetherd"]` (to run the daemon under a profiler, for example);
+    `env` replaces this process's environment. The checkout this module belongs to is
+    on the child's PYTHONPATH, or `code` (a directory holding another version's
+    `aetherd` package, to compare two versions).
     """
 
     def __init__(
@@ -140,9 +141,10 @@ class Daemon(Child):
         home: Path | None = None,
         python: list[str] | None = None,
         code: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.port = port or free_port()
-        env = {**os.environ, "PYTHONPATH": str(code or REPO)}
+        env = {**(os.environ if env is None else env), "PYTHONPATH": str(code or REPO)}
         if home is not None:
             env["HOME"] = str(home)
         argv = [
