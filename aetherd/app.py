@@ -26,7 +26,8 @@ from aetherd.protocol import Hub, Registry
 from aetherd.reload import (
     Reexec,
     ReloadState,
-    check_new_code,
+    check_reload,
+    code_fingerprint,
     end_abandoned,
     inherited_listener,
     write_record,
@@ -264,7 +265,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> Reexec
             f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
         )
         log.info("reload requested: checking the new code")
-        why = await check_new_code(settings.reload_check_timeout)
+        why, how = await check_reload(settings.reload_check_timeout, reloads.fingerprint)
         if why is not None:
             reloads.in_progress = False
             reloads.refused += 1
@@ -273,6 +274,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> Reexec
                 write_record(settings.data_dir, reloadError={"at": time.time(), "reason": why})
             systemd.notify("READY=1")
             return
+        with contextlib.suppress(OSError):
+            write_record(settings.data_dir, lastCheck=how)
         if not stop.is_set():
             reload_wanted = True
             stop.set()
@@ -329,6 +332,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> Reexec
                 extra={"generation": reloads.generation},
             )
         systemd.notify(f"READY=1\nSTATUS=serving workspace {settings.workspace_id} on port {port}")
+        reloads.fingerprint = await asyncio.to_thread(code_fingerprint)
         interval = systemd.watchdog_interval()
         if interval is not None:
             watchdog = asyncio.create_task(systemd.watchdog_loop(interval), name="sd-watchdog")

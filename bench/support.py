@@ -120,7 +120,7 @@ class Daemon(Child):
 
     `port` defaults to a free one; `home` becomes the daemon's HOME; `python` replaces
     `[python, "-m", "aetherd"]` (to run the daemon under a profiler, for example).
-    The checkout this module belongs to is on the child's PYTHONPATH.
+    The checkout this module belongs to is on the child's PYTHONPATH, then `path`.
     """
 
     def __init__(
@@ -131,9 +131,10 @@ class Daemon(Child):
         port: int | None = None,
         home: Path | None = None,
         python: list[str] | None = None,
+        path: list[Path] | None = None,
     ) -> None:
         self.port = port or free_port()
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [REPO, *(path or [])]))}
         if home is not None:
             env["HOME"] = str(home)
         argv = [

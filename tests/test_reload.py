@@ -375,6 +375,27 @@ async def test_new_code_that_does_not_import_is_refused(daemon, tmp_path: Path):
     assert d.proc.poll() is None and d.ready() and d.generation() == 0
 
 
+async def test_unchanged_code_is_not_checked_in_a_child_new_code_is(daemon, tmp_path: Path):
+    """The check's child (a whole import) runs only when a file of the code changed."""
+    installed = tmp_path / "installed"
+    installed.mkdir()
+    env = {"PYTHONPATH": f"{child_env(tmp_path)['PYTHONPATH']}{os.pathsep}{installed}"}
+    d = daemon(env=env)
+    await d.wait_ready()
+    await d.reload()
+    record = json.loads((d.data / "daemon.json").read_text())
+    assert record["lastCheck"] == "settings"
+    assert d.logged("reload check: the code is unchanged")
+    # "Install" something: a new file in a directory on the daemon's sys.path.
+    (installed / "new_module.py").write_text("VALUE = 1\n")
+    await d.reload()
+    assert json.loads((d.data / "daemon.json").read_text())["lastCheck"] == "child"
+    # The new process fingerprints what it runs now: the next reload is light again.
+    await d.reload()
+    assert json.loads((d.data / "daemon.json").read_text())["lastCheck"] == "settings"
+    assert len(d.logged("reload check: the code is unchanged")) == 2
+
+
 async def test_connecting_during_the_reload_is_not_refused(daemon):
     d = daemon()
     await d.wait_ready()
