@@ -136,6 +136,7 @@ def build_services(settings: Settings) -> Services:
             read_page_size=settings.files_read_page,
             max_list_entries=settings.files_list_max_entries,
             temp_max_age=settings.files_temp_max_age,
+            loop_read_max=settings.files_loop_read_max,
         ),
     )
     services.watcher = None

@@ -219,6 +219,12 @@ class Settings(BaseModel):
     files_http_chunk: int = Field(
         MiB, ge=4096, description="Chunk size of HTTP bulk downloads and upload writes"
     )
+    files_loop_read_max: int = Field(
+        64 * 1024,
+        ge=0,
+        description="files/read of a cached regular file this small runs on the event loop"
+        " (no thread hop; local file systems only); 0: always in a thread",
+    )
     files_http_sendfile: bool = Field(
         True, description="Send HTTP downloads with sendfile(2) (else chunked reads in a thread)"
     )

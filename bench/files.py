@@ -6,7 +6,9 @@
    curl, against `cp` of the same file on the same disk (and `cp` + `sync`, since PUT
    fsyncs).
 2. 1,000 reads of 4 KiB files over the WebSocket (one at a time, and 32 in flight),
-   against the same reads in-process (`FileSystem.read`) and raw `open().read()`.
+   against the same reads in-process (`FileSystem.read`, with its default loop path and
+   forced into a thread) and raw `open().read()`; and the socket's own floor: a request
+   the daemon answers without file work, against a bare aiohttp WebSocket echo.
 3. Watcher latency, p50 and p99: a write on disk until its `change` event arrives at a
    WebSocket client (the default 100 ms debounce included).
 4. Watch setup time and watches used on a generated tree of 20,000 directories, 18,000
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import aiohttp
 
-from aetherd.services.fs import FileSystem
+from aetherd.services.fs import FileLimits, FileSystem
 from aetherd.services.jail import Jail
 from aetherd.services.watcher import Watcher
 from bench.support import TOKEN, MiB, percentile, seconds, serve_in_process, settings_for
@@ -125,12 +127,46 @@ async def bench_http(base: str, root: Path, scratch: Path, repeat: int, mib: int
     ]
 
 
+async def bare_echo_round_trip(count: int) -> float:
+    """Seconds per round trip of a bare aiohttp WebSocket echo (server and client here)."""
+    from aiohttp import web
+
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            await ws.send_str(msg.data)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", echo)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    frame = json.dumps({"channel": "files", "type": "read", "requestId": "x", "path": "/f"})
+    try:
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(f"http://127.0.0.1:{port}/ws")
+            start = time.perf_counter()
+            for _ in range(count):
+                await ws.send_str(frame)
+                json.loads((await ws.receive()).data)
+            elapsed = time.perf_counter() - start
+            await ws.close()
+    finally:
+        await runner.cleanup()
+    return elapsed / count
+
+
 async def bench_small_reads(base: str, root: Path, count: int) -> list[tuple]:
     small = root / "small"
     small.mkdir()
     for i in range(count):
         (small / f"f{i}.txt").write_bytes(b"a" * 4096)
-    fs = FileSystem(Jail(root))
+    fs = FileSystem(Jail(root))  # the daemon's defaults: small cached reads on the loop
+    threaded = FileSystem(Jail(root), FileLimits(loop_read_max=0))  # every read in a thread
 
     start = time.perf_counter()
     for i in range(count):
@@ -142,6 +178,11 @@ async def bench_small_reads(base: str, root: Path, count: int) -> list[tuple]:
     for i in range(count):
         await fs.read(f"/small/f{i}.txt")
     t_inproc = time.perf_counter() - start
+
+    start = time.perf_counter()
+    for i in range(count):
+        await threaded.read(f"/small/f{i}.txt")
+    t_thread = time.perf_counter() - start
 
     async with aiohttp.ClientSession() as http:
         ws = await http.ws_connect(f"{base}/ws?token={TOKEN}", max_msg_size=0)
@@ -156,7 +197,7 @@ async def bench_small_reads(base: str, root: Path, count: int) -> list[tuple]:
 
         task = asyncio.create_task(reader())
 
-        async def one(i: int) -> None:
+        async def one(i: int, type_: str = "read") -> None:
             rid = uuid.uuid4().hex
             future = asyncio.get_running_loop().create_future()
             pending[rid] = future
@@ -164,14 +205,17 @@ async def bench_small_reads(base: str, root: Path, count: int) -> list[tuple]:
                 json.dumps(
                     {
                         "channel": "files",
-                        "type": "read",
+                        "type": type_,
                         "requestId": rid,
                         "path": f"/small/f{i}.txt",
                     }
                 )
             )
             frame = await future
-            assert frame["success"] and len(frame["data"]["content"]) == 4096
+            if type_ == "read":
+                assert frame["success"] and len(frame["data"]["content"]) == 4096
+            else:
+                assert frame["code"] == "UNKNOWN_TYPE"
 
         start = time.perf_counter()
         for i in range(count):
@@ -187,8 +231,15 @@ async def bench_small_reads(base: str, root: Path, count: int) -> list[tuple]:
         start = time.perf_counter()
         await asyncio.gather(*(limited(i) for i in range(count)))
         t_par = time.perf_counter() - start
+
+        # The socket alone: a request the daemon answers without any file work.
+        start = time.perf_counter()
+        for i in range(count):
+            await one(i, "no-such-type")
+        t_floor = time.perf_counter() - start
         task.cancel()
         await ws.close()
+    t_echo = await bare_echo_round_trip(count) * count
     rate = lambda t: f"{count / t:,.0f}/s ({t / count * 1e6:.0f} µs each)"  # noqa: E731
     return [
         (
@@ -204,6 +255,20 @@ async def bench_small_reads(base: str, root: Path, count: int) -> list[tuple]:
             "in-process FileSystem.read",
             rate(t_inproc),
             f"{t_inproc / t_par:.2f}x",
+        ),
+        (
+            f"{count} x 4 KiB read over the socket, 1 in flight",
+            rate(t_seq),
+            "in-process read in a thread (loop_read_max 0)",
+            rate(t_thread),
+            f"{t_thread / t_seq:.2f}x",
+        ),
+        (
+            f"{count} x unknown-type request over the socket (no file work)",
+            rate(t_floor),
+            "bare aiohttp WebSocket echo, same process",
+            rate(t_echo),
+            f"{t_echo / t_floor:.2f}x",
         ),
         ("", "", "raw open().read()", rate(t_raw), ""),
     ]
@@ -299,7 +364,13 @@ def table(rows: list[tuple]) -> str:
 async def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    parser.add_argument(
+        "--only",
+        default="http,small,latency,watch",
+        help="comma-separated parts to run (default: all): http, small, latency, watch",
+    )
     args = parser.parse_args(argv)
+    parts = set(args.only.split(","))
     scratch = Path(tempfile.mkdtemp(prefix="aetherd-bench-files-", dir=os.environ.get("BENCH_DIR")))
     root = scratch / "ws"
     root.mkdir()
@@ -307,12 +378,16 @@ async def main(argv: list[str] | None = None) -> None:
     runner, base = await serve_in_process(settings)
     rows: list[tuple] = []
     try:
-        rows += await bench_http(base, root, scratch, *((1, 8) if args.quick else (7, 50)))
-        rows += await bench_small_reads(base, root, 100 if args.quick else 1000)
-        rows += await bench_latency(base, root, 10 if args.quick else 200)
+        if "http" in parts:
+            rows += await bench_http(base, root, scratch, *((1, 8) if args.quick else (7, 50)))
+        if "small" in parts:
+            rows += await bench_small_reads(base, root, 100 if args.quick else 1000)
+        if "latency" in parts:
+            rows += await bench_latency(base, root, 10 if args.quick else 200)
     finally:
         await runner.cleanup()
-    rows += await bench_watch_setup(scratch, args.quick)
+    if "watch" in parts:
+        rows += await bench_watch_setup(scratch, args.quick)
     shutil.rmtree(scratch, ignore_errors=True)
     print(
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"

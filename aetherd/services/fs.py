@@ -31,12 +31,15 @@ from aetherd.services.fileio import (
     TEMP_PREFIX,
     TEMP_UPD,
     AtomicWriter,
+    LoopReadGate,
     advance_mtime,
     current_umask,
     is_temp_name,
+    loop_read_gate,
     open_append,
     open_workspace_file,
     os_error,
+    pread_cached,
     read_regular,
     wire_text,
     write_atomic,
@@ -139,15 +142,19 @@ class FileLimits:
     read_page_size: int = 4 * MiB
     max_list_entries: int = 100_000
     temp_max_age: float = 3600.0  # a writer's temp file older than this is a dead writer's
+    loop_read_max: int = 64 * 1024  # files/read of a file this small runs on the loop; 0: never
 
 
 class FileSystem:
     """Jailed file operations. Public coroutines return wire-ready dicts."""
 
-    def __init__(self, jail: Jail, limits: FileLimits | None = None) -> None:
+    def __init__(
+        self, jail: Jail, limits: FileLimits | None = None, gate: LoopReadGate | None = None
+    ) -> None:
         self.jail = jail
         self.limits = limits or FileLimits()
         self._umask = current_umask()
+        self._gate = gate
 
     # -- plumbing
     async def _run(self, wire_path: str, func: Callable[..., T], *args: Any) -> T:
@@ -287,21 +294,48 @@ class FileSystem:
     def _read(self, wire_path: str, offset: int, length: int | None) -> dict[str, Any]:
         fd, st = open_workspace_file(self.jail, wire_path)
         try:
-            size = st.st_size
-            if size > self.limits.max_file_size:
-                raise AetherError(
-                    ErrorCode.FILE_TOO_LARGE,
-                    f"{wire_text(wire_path)}: {size} bytes is more than the "
-                    f"{self.limits.max_file_size}-byte limit; use the HTTP content route",
-                    size=size,
-                )
-            page = self.limits.read_page_size
-            want = page if length is None else min(length, page)
-            start = min(offset, size)
-            data = os.pread(fd, want, start) if want > 0 else b""
-            head = data[:BINARY_SNIFF] if start == 0 else os.pread(fd, BINARY_SNIFF, 0)
+            page = self._page(wire_path, fd, st, offset, length, cached_only=False)
         finally:
             os.close(fd)
+        assert page is not None
+        return page
+
+    def _page(
+        self,
+        wire_path: str,
+        fd: int,
+        st: os.stat_result,
+        offset: int,
+        length: int | None,
+        *,
+        cached_only: bool,
+    ) -> dict[str, Any] | None:
+        """One page of the open file; with `cached_only`, None unless it is all in memory."""
+        size = st.st_size
+        if size > self.limits.max_file_size:
+            raise AetherError(
+                ErrorCode.FILE_TOO_LARGE,
+                f"{wire_text(wire_path)}: {size} bytes is more than the "
+                f"{self.limits.max_file_size}-byte limit; use the HTTP content route",
+                size=size,
+            )
+        page = self.limits.read_page_size
+        want = page if length is None else min(length, page)
+        start = min(offset, size)
+        if cached_only:
+            cached = pread_cached(fd, min(want, size - start), start)
+            if cached is None:
+                return None
+            data = cached
+            sniffed = (
+                data[:BINARY_SNIFF] if start == 0 else pread_cached(fd, min(BINARY_SNIFF, size), 0)
+            )
+            if sniffed is None:
+                return None
+            head = sniffed
+        else:
+            data = os.pread(fd, want, start) if want > 0 else b""
+            head = data[:BINARY_SNIFF] if start == 0 else os.pread(fd, BINARY_SNIFF, 0)
         binary = b"\x00" in head
         content: str
         encoding = "base64"
@@ -327,10 +361,38 @@ class FileSystem:
             "eof": next_offset >= size,
         }
 
+    def _loop_reads(self) -> bool:
+        if self.limits.loop_read_max <= 0:
+            return False
+        gate = self._gate or loop_read_gate()
+        return gate.allowed()
+
     async def read(
         self, wire_path: str, offset: int = 0, length: int | None = None
     ) -> dict[str, Any]:
-        """One page (at most `read_page_size` raw bytes) of a file."""
+        """One page (at most `read_page_size` raw bytes) of a file.
+
+        A small regular file (at most `loop_read_max` bytes) whose data is in the page
+        cache is read on the event loop, without the hop to a thread: the opener never
+        blocks on a FIFO or device (O_NONBLOCK, then fstat), the data is read with
+        RWF_NOWAIT, and `LoopReadGate` keeps it off any network file system. Any other
+        read, and a small one whose data is not cached, runs in the file executor.
+        """
+        if not self._loop_reads():
+            return await self._run(wire_path, self._read, wire_path, offset, length)
+        fd, st = open_workspace_file(self.jail, wire_path)  # raises AetherError only
+        try:
+            page = None
+            if st.st_size <= self.limits.loop_read_max:
+                page = self._page(wire_path, fd, st, offset, length, cached_only=True)
+        except OSError as exc:
+            raise os_error(exc, wire_path) from None
+        finally:
+            os.close(fd)
+        if page is not None:
+            return page
+        # Too large, or not all in memory: read in a thread, from the start (a thread
+        # that outlives a cancelled request must never hold an fd the loop closed).
         return await self._run(wire_path, self._read, wire_path, offset, length)
 
     def _read_bytes(self, wire_path: str, limit: int) -> bytes:

@@ -20,10 +20,12 @@ from aetherd.services.executors import BoundedExecutor, Executors
 from aetherd.services.fileio import (
     ERRNO_CODES,
     TEMP_PREFIX,
+    WRITEBACK_STEP,
     AtomicWriter,
     open_regular,
     open_workspace_file,
     os_error,
+    pread_cached,
     read_regular,
     write_atomic,
 )
@@ -108,6 +110,42 @@ def test_writer_abort_and_limits(jail, workspace):
         AtomicWriter(jail, workspace).open()
 
 
+def test_writer_takes_pieces_in_one_writev_and_starts_writeback_of_large_files(jail, workspace):
+    # 1,500 pieces (more than one writev's IOV_MAX), some empty, some bytearrays.
+    pieces = [bytes([i % 251]) * (i % 7) for i in range(1500)] + [bytearray(b"tail")]
+    big = os.urandom(WRITEBACK_STEP + 1)
+    writer = AtomicWriter(jail, workspace / "f.bin").open()
+    writer.write(pieces)
+    writer.write([big[:100], memoryview(big)[100:]])
+    writer.write(b"end")
+    assert writer.size == sum(map(len, pieces)) + len(big) + 3
+    st = writer.commit()
+    assert (workspace / "f.bin").read_bytes() == b"".join(pieces) + big + b"end"
+    assert st.st_size == writer.size
+
+
+def test_write_all_goes_on_after_a_short_write(tmp_path):
+    # A file size limit makes the kernel write part of a writev, then refuse (EFBIG):
+    # a real short write. Run in a child, so the limit and the signal stay there.
+    script = f"""
+import errno, os, resource, signal, sys
+sys.path.insert(0, {str(REPO)!r})
+from aetherd.services.fileio import write_all
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (10000, 10000))
+fd = os.open({str(tmp_path / "out")!r}, os.O_WRONLY | os.O_CREAT, 0o600)
+try:
+    write_all(fd, [b"a" * 6000, b"b" * 6000])
+except OSError as exc:
+    print("errno", errno.errorcode[exc.errno])
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip() == "errno EFBIG", done.stderr
+    assert (tmp_path / "out").read_bytes() == b"a" * 6000 + b"b" * 4000
+
+
 # -- The opener ----------------------------------------------------------------------------
 
 
@@ -156,6 +194,17 @@ def test_opener_checks_the_fd_not_the_path(jail, workspace, tmp_path):
     os.unlink(workspace / "f.txt")
     os.symlink(tmp_path / "secret", workspace / "f.txt")
     assert code_of(lambda: open_regular(jail, real, "/f.txt")) is ErrorCode.INVALID_PATH
+
+
+def test_pread_cached_reads_all_it_was_asked_or_nothing(workspace):
+    (workspace / "f").write_bytes(b"abcdef")
+    fd = os.open(workspace / "f", os.O_RDONLY)
+    try:
+        assert pread_cached(fd, 3, 2) == b"cde"
+        assert pread_cached(fd, 0, 0) == b""
+        assert pread_cached(fd, 10, 0) is None  # short: the caller reads in a thread
+    finally:
+        os.close(fd)
 
 
 def test_one_errno_table_with_clean_messages():

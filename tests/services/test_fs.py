@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import ctypes
+import mmap
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +17,30 @@ from pathlib import Path
 import pytest
 
 from aetherd.errors import AetherError, ErrorCode
+from aetherd.services import fs as fs_module
+from aetherd.services.fileio import LOCAL_FS_TYPES, LoopReadGate
 from aetherd.services.fs import FileLimits, FileSystem, is_temp_name
 from aetherd.services.jail import Jail
 
 REPO = Path(__file__).resolve().parents[2]
+LOCAL_MOUNTS = (
+    "22 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n"
+    "23 22 0:21 / /proc rw - proc proc rw\n"
+    "24 22 0:22 / /tmp rw - tmpfs tmpfs rw\n"
+)
 
 
-@pytest.fixture
-def tree(tmp_path: Path) -> tuple[FileSystem, Path, Path]:
+def gate_for(tmp_path: Path, text: str) -> LoopReadGate:
+    """A gate reading a mount table of our own (a regular file: it never reports a change)."""
+    table = tmp_path / f"mountinfo-{len(list(tmp_path.glob('mountinfo-*')))}"
+    table.write_text(text)
+    return LoopReadGate(str(table))
+
+
+# Every test of `tree` runs twice: small reads on the event loop (the default), and every
+# read in a thread (`files_loop_read_max` 0), so both paths answer alike.
+@pytest.fixture(params=[64 * 1024, 0], ids=["loop-reads", "thread-reads"])
+def tree(tmp_path: Path, request: pytest.FixtureRequest) -> tuple[FileSystem, Path, Path]:
     root = tmp_path / "root"
     outside = tmp_path / "outside-secret"
     (root / "src").mkdir(parents=True)
@@ -31,11 +51,8 @@ def tree(tmp_path: Path) -> tuple[FileSystem, Path, Path]:
     os.symlink(root / "escape", root / "chain")
     os.symlink("src/a.txt", root / "link-in")
     os.symlink("../outside-secret/passwd", root / "rel-out")
-    return (
-        FileSystem(Jail(root), FileLimits(max_file_size=1024 * 1024, read_page_size=4096)),
-        root,
-        outside,
-    )
+    limits = FileLimits(max_file_size=1024 * 1024, read_page_size=4096, loop_read_max=request.param)
+    return FileSystem(Jail(root), limits, gate_for(tmp_path, LOCAL_MOUNTS)), root, outside
 
 
 async def _fails(code: ErrorCode, coro) -> AetherError:
@@ -117,6 +134,133 @@ async def test_read_over_cap_is_file_too_large(tree):
     os.truncate(root / "huge", 1024 * 1024 + 1)
     err = await _fails(ErrorCode.FILE_TOO_LARGE, fs.read("/huge"))
     assert err.extra["size"] == 1024 * 1024 + 1
+
+
+# -- Small reads on the event loop ------------------------------------------------------
+
+
+def resident_pages(path: Path) -> int:
+    """How many of `path`'s pages are in the page cache (mincore(2); reads nothing)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    with open(path, "rb") as handle:
+        mapped = mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_COPY)
+    try:
+        anchor = ctypes.c_char.from_buffer(mapped)
+        vec = (ctypes.c_ubyte * pages)()
+        failed = libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), size, vec)
+        del anchor
+        assert failed == 0, os.strerror(ctypes.get_errno())
+        return sum(v & 1 for v in vec)
+    finally:
+        mapped.close()
+
+
+def evict(path: Path) -> bool:
+    """Drop `path`'s pages from the page cache (a few tries); False if they stay."""
+    for _ in range(5):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        if resident_pages(path) == 0:
+            return True
+    return False  # tmpfs, for one, never drops them
+
+
+def loop_fs(tmp_path: Path, mounts: str = LOCAL_MOUNTS) -> tuple[FileSystem, Path]:
+    root = tmp_path / "root"
+    root.mkdir(exist_ok=True)
+    return FileSystem(Jail(root), FileLimits(loop_read_max=1000), gate_for(tmp_path, mounts)), root
+
+
+async def test_small_cached_reads_skip_the_thread_and_others_take_it(tmp_path):
+    fs, root = loop_fs(tmp_path)
+    pool = fs.jail.executor
+    (root / "small.txt").write_text("x" * 1000)
+    (root / "large.txt").write_text("y" * 1001)
+    (root / "bin").write_bytes(b"\x00\x01" * 10)
+    os.symlink("small.txt", root / "link")
+    calls = pool.submitted
+    reply = await fs.read("/small.txt")
+    assert reply["content"] == "x" * 1000 and reply["eof"] is True and reply["size"] == 1000
+    reply = await fs.read("/link", 990, 20)
+    assert reply["content"] == "x" * 10 and reply["nextOffset"] == 1000
+    reply = await fs.read("/bin", 4)
+    assert reply["encoding"] == "base64" and base64.b64decode(reply["content"]) == b"\x00\x01" * 8
+    assert pool.submitted == calls  # none of these left the loop
+    reply = await fs.read("/large.txt")
+    assert reply["content"] == "y" * 1001 and pool.submitted == calls + 1
+    # Pages not in memory: the read gives the same answer, whichever path it took (the
+    # kernel starts readahead when RWF_NOWAIT fails, and this VM's disk can finish it
+    # before the read gives up, so which path is taken is not deterministic here) ...
+    assert resident_pages(root / "small.txt") == 1
+    if evict(root / "small.txt"):
+        assert (await fs.read("/small.txt"))["content"] == "x" * 1000
+
+
+async def test_a_read_not_in_the_page_cache_goes_to_a_thread(tmp_path, monkeypatch):
+    # ... so "not cached" is simulated here: pread_cached answers None, as RWF_NOWAIT does.
+    fs, root = loop_fs(tmp_path)
+    (root / "small.txt").write_text("x" * 1000)
+    calls = fs.jail.executor.submitted
+    monkeypatch.setattr(fs_module, "pread_cached", lambda fd, count, offset: None)
+    reply = await fs.read("/small.txt", 10)
+    assert reply["content"] == "x" * 990 and fs.jail.executor.submitted == calls + 1
+
+
+async def test_loop_reads_refuse_fifos_sockets_dirs_and_escapes_at_once(tmp_path):
+    fs, root = loop_fs(tmp_path)
+    pool = fs.jail.executor
+    os.mkfifo(root / "fifo")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "sock"))
+    (root / "dir").mkdir()
+    (tmp_path / "secret").write_text("SECRET")
+    os.symlink(tmp_path / "secret", root / "out")
+    os.symlink("/dev/zero", root / "dev")
+    writer = os.open(root / "fifo", os.O_RDWR | os.O_NONBLOCK)
+    try:
+        os.write(writer, b"data")
+        calls = pool.submitted
+        for path, code in [
+            ("/fifo", ErrorCode.INVALID_PATH),
+            ("/sock", ErrorCode.INVALID_PATH),
+            ("/dir", ErrorCode.IS_DIRECTORY),
+            ("/", ErrorCode.IS_DIRECTORY),
+            ("/out", ErrorCode.INVALID_PATH),
+            ("/dev", ErrorCode.INVALID_PATH),
+            ("/missing", ErrorCode.NOT_FOUND),
+            ("/dir/../../secret", ErrorCode.INVALID_PATH),
+        ]:
+            err = await _fails(code, asyncio.wait_for(fs.read(path), 10))
+            assert "SECRET" not in err.message
+        assert pool.submitted == calls
+        assert os.read(writer, 4) == b"data"  # the FIFO's data was not consumed
+    finally:
+        os.close(writer)
+        sock.close()
+
+
+@pytest.mark.parametrize("kind", ["nfs4", "fuse.sshfs", "cifs", "autofs", "9p"])
+async def test_a_network_mount_anywhere_sends_reads_to_a_thread(tmp_path, kind):
+    mounts = LOCAL_MOUNTS + f"40 22 0:50 / /mnt/x rw - {kind} server:/x rw\n"
+    fs, root = loop_fs(tmp_path, mounts)
+    (root / "f").write_text("hello")
+    calls = fs.jail.executor.submitted
+    assert (await fs.read("/f"))["content"] == "hello"
+    assert fs.jail.executor.submitted == calls + 1
+
+
+def test_the_gate_reads_the_real_mount_table(tmp_path):
+    gate = LoopReadGate()
+    assert gate.types and gate.allowed() == (gate.types <= LOCAL_FS_TYPES)
+    assert LoopReadGate(str(tmp_path / "missing")).allowed() is False
+    assert gate_for(tmp_path, "").allowed() is False  # an empty table proves nothing
+    assert gate_for(tmp_path, LOCAL_MOUNTS).types == {"ext4", "proc", "tmpfs"}
 
 
 async def test_write_creates_parents_keeps_mode_and_is_atomic(tree):
