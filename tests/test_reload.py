@@ -250,6 +250,12 @@ async def read_until_closed(ws: WsClient, streams: list[PStream]) -> int | None:
     raise TimeoutError("socket never closed")
 
 
+def path_env(tmp_path: Path, directory: Path) -> dict[str, str]:
+    """PYTHONPATH with `directory` (created) first: where a "new version" gets installed."""
+    directory.mkdir()
+    return {"PYTHONPATH": f"{directory}{os.pathsep}{child_env(tmp_path)['PYTHONPATH']}"}
+
+
 def metric(d: Daemon, name: str) -> float:
     match = re.search(rf"^{name} (\S+)$", d.metrics(), re.M)
     assert match, f"no {name} in /metrics"
@@ -362,9 +368,7 @@ async def test_bad_settings_refuse_the_reload_and_the_old_daemon_serves(daemon, 
 
 async def test_new_code_that_does_not_import_is_refused(daemon, tmp_path: Path):
     poison = tmp_path / "poison"
-    poison.mkdir()
-    env = {"PYTHONPATH": f"{poison}{os.pathsep}{child_env(tmp_path)['PYTHONPATH']}"}
-    d = daemon(env=env)
+    d = daemon(env=path_env(tmp_path, poison))
     await d.wait_ready()
     # A "new version" installed on the path that fails to import.
     (poison / "aetherd").mkdir()
@@ -378,9 +382,7 @@ async def test_new_code_that_does_not_import_is_refused(daemon, tmp_path: Path):
 async def test_unchanged_code_is_not_checked_in_a_child_new_code_is(daemon, tmp_path: Path):
     """The check's child (a whole import) runs only when a file of the code changed."""
     installed = tmp_path / "installed"
-    installed.mkdir()
-    env = {"PYTHONPATH": f"{child_env(tmp_path)['PYTHONPATH']}{os.pathsep}{installed}"}
-    d = daemon(env=env)
+    d = daemon(env=path_env(tmp_path, installed))
     await d.wait_ready()
     await d.reload()
     record = json.loads((d.data / "daemon.json").read_text())
@@ -584,9 +586,7 @@ async def test_unreadable_state_is_a_clean_restart_with_one_line(daemon, tmp_pat
     """A new version that cannot read the state: one line, sessions and processes ended
     and reaped."""
     newer = tmp_path / "newer"
-    newer.mkdir()
-    env = {"PYTHONPATH": f"{newer}{os.pathsep}{child_env(tmp_path)['PYTHONPATH']}"}
-    d = daemon(env=env)
+    d = daemon(env=path_env(tmp_path, newer))
     await d.wait_ready()
     ws = await open_ws(d)
     created = await attach(ws, "old", command="exec cat")
