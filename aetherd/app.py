@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, web
 
-from aetherd import __version__, systemd
+from aetherd import IMPORTED_AT, __version__, systemd
 from aetherd.channels import CHANNELS
 from aetherd.daemon import Daemon, build_services
 from aetherd.errors import SettingsError
@@ -295,6 +295,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> Reexec
     listen_copy: int | None = None
     try:
         await runner.setup()
+        # Once everything a start imports is imported, before serving: a reload asked
+        # for as soon as the daemon answers must find it.
+        reloads.fingerprint = await asyncio.to_thread(code_fingerprint, IMPORTED_AT)
         site = GuardedSite(runner, sock, guard)
         await site.start()
         log.info(
@@ -332,7 +335,6 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> Reexec
                 extra={"generation": reloads.generation},
             )
         systemd.notify(f"READY=1\nSTATUS=serving workspace {settings.workspace_id} on port {port}")
-        reloads.fingerprint = await asyncio.to_thread(code_fingerprint)
         interval = systemd.watchdog_interval()
         if interval is not None:
             watchdog = asyncio.create_task(systemd.watchdog_loop(interval), name="sd-watchdog")

@@ -173,18 +173,22 @@ async def check_new_code(timeout: float) -> str | None:
     return f"the new code failed its check (exit {proc.returncode}): {last[-CHECK_OUTPUT_CHARS:]}"
 
 
-Fingerprint = tuple[tuple[str, int, int, int], ...]
+Fingerprint = tuple[tuple[str, int, int, int, int], ...]
+# ctime comes from the kernel's coarse clock, which lags time.time() by up to a tick.
+CLOCK_SLACK = 0.05
 
 
-def code_fingerprint() -> Fingerprint:
-    """What the code of this process is made of, as files: (path, mtime, size, inode) of
-    the interpreter, of every loaded module's file and its directory, of `sys.path`'s
-    entries and of the `.pth` files in them.
+def code_fingerprint(since: float | None = None) -> Fingerprint | None:
+    """What the code of this process is made of, as files: (path, ctime, mtime, size,
+    inode) of the interpreter, of every loaded module's file and its directory, of the
+    `sys.path` entries and of the `.pth` files in them.
 
-    Taken once the daemon is ready, it covers every module a start imports (the ones the
-    check child would import). An upgrade (pip, `packaging/install.sh`) rewrites a file
-    or adds one to a directory (which changes the directory's mtime), so a reload that
-    finds the same fingerprint would run the same code, which started fine.
+    Taken before the daemon reports ready, it covers every module a start imports (the
+    ones the check child would import). An upgrade (pip, `packaging/install.sh`)
+    rewrites a file or adds one to a directory (which changes the directory's ctime and
+    mtime), so a reload that finds the same fingerprint would run the same code, which
+    started fine. With `since` (when this process began its imports): None when a file
+    changed after it, since what was imported may not be what is there now.
     """
     paths = {sys.executable, *(entry for entry in sys.path if entry)}
     for module in list(sys.modules.values()):
@@ -196,14 +200,18 @@ def code_fingerprint() -> Fingerprint:
         if entry and entry.endswith("-packages"):
             with contextlib.suppress(OSError):
                 paths.update(str(p) for p in Path(entry).glob("*.pth"))
+    limit = None if since is None else int((since - CLOCK_SLACK) * 1e9)
     out = []
     for path in sorted(paths):
         try:
             st = os.stat(path)
         except OSError:
-            out.append((path, -1, -1, -1))
+            out.append((path, -1, -1, -1, -1))
             continue
-        out.append((path, st.st_mtime_ns, st.st_size, st.st_ino))
+        if limit is not None and st.st_ctime_ns >= limit:
+            log.info("%s changed after the daemon started: the next reload checks in a child", path)
+            return None
+        out.append((path, st.st_ctime_ns, st.st_mtime_ns, st.st_size, st.st_ino))
     return tuple(out)
 
 
