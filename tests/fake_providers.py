@@ -4,7 +4,12 @@
 streaming format (`event:` + `data:` lines: message_start, ping, content_block_start,
 content_block_delta with text_delta / thinking_delta / signature_delta /
 input_json_delta, content_block_stop, message_delta with stop_reason and usage,
-message_stop, and `error` events). `FakeProvider("openai")` serves
+message_stop, and `error` events). `FakeProvider("gemini")` serves
+`POST /v1beta/models/{model}:streamGenerateContent?alt=sse` in the Gemini API's streaming
+format (`data:` lines ending in CRLF CRLF, each a GenerateContentResponse with
+`candidates[].content.parts[]` holding `text`, `thought: true` text or a whole
+`functionCall {name, args, id}`, the last with `finishReason` and `usageMetadata`), and
+`:generateContent` with one JSON GenerateContentResponse. `FakeProvider("openai")` serves
 `POST /v1/chat/completions` in the Chat Completions streaming format (`data:` chunks
 with `choices[].delta.content` / `reasoning_content` / `tool_calls[]` fragments,
 `finish_reason`, a final usage chunk with `choices: []`, then `data: [DONE]`).
@@ -265,15 +270,68 @@ def openai_frames(turn: Turn, model: str) -> list[str]:
     return out
 
 
+def gemini_response(
+    turn: Turn, model: str, parts: list[dict[str, Any]], last: bool
+) -> dict[str, Any]:
+    """One GenerateContentResponse as the Gemini API sends it."""
+    candidate: dict[str, Any] = {"content": {"role": "model", "parts": parts}, "index": 0}
+    out: dict[str, Any] = {"candidates": [candidate], "modelVersion": model}
+    if last:
+        candidate["finishReason"] = turn.stop_reason or "STOP"
+        out["usageMetadata"] = {
+            "promptTokenCount": turn.input_tokens,
+            "candidatesTokenCount": turn.output_tokens,
+            "totalTokenCount": turn.input_tokens + turn.output_tokens,
+        }
+    out["responseId"] = "resp-" + uuid.uuid4().hex[:12]
+    return out
+
+
+def gemini_parts(turn: Turn) -> list[list[dict[str, Any]]]:
+    """The parts of `turn`, one list per streamed response (a function call comes whole)."""
+    chunks: list[list[dict[str, Any]]] = [
+        [{"text": piece, "thought": True}] for piece in turn.thinking
+    ]
+    chunks += [[{"text": piece}] for piece in turn.text]
+    for tool in turn.tools:
+        chunks.append(
+            [
+                {
+                    "functionCall": {
+                        "id": tool.id,
+                        "name": tool.name,
+                        "args": json.loads(tool.arguments),
+                    }
+                }
+            ]
+        )
+    return chunks or [[{"text": ""}]]
+
+
+def gemini_frames(turn: Turn, model: str) -> list[str]:
+    """The SSE frames of `turn` as `streamGenerateContent?alt=sse` streams them."""
+    chunks = gemini_parts(turn)
+    out = [
+        "data: "
+        + json.dumps(gemini_response(turn, model, parts, i == len(chunks) - 1))
+        + "\r\n\r\n"
+        for i, parts in enumerate(chunks)
+    ]
+    if turn.error is not None:
+        out[-1] = "data: " + json.dumps({"error": turn.error}) + "\r\n\r\n"
+    return out
+
+
 class FakeProvider:
     """A scripted provider server. `script` holds the replies, one per request."""
 
     def __init__(self, kind: str) -> None:
-        assert kind in ("anthropic", "openai")
+        assert kind in ("anthropic", "openai", "gemini")
         self.kind = kind
         self.script: deque[Turn | HttpError] = deque()
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
+        self.paths: list[str] = []  # gemini: the model and method are in the path
         self.disconnects = 0
         self.streams_open = 0
         self._runner: web.AppRunner | None = None
@@ -288,12 +346,16 @@ class FakeProvider:
     def base_url(self) -> str:
         """What the daemon is configured with (OpenAI-style bases include /v1)."""
         root = f"http://127.0.0.1:{self.port}"
-        return root if self.kind == "anthropic" else root + "/v1"
+        return root + "/v1" if self.kind == "openai" else root
 
     async def start(self) -> FakeProvider:
         """Listen on 127.0.0.1 (a free port)."""
         app = web.Application()
-        path = "/v1/messages" if self.kind == "anthropic" else "/v1/chat/completions"
+        path = {
+            "anthropic": "/v1/messages",
+            "openai": "/v1/chat/completions",
+            "gemini": "/v1beta/models/{call}",
+        }[self.kind]
         app.router.add_post(path, self._handle)
         self._runner = web.AppRunner(
             app, access_log=None, shutdown_timeout=0.5, handler_cancellation=True
@@ -326,13 +388,27 @@ class FakeProvider:
             }
             if self.kind == "anthropic":
                 payload["type"] = "error"
+            if self.kind == "gemini":  # google.rpc.Status, as the Gemini API answers
+                payload = {
+                    "error": {
+                        "code": reply.status,
+                        "message": reply.message,
+                        "status": reply.error_type,
+                    }
+                }
             return web.json_response(payload, status=reply.status, headers=headers)
         model = str(body.get("model"))
-        frames = (
-            anthropic_frames(reply, model)
-            if self.kind == "anthropic"
-            else openai_frames(reply, model)
-        )
+        if self.kind == "gemini":
+            model, _, method = request.match_info["call"].partition(":")
+            self.paths.append(request.path_qs)
+            if method == "generateContent":
+                parts = [p for chunk in gemini_parts(reply) for p in chunk]
+                return web.json_response(gemini_response(reply, model, parts, True))
+            frames = gemini_frames(reply, model)
+        elif self.kind == "anthropic":
+            frames = anthropic_frames(reply, model)
+        else:
+            frames = openai_frames(reply, model)
         resp = web.StreamResponse(
             headers={"content-type": "text/event-stream", "cache-control": "no-cache"}
         )
