@@ -134,11 +134,16 @@ async def close_sockets(
 ) -> None:
     """Close every socket with 1001 (going away; 1012 for a reload) and stop reporting ready.
 
+    A socket upgraded after this (its upgrade was under way) is closed with the same
+    code and reason at once, instead of being dropped without one by the runner's
+    cleanup.
+
     `serve()` calls this before the runner's cleanup, because aiohttp's
     `pre_shutdown` drops open connections before `on_shutdown` runs.
     """
     daemon = app[DAEMON]
     daemon.ready = False
+    daemon.closing = (int(code), reason)  # for sockets upgraded from now on
     peers = list(daemon.hub)
     if peers:
         await asyncio.gather(

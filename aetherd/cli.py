@@ -45,6 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name in field_names():
         info = Settings.model_fields[name]
+        if name == "agent_backends":
+            serve.add_argument(
+                "--agent-backend",
+                flag_name(name),
+                dest=name,
+                action="append",
+                default=None,
+                metavar="NAME=COMMAND",
+                help=f"{info.description} (env {env_name(name)})",
+            )
+            continue
         serve.add_argument(
             flag_name(name),
             dest=name,

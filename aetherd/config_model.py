@@ -100,12 +100,38 @@ class PortSpec(_Strict):
     ignore: bool = Field(False, description="Never report this port")
 
 
+class AgentBackendSpec(_Strict):
+    """An agent that speaks the Agent Client Protocol on its stdio."""
+
+    command: str = Field(
+        min_length=1,
+        description="The program; without `args`, a command line split like a shell would",
+    )
+    args: list[str] = Field(default_factory=list, description="Arguments of the program")
+    env: EnvMap = Field(
+        default_factory=dict,
+        description="Added to the workspace env for this agent",
+        json_schema_extra={"additionalProperties": False},
+    )
+
+
+BackendName = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+
+
 class AgentSpec(_Strict):
     """Defaults for the agent."""
 
     provider: str | None = Field(None, description="Provider name, for example anthropic")
     model: str | None = Field(None, description="Model name")
     permission_mode: str | None = Field(None, description="Default permission mode")
+    backend: str | None = Field(
+        None, description="Default backend: builtin (the default) or a declared one"
+    )
+    backends: dict[BackendName, AgentBackendSpec] = Field(
+        default_factory=dict,
+        description="ACP agent backends by name (not builtin)",
+        json_schema_extra={"propertyNames": {"pattern": "^[A-Za-z0-9._-]{1,64}$"}},
+    )
 
 
 class FilesSpec(_Strict):

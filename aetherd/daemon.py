@@ -209,7 +209,15 @@ def build_services(settings: Settings) -> Services:
             settings.data_dir / "agent.sqlite3", commit_batch=settings.agent_commit_batch
         )
     )
-    services.agent = services.add(AgentRunner(settings, services.jail, services.transcript))
+    services.agent = services.add(
+        AgentRunner(
+            settings,
+            services.jail,
+            services.transcript,
+            fs=services.fs,
+            processes=services.processes,
+        )
+    )
 
     # -- operations (resources, metrics, notify) --
     services.resources = services.add(
@@ -242,4 +250,7 @@ class Daemon:
     registry: Registry
     started_at: float = field(default_factory=time.time)
     ready: bool = False
+    # Set when the sockets are being closed for a shutdown or a reload: the close code
+    # and reason that a socket upgraded from then on gets at once.
+    closing: tuple[int, str] | None = None
     reloads: ReloadState | None = None  # set by serve(): generation, reload outcomes

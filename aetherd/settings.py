@@ -28,6 +28,7 @@ ENV_PREFIX = "AETHERD_"
 DEFAULT_SETTINGS_FILE = Path("/etc/aetherd/aetherd.yaml")
 PREVIEW_PLACEHOLDERS = frozenset({"port", "workspaceId", "workspacePrefix", "previewToken"})
 MiB = 1024 * 1024
+BACKEND_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 def default_data_dir() -> Path:
@@ -482,6 +483,58 @@ class Settings(BaseModel):
     agent_commit_batch: int = Field(
         512, ge=1, description="Transcript events committed in one SQLite transaction at most"
     )
+
+    # -- Agent backends over ACP (PROTOCOL.md section 17) --------------------------------
+    agent_backends: dict[str, str] = Field(
+        default_factory=dict,
+        description="ACP agent backends, NAME=COMMAND (repeat --agent-backend; "
+        "AETHERD_AGENT_BACKENDS separates pairs with ';')",
+    )
+    acp_max_line_bytes: int = Field(
+        16 * MiB,
+        ge=4096,
+        description="Longest JSON-RPC line read from an agent's stdout (a longer one is dropped)",
+    )
+    acp_stderr_bytes: int = Field(
+        64 * 1024, ge=1024, description="Bytes of an agent's stderr kept (its tail is reported)"
+    )
+    acp_cancel_grace: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="Seconds an agent has to end its turn after session/cancel before its "
+        "process group is killed",
+    )
+    acp_start_timeout: float = Field(
+        60.0, gt=0, description="Seconds an agent has to answer initialize and session/new"
+    )
+    acp_max_requests: int = Field(
+        32, ge=1, description="Requests of one agent served at once (more are refused)"
+    )
+
+    @field_validator("agent_backends", mode="before")
+    @classmethod
+    def _backend_pairs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part for part in value.split(";") if part.strip()]
+        if isinstance(value, (list, tuple)):
+            pairs: dict[str, str] = {}
+            for item in value:
+                name, sep, command = str(item).partition("=")
+                if not sep:
+                    raise ValueError(f"{str(item)[:80]!r} is not NAME=COMMAND")
+                pairs[name.strip()] = command.strip()
+            value = pairs
+        if isinstance(value, dict):
+            for name, command in value.items():
+                if not BACKEND_NAME.match(str(name)) or name == "builtin":
+                    raise ValueError(
+                        f"backend name {str(name)[:80]!r}: 1 to 64 characters of "
+                        "[A-Za-z0-9._-], not 'builtin'"
+                    )
+                if not str(command).strip():
+                    raise ValueError(f"backend {name!r} has an empty command")
+        return value
 
     # -- Config channel (issue: config) ---------------------------------------------------
     config_path: Path = Field(

@@ -60,7 +60,7 @@ ROLL_WAIT = 60.0  # one workspace's update, signal to reattached
 COUNTER = (
     "exec python3 -u -c 'import time\n"
     "for i in range(1000000):\n"
-    "    print(\"n=%d\" % i)\n"
+    '    print("n=%d" % i)\n'
     "    time.sleep(0.5)'"
 )
 COUNTER_LINE = re.compile(r"n=(\d+)\r?\n")
@@ -180,7 +180,10 @@ class Holder:
 
 
 async def first_frame_seconds(
-    session: aiohttp.ClientSession, url: str, token: str, keep: list[aiohttp.ClientWebSocketResponse]
+    session: aiohttp.ClientSession,
+    url: str,
+    token: str,
+    keep: list[aiohttp.ClientWebSocketResponse],
 ) -> float:
     """Open a socket and wait for its first frame (the pushes every connect gets)."""
     started = time.perf_counter()
@@ -297,7 +300,9 @@ async def run(args: argparse.Namespace) -> None:
                                     await first_frame_seconds(session, url, tokens[wid], sockets)
                                 )
                             except (aiohttp.ClientError, OSError, RuntimeError) as exc:
-                                failures.append(f"{'gateway' if times is gateway_times else 'direct'}: {exc}")
+                                failures.append(
+                                    f"{'gateway' if times is gateway_times else 'direct'}: {exc}"
+                                )
                         if len(sockets) % 200 == 0:
                             step(f"{len(sockets)} sockets open")
 
@@ -318,9 +323,7 @@ async def run(args: argparse.Namespace) -> None:
                     for d in daemons
                 ]  # fmt: skip
                 tasks = [asyncio.create_task(h.run(session, stop)) for h in holders]
-                await asyncio.wait_for(
-                    asyncio.gather(*(h.attached.wait() for h in holders)), WAIT
-                )
+                await asyncio.wait_for(asyncio.gather(*(h.attached.wait() for h in holders)), WAIT)
                 await asyncio.sleep(1)
                 bytes0 = sum(h.bytes for h in holders)
                 frames0 = sum(h.frames for h in holders)
@@ -387,7 +390,10 @@ async def run(args: argparse.Namespace) -> None:
     print("\n## Connect to first frame\n")
     print("| path | p50 | p99 | max |")
     print("|---|---|---|---|")
-    for label, values in (("through the gateway", gateway_times), ("direct (reference)", direct_times)):
+    for label, values in (
+        ("through the gateway", gateway_times),
+        ("direct (reference)", direct_times),
+    ):
         print(
             f"| {label} | {ms(percentile(values, 0.5))} | {ms(percentile(values, 0.99))} "
             f"| {ms(max(values))} |"
@@ -406,9 +412,7 @@ async def run(args: argparse.Namespace) -> None:
         f"{hold_bytes / n:.0f} B/s each), CPU share | "
         f"{gateway_cpu_hold / n * 100:.3f} % | {daemons_cpu_hold / n * 100:.3f} % |"
     )
-    print(
-        f"\ngateway RSS with {open_connections} open sockets: {mib(gateway_rss_held)}"
-    )
+    print(f"\ngateway RSS with {open_connections} open sockets: {mib(gateway_rss_held)}")
     print(f"\n## Rolling {mode}\n")
     print("| | value |")
     print("|---|---|")
@@ -427,9 +431,13 @@ async def run(args: argparse.Namespace) -> None:
             f"| terminal client: socket closed to reattached, median / max | "
             f"{ms(statistics.median(reattach))} / {ms(max(reattach))} |"
         )
-    print(f"| sockets closed by the daemons (codes) | {sorted(set(c for h in holders for c in h.closes))} |")
+    print(
+        f"| sockets closed by the daemons (codes) | {sorted(set(c for h in holders for c in h.closes))} |"
+    )
     print(f"| terminals lost | {sum(h.lost_sessions for h in holders)} |")
-    print(f"| counter gaps / repeats | {sum(h.gaps for h in holders)} / {sum(h.repeats for h in holders)} |")
+    print(
+        f"| counter gaps / repeats | {sum(h.gaps for h in holders)} / {sum(h.repeats for h in holders)} |"
+    )
     print(f"| failed reconnect attempts | {sum(h.connect_failures for h in holders)} |")
     print(f"| holder errors | {len(holder_errors)} {holder_errors[:1]} |")
     if not reload:
@@ -450,7 +458,9 @@ async def run(args: argparse.Namespace) -> None:
     print(f"| memory, idle daemons (RSS) | {by_memory:.0f} |")
     print(f"| CPU, idle daemons | {by_idle_cpu:.0f} |")
     print(f"| CPU, a streaming terminal held on each | {by_busy_cpu:.0f} |")
-    print(f"| gateway CPU, streaming terminals (one worker) | {1 / max(gateway_cpu_hold / n, 1e-6):.0f} |")
+    print(
+        f"| gateway CPU, streaming terminals (one worker) | {1 / max(gateway_cpu_hold / n, 1e-6):.0f} |"
+    )
 
 
 async def rolling_update(
@@ -539,7 +549,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=16, help="connects in flight")
     parser.add_argument("--settle", type=float, default=5.0, help="seconds before measuring idle")
     parser.add_argument("--idle", type=float, default=10.0, help="seconds of idle CPU measured")
-    parser.add_argument("--hold", type=float, default=10.0, help="seconds of held terminals measured")
+    parser.add_argument(
+        "--hold", type=float, default=10.0, help="seconds of held terminals measured"
+    )
     parser.add_argument(
         "--roll-seconds", type=float, default=900, help="bound of the rolling update phase"
     )

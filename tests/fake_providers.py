@@ -4,7 +4,8 @@
 streaming format (`event:` + `data:` lines: message_start, ping, content_block_start,
 content_block_delta with text_delta / thinking_delta / signature_delta /
 input_json_delta, content_block_stop, message_delta with stop_reason and usage,
-message_stop, and `error` events). `FakeProvider("gemini")` serves
+message_stop, and `error` events); a non-streaming request and `count_tokens` get a
+fixed answer and do not consume the script (`side_requests`). `FakeProvider("gemini")` serves
 `POST /v1beta/models/{model}:streamGenerateContent?alt=sse` in the Gemini API's streaming
 format (`data:` lines ending in CRLF CRLF, each a GenerateContentResponse with
 `candidates[].content.parts[]` holding `text`, `thought: true` text or a whole
@@ -332,6 +333,7 @@ class FakeProvider:
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.paths: list[str] = []  # gemini: the model and method are in the path
+        self.side_requests: list[dict[str, Any]] = []  # anthropic: non-streaming calls
         self.disconnects = 0
         self.streams_open = 0
         self._runner: web.AppRunner | None = None
@@ -357,6 +359,8 @@ class FakeProvider:
             "gemini": "/v1beta/models/{call}",
         }[self.kind]
         app.router.add_post(path, self._handle)
+        if self.kind == "anthropic":
+            app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         self._runner = web.AppRunner(
             app, access_log=None, shutdown_timeout=0.5, handler_cancellation=True
         )
@@ -371,8 +375,28 @@ class FakeProvider:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    async def _count_tokens(self, request: web.Request) -> web.StreamResponse:
+        self.side_requests.append(await request.json())
+        return web.json_response({"input_tokens": 10})
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        if self.kind == "anthropic" and not body.get("stream"):
+            # A side call (Claude Code checks its key and the small model with one
+            # non-streaming request): answered without touching the script.
+            self.side_requests.append(body)
+            return web.json_response(
+                {
+                    "id": "msg_" + uuid.uuid4().hex[:16],
+                    "type": "message",
+                    "role": "assistant",
+                    "model": body.get("model"),
+                    "content": [{"type": "text", "text": "ok"}],
+                    "stop_reason": "end_turn",
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": 10, "output_tokens": 1},
+                }
+            )
         self.requests.append(body)
         self.headers.append(dict(request.headers))
         if not self.script:

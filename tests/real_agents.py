@@ -18,6 +18,16 @@ How Gemini CLI 0.61.0 is pointed at the fake server, read from its bundle
 - `GEMINI_CLI_NO_RELAUNCH=1`: it does not re-spawn itself in a child node process (so the
   agent's pid is the process that speaks ACP).
 
+And `@zed-industries/claude-code-acp` (Zed's ACP adapter around the Claude Agent SDK,
+which bundles Claude Code's cli.js; `claude-code-acp`, no flags), read from its dist/ and
+the SDK's cli.js:
+- `ANTHROPIC_BASE_URL` and `ANTHROPIC_API_KEY` (sent as `x-api-key`);
+- `CLAUDE_CONFIG_DIR` for its state (a fresh directory per test);
+- `CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1`: no telemetry, error reports, update checks.
+Besides the turns, it sends `POST /v1/messages/count_tokens` and one non-streaming
+`/v1/messages` request (max_tokens 1) per session, which `FakeProvider` answers aside.
+It keeps running when its stdin closes, so `close()` kills it after `grace` seconds.
+
 This module also holds `AcpStdioClient`, a minimal ACP client (JSON-RPC 2.0, one JSON
 object per line, over the agent's stdio) that the tests use to drive an agent without
 the daemon.
@@ -40,6 +50,9 @@ GEMINI_JS = FIXTURE / "node_modules" / "@google" / "gemini-cli" / "bundle" / "ge
 GEMINI_VERSION = "0.61.0"
 GEMINI_MODEL = "gemini-2.5-flash"
 
+CLAUDE_JS = FIXTURE / "node_modules" / "@zed-industries" / "claude-code-acp" / "dist" / "index.js"
+CLAUDE_ACP_VERSION = "0.16.2"
+
 GEMINI_SETTINGS = {
     "general": {"enableAutoUpdate": False, "enableAutoUpdateNotification": False},
     "privacy": {"usageStatisticsEnabled": False},
@@ -49,7 +62,7 @@ GEMINI_SETTINGS = {
 
 def ensure_agents() -> None:
     """The fixture's node_modules, installed from its package-lock when missing."""
-    if not GEMINI_JS.exists():
+    if not (GEMINI_JS.exists() and CLAUDE_JS.exists()):
         npm = shutil.which("npm")
         assert npm, "npm is required for the real-agent tests"
         subprocess.run(
@@ -59,14 +72,18 @@ def ensure_agents() -> None:
             timeout=600,
             stdout=subprocess.DEVNULL,
         )
-    assert GEMINI_JS.exists()
+    assert GEMINI_JS.exists() and CLAUDE_JS.exists()
+
+
+def node() -> str:
+    path = shutil.which("node")
+    assert path, "node is required for the real-agent tests"
+    return path
 
 
 def gemini_command() -> list[str]:
     """The command line of Gemini CLI in ACP mode."""
-    node = shutil.which("node")
-    assert node, "node is required for the real-agent tests"
-    return [node, str(GEMINI_JS), "--acp", "-m", GEMINI_MODEL]
+    return [node(), str(GEMINI_JS), "--acp", "-m", GEMINI_MODEL]
 
 
 def gemini_env(home: Path, base_url: str) -> dict[str, str]:
@@ -78,6 +95,23 @@ def gemini_env(home: Path, base_url: str) -> dict[str, str]:
         "GOOGLE_GEMINI_BASE_URL": base_url,
         "GEMINI_API_KEY": "fake-key",
         "GEMINI_CLI_NO_RELAUNCH": "1",
+        "NO_COLOR": "1",
+    }
+
+
+def claude_command() -> list[str]:
+    """The command line of Claude Code's ACP adapter."""
+    return [node(), str(CLAUDE_JS)]
+
+
+def claude_env(home: Path, base_url: str) -> dict[str, str]:
+    """The variables Claude Code's ACP adapter needs to run offline against `base_url`."""
+    (home / ".claude").mkdir(parents=True, exist_ok=True)
+    return {
+        "CLAUDE_CONFIG_DIR": str(home / ".claude"),
+        "ANTHROPIC_BASE_URL": base_url,
+        "ANTHROPIC_API_KEY": "sk-ant-fake-key",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
         "NO_COLOR": "1",
     }
 
@@ -189,19 +223,21 @@ class AcpStdioClient:
     def requests_from_agent(self, method: str) -> list[dict[str, Any]]:
         return [m["params"] for m in self.received if m.get("method") == method and "id" in m]
 
-    async def close(self) -> int | None:
-        """Close stdin (ACP's end of session), wait a bounded time, then kill the group."""
+    async def close(self, grace: float = 10) -> int | None:
+        """Close stdin (ACP's end of session), wait `grace` seconds, then kill the group."""
         proc = self._proc
         if proc is None:
             return None
         if proc.stdin is not None:
             proc.stdin.close()
         try:
-            await asyncio.wait_for(proc.wait(), 10)
+            await asyncio.wait_for(proc.wait(), grace)
         except asyncio.TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, 9)
             await asyncio.wait_for(proc.wait(), 10)
+        with contextlib.suppress(ProcessLookupError):  # whatever it left in its group
+            os.killpg(proc.pid, 9)
         for task in self._tasks:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, 5)

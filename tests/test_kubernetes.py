@@ -223,10 +223,7 @@ def test_prometheus_discovers_workspaces_with_the_id_as_target_label():
         "__meta_kubernetes_pod_name": "ws-example-0",
         "__meta_kubernetes_pod_ip": "10.1.2.3",
         **{f"__meta_kubernetes_pod_label_{meta(k)}": v for k, v in pod["labels"].items()},
-        **{
-            f"__meta_kubernetes_pod_annotation_{meta(k)}": v
-            for k, v in pod["annotations"].items()
-        },
+        **{f"__meta_kubernetes_pod_annotation_{meta(k)}": v for k, v in pod["annotations"].items()},
     }
     target = _relabel(job["relabel_configs"], discovered)
     assert target is not None
@@ -238,10 +235,7 @@ def test_prometheus_discovers_workspaces_with_the_id_as_target_label():
     assert (
         _relabel(
             job["relabel_configs"],
-            {
-                f"__meta_kubernetes_pod_label_{meta(k)}": v
-                for k, v in gateway_pod["labels"].items()
-            },
+            {f"__meta_kubernetes_pod_label_{meta(k)}": v for k, v in gateway_pod["labels"].items()},
         )
         is None
     )
@@ -359,7 +353,9 @@ async def test_the_gateway_keeps_workspaces_apart(fleet: Fleet):
     for wid in ("alpha.aetherd", "Alpha", "-alpha", "a_b"):
         status, _ = await _get(gateway.url(f"/workspaces/{wid}/info"), signer.token(wid))
         assert status == 404, wid
-    assert not any(name.startswith(("ws-alpha.aetherd.aetherd", "ws-a_b")) for name in fleet.dns.queries)
+    assert not any(
+        name.startswith(("ws-alpha.aetherd.aetherd", "ws-a_b")) for name in fleet.dns.queries
+    )
     # The access log shows paths, never a token.
     status, _ = await _get(
         gateway.url("/workspaces/alpha/info"), params={"token": signer.token("alpha")}

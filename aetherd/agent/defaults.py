@@ -30,6 +30,7 @@ class InForce:
     provider: str
     model: str
     permission_mode: str
+    backend: str = "builtin"
 
 
 def _invalid(field: str, rule: str) -> AetherError:
@@ -59,10 +60,15 @@ class Defaults:
         if not model and provider == s.agent_provider:
             model = s.agent_model
         mode = user.get("permissionMode") or conf.get("permission_mode") or s.agent_permission_mode
-        return InForce(provider, model or DEFAULT_MODELS[provider], mode)
+        backend = user.get("backend") or conf.get("backend") or "builtin"
+        return InForce(provider, model or DEFAULT_MODELS[provider], mode, backend)
 
     async def update(
-        self, provider: str | None, model: str | None, permission_mode: str | None
+        self,
+        provider: str | None,
+        model: str | None,
+        permission_mode: str | None,
+        backend: str | None = None,
     ) -> InForce:
         """Validate and persist the client's defaults; returns the settings in force."""
         if provider is not None and provider not in PROVIDERS:
@@ -80,6 +86,8 @@ class Defaults:
             changes["model"] = model
         if permission_mode is not None:
             changes["permissionMode"] = permission_mode
+        if backend is not None:
+            changes["backend"] = backend  # the caller checked that it is declared
         if changes:
             await self.store.save_settings(changes)
             for key, value in changes.items():
@@ -99,6 +107,8 @@ class Defaults:
             elif key == "model" and isinstance(value, str) and value:
                 clean[key] = value
             elif key == "permission_mode" and value in MODES:
+                clean[key] = value
+            elif key == "backend" and isinstance(value, str) and value:
                 clean[key] = value
         self.config = clean
 

@@ -94,24 +94,41 @@ class ToolInvocation:
 
 @dataclass(frozen=True)
 class PermissionRequest:
-    """A tool call that waits for a person's approval."""
+    """A tool call that waits for a person's approval; `options` are an ACP agent's
+    answers (`[{optionId, name, kind}]`), None for the built-in agent."""
 
     request_id: str
     tool_call_id: str
     name: str
     input: dict[str, Any]
     description: str
+    options: list[dict[str, str]] | None = None
     type: ClassVar[str] = "permission_request"
 
     def payload(self) -> dict[str, Any]:
-        """`{requestId, toolCallId, name, input, description}`."""
-        return {
+        """`{requestId, toolCallId, name, input, description[, options]}`."""
+        out: dict[str, Any] = {
             "requestId": self.request_id,
             "toolCallId": self.tool_call_id,
             "name": self.name,
             "input": self.input,
             "description": self.description,
         }
+        if self.options is not None:
+            out["options"] = self.options
+        return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An ACP agent's plan, whole, as it is now: `[{content, priority, status}]`."""
+
+    entries: list[dict[str, Any]]
+    type: ClassVar[str] = "plan"
+
+    def payload(self) -> dict[str, Any]:
+        """`{entries}`."""
+        return {"entries": self.entries}
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ class Decision:
 
     approved: bool
     reason: str | None = None
+    option_id: str | None = None  # the ACP option a person picked (approve only)
 
 
 @dataclass
@@ -36,6 +37,13 @@ class Waiting(Generic[T]):
     tool_call_id: str
     future: asyncio.Future[T]
     asked: Recorded
+    options: tuple[tuple[str, str], ...] = ()  # an ACP request's (optionId, kind) pairs
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
 
 
 class PendingBook:
@@ -45,12 +53,20 @@ class PendingBook:
         self.approvals: dict[str, Waiting[Decision]] = {}
         self.questions: dict[str, Waiting[str]] = {}
 
-    def approval(self, request_id: str, tool_call_id: str, asked: Recorded) -> Waiting[Decision]:
+    def approval(
+        self,
+        request_id: str,
+        tool_call_id: str,
+        asked: Recorded,
+        options: tuple[tuple[str, str], ...] = (),
+    ) -> Waiting[Decision]:
         """Register a permission request (`asked` is its event); `wait()` for the decision.
 
         Registered at once, so a person who sees the event can answer before the task
-        has awaited anything."""
-        return self._add(self.approvals, request_id, tool_call_id, asked)
+        has awaited anything. `options` are an ACP agent's `(optionId, kind)` pairs."""
+        waiting = self._add(self.approvals, request_id, tool_call_id, asked)
+        waiting.options = options
+        return waiting
 
     def question(self, tool_call_id: str, asked: Recorded) -> Waiting[str]:
         """Register an `ask_user` question (`asked` is its `tool_invocation` event)."""
@@ -89,15 +105,31 @@ class PendingBook:
         return waiting
 
     def decide(
-        self, request_id: str, approved: bool, reason: str | None = None
+        self,
+        request_id: str,
+        approved: bool,
+        reason: str | None = None,
+        option_id: str | None = None,
     ) -> Waiting[Decision]:
-        """Approve or reject a permission request; NOT_FOUND when none is pending."""
+        """Approve or reject a permission request; NOT_FOUND when none is pending.
+
+        `option_id` (approve only) must name one of the request's `allow_*` options:
+        INVALID_MESSAGE otherwise."""
         waiting = self.approvals.get(request_id)
         if waiting is None or waiting.future.done():
             raise AetherError(
                 ErrorCode.NOT_FOUND, f"no permission request {request_id!r} is pending"
             )
-        waiting.future.set_result(Decision(approved, reason))
+        if option_id is not None:
+            kinds = dict(waiting.options)
+            if not kinds.get(option_id, "").startswith("allow"):
+                allowed = [o for o, kind in waiting.options if kind.startswith("allow")]
+                raise AetherError(
+                    ErrorCode.INVALID_MESSAGE,
+                    f"invalid field 'optionId': this request's allow options are {allowed}",
+                    field="optionId",
+                )
+        waiting.future.set_result(Decision(approved, reason, option_id))
         return waiting
 
     def events(self) -> list[Recorded]:

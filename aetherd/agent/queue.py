@@ -29,6 +29,7 @@ class Job:
     provider: str
     model: str
     permission_mode: str
+    backend: str = "builtin"
     runner: asyncio.Task[None] | None = None
     aborted: bool = False
     finishing: bool = False  # its end is being recorded: cancelling now would lose it

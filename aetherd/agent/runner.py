@@ -11,7 +11,9 @@ nothing about WebSockets or frames:
 - `pending` (`aetherd.agent.pending`): permission requests and questions awaiting a person;
 - `events` (`aetherd.agent.events`): every domain event, recorded in the transcript
   (where it gets its `seq`) and handed to subscribers. The agent channel subscribes
-  and turns events into frames.
+  and turns events into frames;
+- `backends` (`aetherd.agent.backends`): the declared ACP agents (section 17), each
+  with its own process and task queue; `builtin` is the loop above and the default.
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ from typing import Any
 
 import aiohttp
 
+from aetherd.agent.backends import (
+    BUILTIN,
+    AcpBackend,
+    BackendSpec,
+    spec_from_command,
+    spec_from_config,
+)
 from aetherd.agent.defaults import Defaults, InForce, provider_config
 from aetherd.agent.events import EventLog, Recorded, Subscriber, TaskStatus
 from aetherd.agent.executor import ToolExecutor
@@ -36,7 +45,9 @@ from aetherd.agent.tools import DEFAULT_IGNORE, ToolLimits, Tools
 from aetherd.agent.turn import TurnLoop
 from aetherd.errors import AetherError, ErrorCode
 from aetherd.metrics import Sample
+from aetherd.services.fs import FileSystem
 from aetherd.services.jail import Jail
+from aetherd.services.process import ProcessManager
 from aetherd.services.transcript import ACTIVE_STATUSES, TranscriptStore, require_text
 from aetherd.settings import Settings
 
@@ -74,6 +85,9 @@ class AgentRunner:
         jail: Jail,
         store: TranscriptStore,
         environ: Mapping[str, str] | None = None,
+        *,
+        fs: FileSystem | None = None,
+        processes: ProcessManager | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -102,6 +116,13 @@ class AgentRunner:
             settings, store, self.events, self.executor, self.provider_config, self._get_session
         )
         self.queue = TaskQueue(self.turns.run, settings.agent_max_queued)
+        # ACP backends (section 17): the file system and the process service serve
+        # their agents' fs/* and terminal/* requests.
+        self.fs = fs or FileSystem(jail)
+        self.processes = processes or ProcessManager(settings, jail)
+        self.backends: dict[str, AcpBackend] = {}
+        self._config_backends: dict[str, BackendSpec] = {}
+        self._started = False
 
     def _get_session(self) -> aiohttp.ClientSession | None:
         return self._session
@@ -118,10 +139,15 @@ class AgentRunner:
         )
         self._session = aiohttp.ClientSession(timeout=timeout)
         self.queue.start()
+        self._started = True
+        self._sync_backends()
 
     async def stop(self) -> None:
-        """Stop the running task (recorded as failed: daemon stopped) and the worker."""
-        await self.queue.stop(STOP_WAIT)
+        """Stop the running tasks (recorded as failed: daemon stopped), the workers and
+        the backends' agent processes."""
+        self._started = False
+        backends = list(self.backends.values())
+        await asyncio.gather(*(b.stop() for b in backends), self.queue.stop(STOP_WAIT))
         if self._session is not None:
             await self._session.close()
 
@@ -135,13 +161,16 @@ class AgentRunner:
         """Tasks ended since start, by final status."""
         return self.events.finished
 
+    def _queues(self) -> list[TaskQueue]:
+        return [self.queue, *(b.queue for b in self.backends.values())]
+
     def running_count(self) -> int:
-        """Tasks running now (0 or 1: one task runs at a time)."""
-        return self.queue.running_count()
+        """Tasks running now (one at a time per backend)."""
+        return sum(q.running_count() for q in self._queues())
 
     def queued_count(self) -> int:
-        """Tasks waiting behind the running one."""
-        return self.queue.queued_count()
+        """Tasks waiting behind the running ones."""
+        return sum(q.queued_count() for q in self._queues())
 
     def metrics(self) -> Iterator[Sample]:
         """Tasks by state, and the provider's latency and errors, read at scrape time."""
@@ -156,6 +185,22 @@ class AgentRunner:
                 "counter",
             )
         yield from self.turns.stats.samples()
+        for name, backend in sorted(self.backends.items()):
+            labels = {"backend": name}
+            yield Sample(
+                "aetherd_agent_backend_starts",
+                "ACP agent processes started",
+                backend.starts,
+                labels,
+                "counter",
+            )
+            yield Sample(
+                "aetherd_agent_backend_crashes",
+                "ACP agent processes found dead and started again",
+                backend.crashes,
+                labels,
+                "counter",
+            )
 
     async def history(
         self,
@@ -190,14 +235,67 @@ class AgentRunner:
 
     # -- settings -----------------------------------------------------------------------
     def effective_settings(self) -> InForce:
-        """Provider, model and permission mode in force: client > workspace config > daemon."""
-        return self.defaults.in_force()
+        """Provider, model, permission mode and backend in force: client > workspace
+        config > daemon. A backend that is no longer declared gives way to `builtin`."""
+        now = self.defaults.in_force()
+        if now.backend != BUILTIN and now.backend not in self.declared():
+            now = InForce(now.provider, now.model, now.permission_mode, BUILTIN)
+        return now
 
     async def update_settings(
-        self, provider: str | None, model: str | None, permission_mode: str | None
+        self,
+        provider: str | None,
+        model: str | None,
+        permission_mode: str | None,
+        backend: str | None = None,
     ) -> InForce:
         """Persist the client's defaults; returns the settings in force."""
-        return await self.defaults.update(provider, model, permission_mode)
+        if backend is not None:
+            self._check_backend(backend)
+        await self.defaults.update(provider, model, permission_mode, backend)
+        return self.effective_settings()
+
+    # -- backends -----------------------------------------------------------------------
+    def declared(self) -> dict[str, BackendSpec]:
+        """The declared ACP backends: the daemon settings', then the workspace config's
+        (which win on a name both declare)."""
+        specs = {
+            name: spec_from_command(name, command)
+            for name, command in self.settings.agent_backends.items()
+        }
+        specs.update(self._config_backends)
+        return specs
+
+    def _check_backend(self, name: str) -> None:
+        if name != BUILTIN and name not in self.declared():
+            names = ", ".join([BUILTIN, *sorted(self.declared())])
+            raise AetherError(
+                ErrorCode.INVALID_MESSAGE,
+                f"invalid field 'backend': unknown backend {name[:80]!r} (declared: {names})",
+                field="backend",
+            )
+
+    def _sync_backends(self) -> None:
+        """Create, update or retire backends to match the declarations."""
+        if not self._started:
+            return
+        specs = self.declared()
+        for name, backend in self.backends.items():
+            backend.spec = specs.get(name)  # None: retired; its process restarts no more
+        for name, spec in specs.items():
+            if name not in self.backends:
+                backend = AcpBackend(
+                    spec,
+                    settings=self.settings,
+                    store=self.store,
+                    events=self.events,
+                    pending=self.pending,
+                    fs=self.fs,
+                    processes=self.processes,
+                    saved=self.defaults.user.get,
+                )
+                self.backends[name] = backend
+                backend.start()
 
     def apply_config(
         self,
@@ -210,7 +308,17 @@ class AgentRunner:
         `defaults` may hold `provider`, `model` and `permission_mode`; invalid values are
         ignored (the config service validates them first).
         """
+        defaults = dict(defaults or {})
+        raw = defaults.pop("backends", None) or {}
         self.defaults.apply_config(defaults)
+        specs = {}
+        if isinstance(raw, Mapping):
+            for name, value in raw.items():
+                spec = spec_from_config(str(name), value) if isinstance(value, Mapping) else None
+                if spec is not None and name != BUILTIN:
+                    specs[str(name)] = spec
+        self._config_backends = specs
+        self._sync_backends()
         self.tools.env = {str(k): str(v) for k, v in (env or {}).items()}
         self.tools.ignore = DEFAULT_IGNORE + tuple(ignore or ())
 
@@ -219,9 +327,11 @@ class AgentRunner:
         return provider_config(self.settings, self.environ, provider, model)
 
     # -- client requests ------------------------------------------------------------------
-    async def prompt(self, prompt: str, task_id: str | None = None) -> Queued:
-        """Queue a task. Without a key, the task fails at once (`done` failed) and the
-        result carries `code: PROVIDER_NOT_CONFIGURED`."""
+    async def prompt(
+        self, prompt: str, task_id: str | None = None, backend: str | None = None
+    ) -> Queued:
+        """Queue a task on `backend` (default: the one in force). On `builtin` without a
+        key, the task fails at once (`done` failed) with `code: PROVIDER_NOT_CONFIGURED`."""
         require_text("prompt", prompt)
         if not prompt.strip():
             raise AetherError(
@@ -238,8 +348,23 @@ class AgentRunner:
                 field="taskId",
             )
         require_text("taskId", task_id)
+        if backend is not None:
+            self._check_backend(backend)
+        current = self.effective_settings()
+        name = backend or current.backend
+        for queue in self._queues():
+            if task_id in queue:
+                raise AetherError(
+                    ErrorCode.CONFLICT, f"task {task_id!r} already exists", taskId=task_id
+                )
+        if name != BUILTIN:
+            acp = self.backends[name]
+            acp.queue.check_room(task_id)
+            await self.store.create_task(task_id, prompt, "acp", name, "queued")
+            acp.queue.put(Job(task_id, prompt, "acp", name, current.permission_mode, name))
+            self.events.emit(task_id, TaskStatus("queued", prompt))
+            return Queued(task_id, "queued")
         self.queue.check_room(task_id)
-        current = self.defaults.in_force()
         provider, model = current.provider, current.model
         try:
             self.provider_config(provider, model)
@@ -256,7 +381,8 @@ class AgentRunner:
 
     async def abort(self, task_id: str) -> str:
         """Cancel a queued or running task; returns (its id) once its `done` is out."""
-        job = self.queue.get(task_id)
+        queue = next((q for q in self._queues() if task_id in q), self.queue)
+        job = queue.get(task_id)
         if job is not None and job.finishing:
             # Its end is being recorded: it has ended, whatever the client saw so far.
             # Answer as for any ended task, once the end is stored.
@@ -273,19 +399,26 @@ class AgentRunner:
                 taskId=task_id,
             )
         job.aborted = True
-        if self.queue.remove_queued(job):
+        if queue.remove_queued(job):
             await self.events.finish(task_id, "aborted", None, None, {})
         else:
-            await self.queue.cancel_running(job, ABORT_WAIT)
+            await queue.cancel_running(job, ABORT_WAIT)
         return task_id
 
     def answer(self, tool_call_id: str, result: str) -> str:
         """Answer an `ask_user` call; returns the id of the task that asked."""
         return self.pending.answer(tool_call_id, result).task_id
 
-    def decide(self, request_id: str, approved: bool, reason: str | None = None) -> str:
-        """Approve or reject a pending permission request; returns the task's id."""
-        return self.pending.decide(request_id, approved, reason).task_id
+    def decide(
+        self,
+        request_id: str,
+        approved: bool,
+        reason: str | None = None,
+        option_id: str | None = None,
+    ) -> str:
+        """Approve or reject a pending permission request; returns the task's id.
+        `option_id` picks one of an ACP agent's allow options (approve only)."""
+        return self.pending.decide(request_id, approved, reason, option_id).task_id
 
 
 __all__ = ["AgentRunner", "HistoryPage", "Queued", "Recorded"]

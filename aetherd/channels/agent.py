@@ -134,7 +134,7 @@ async def prompt(ctx: Context, msg: AgentPrompt) -> PromptReply | None:
     """Queue a task; `data: {taskId, status}`."""
 
     async def run() -> PromptReply:
-        queued = await ctx.services.agent.prompt(msg.prompt, msg.task_id)
+        queued = await ctx.services.agent.prompt(msg.prompt, msg.task_id, msg.backend)
         if queued.code is not None and ctx.request_id is not None:
             # The task failed at once (no key): its `done` is out; the reply fails too.
             raise AetherError(
@@ -156,9 +156,14 @@ async def settings(ctx: Context, msg: AgentSettings) -> SettingsReply | None:
     """Persist defaults; `data: {provider, model, permissionMode}` in force."""
 
     async def run() -> SettingsReply:
-        now = await ctx.services.agent.update_settings(msg.provider, msg.model, msg.permission_mode)
+        now = await ctx.services.agent.update_settings(
+            msg.provider, msg.model, msg.permission_mode, msg.backend
+        )
         return SettingsReply(
-            provider=now.provider, model=now.model, permission_mode=now.permission_mode
+            provider=now.provider,
+            model=now.model,
+            permission_mode=now.permission_mode,
+            backend=now.backend,
         )
 
     return await _guard(ctx, run)
@@ -197,19 +202,28 @@ async def tool_response(ctx: Context, msg: AgentToolResponse) -> ToolResponseRep
 
 
 async def _decide(
-    ctx: Context, request_id: str, approved: bool, reason: str | None
+    ctx: Context,
+    request_id: str,
+    approved: bool,
+    reason: str | None,
+    option_id: str | None = None,
 ) -> DecisionReply | None:
     async def run() -> DecisionReply:
-        task_id = ctx.services.agent.decide(request_id, approved, reason)
+        task_id = ctx.services.agent.decide(request_id, approved, reason, option_id)
         return DecisionReply(request_id=request_id, task_id=task_id, approved=approved)
 
     return await _guard(ctx, run)
 
 
-@channel.handler("approve", AgentApprove, reply=DecisionReply | None, errors=(ErrorCode.NOT_FOUND,))
+@channel.handler(
+    "approve",
+    AgentApprove,
+    reply=DecisionReply | None,
+    errors=(ErrorCode.NOT_FOUND, ErrorCode.INVALID_MESSAGE),
+)
 async def approve(ctx: Context, msg: AgentApprove) -> DecisionReply | None:
-    """Allow a pending permission request."""
-    return await _decide(ctx, msg.request_id, True, None)
+    """Allow a pending permission request (with one of an ACP agent's `optionId`s)."""
+    return await _decide(ctx, msg.request_id, True, None, msg.option_id)
 
 
 @channel.handler("reject", AgentReject, reply=DecisionReply | None, errors=(ErrorCode.NOT_FOUND,))

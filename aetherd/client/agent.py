@@ -21,8 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from aetherd.client.errors import AetherdError
-from aetherd.client.stream import Stream
+from aetherd.client.stream import Stream, Subscribers
 from aetherd.protocol.agent import (
     AbortReply,
     AgentErrorEvent,
@@ -56,13 +55,13 @@ class AgentAPI:
         self.client = client
         self.last_seq: int | None = None  # the newest seq delivered (or seen on connect)
         self.history: HistoryReply | None = None  # the replay of the latest connect
-        self._streams: list[Stream[AgentEventItem]] = []
+        self._subscribers: Subscribers[AgentEventItem] = Subscribers(client.options.stream_limit)
         self._delivered: OrderedDict[str, int] = OrderedDict()
         self._held: list[Frame] | None = None  # live events held while catching up
         self._held_overflow = False
         client.on_push("agent", "*", self._on_push)
         client.on_connect_query(self._query)
-        client.on_end(self._end)
+        client.on_end(self._subscribers.end)
 
     # -- requests -----------------------------------------------------------------------
 
@@ -132,10 +131,7 @@ class AgentAPI:
 
     def events(self) -> Stream[AgentEventItem]:
         """Every agent event from now on, continuous across reconnects."""
-        stream: Stream[AgentEventItem] = Stream(self.client.options.stream_limit)
-        stream._on_close = lambda: self._streams.remove(stream) if stream in self._streams else None
-        self._streams.append(stream)
-        return stream
+        return self._subscribers.add()
 
     def _on_push(self, frame: Frame) -> None:
         type_ = frame.get("type")
@@ -238,13 +234,4 @@ class AgentAPI:
         self._feed(event)
 
     def _feed(self, event: AgentEventItem) -> None:
-        for stream in self._streams:
-            stream.feed_dropping_oldest(event)
-
-    def _end(self, error: AetherdError | None) -> None:
-        for stream in self._streams:
-            if error is None:
-                stream.finish()
-            else:
-                stream.fail(error)
-        self._streams.clear()
+        self._subscribers.feed(event)

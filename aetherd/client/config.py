@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from aetherd.client.errors import AetherdError
-from aetherd.client.stream import Stream
+from aetherd.client.stream import Stream, Subscribers
 from aetherd.protocol.config import ConfigChanged, ConfigSnapshot, ConfigValidation
 
 if TYPE_CHECKING:
@@ -25,10 +24,10 @@ class ConfigAPI:
     def __init__(self, client: Client) -> None:
         self.client = client
         self.version: str | None = None  # the last version seen
-        self._streams: list[Stream[ConfigChanged]] = []
+        self._subscribers: Subscribers[ConfigChanged] = Subscribers(client.options.stream_limit)
         client.on_push("config", "changed", self._on_changed)
         client.on_restore(self._restore)
-        client.on_end(self._end)
+        client.on_end(self._subscribers.end)
 
     async def get(self) -> ConfigSnapshot:
         """The config in force, the file's text, its version and validity."""
@@ -63,21 +62,17 @@ class ConfigAPI:
 
     def changes(self) -> Stream[ConfigChanged]:
         """Every change of the config from now on."""
-        stream: Stream[ConfigChanged] = Stream(self.client.options.stream_limit)
-        stream._on_close = lambda: self._streams.remove(stream) if stream in self._streams else None
-        self._streams.append(stream)
-        return stream
+        return self._subscribers.add()
 
     def _feed(self, event: ConfigChanged) -> None:
         self.version = event.version
-        for stream in self._streams:
-            stream.feed_dropping_oldest(event)
+        self._subscribers.feed(event)
 
     def _on_changed(self, frame: Frame) -> None:
         self._feed(ConfigChanged.model_validate(frame, extra="ignore"))
 
     async def _restore(self, first: bool) -> None:
-        if first or not self._streams or self.version is None:
+        if first or not self._subscribers or self.version is None:
             return
         snapshot: ConfigSnapshot = await self.client.request(
             "config", "get", reply=ConfigSnapshot, internal=True
@@ -93,11 +88,3 @@ class ConfigAPI:
                     path=snapshot.path,
                 )
             )
-
-    def _end(self, error: AetherdError | None) -> None:
-        for stream in self._streams:
-            if error is None:
-                stream.finish()
-            else:
-                stream.fail(error)
-        self._streams.clear()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from aetherd.client.errors import AetherdError
-from aetherd.client.stream import Stream
+from aetherd.client.stream import Stream, Subscribers
 from aetherd.protocol.files import (
     FileContent,
     FileEntry,
@@ -51,11 +51,11 @@ class FilesAPI:
 
     def __init__(self, client: Client) -> None:
         self.client = client
-        self._streams: list[Stream[FileEvent]] = []
+        self._subscribers: Subscribers[FileEvent] = Subscribers(client.options.stream_limit)
         client.on_push("files", "change", self._on_push)
         client.on_push("files", "resync", self._on_push)
         client.on_restore(self._restore)
-        client.on_end(self._end)
+        client.on_end(self._subscribers.end)
 
     # -- requests -----------------------------------------------------------------------
 
@@ -143,13 +143,10 @@ class FilesAPI:
 
     def changes(self) -> Stream[FileEvent]:
         """Every change in the workspace from now on (close the stream to stop)."""
-        stream: Stream[FileEvent] = Stream(self.client.options.stream_limit)
-        stream._on_close = lambda: self._streams.remove(stream) if stream in self._streams else None
-        self._streams.append(stream)
-        return stream
+        return self._subscribers.add()
 
     def _on_push(self, frame: Frame) -> None:
-        if not self._streams:
+        if not self._subscribers:
             return
         model: FileEvent
         if frame.get("type") == "resync":
@@ -159,21 +156,11 @@ class FilesAPI:
         self._feed(model)
 
     def _feed(self, model: FileEvent) -> None:
-        for stream in self._streams:
-            if stream.feed_dropping_oldest(model):
-                stream.feed_dropping_oldest(_resync("client_overflow"))
+        self._subscribers.feed(model, overflow=lambda: _resync("client_overflow"))
 
     async def _restore(self, first: bool) -> None:
         if not first:
             self._feed(_resync("reconnect"))
-
-    def _end(self, error: AetherdError | None) -> None:
-        for stream in self._streams:
-            if error is None:
-                stream.finish()
-            else:
-                stream.fail(error)
-        self._streams.clear()
 
     # -- HTTP transfers -----------------------------------------------------------------
 

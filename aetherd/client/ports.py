@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from aetherd.client.errors import AetherdError
-from aetherd.client.stream import Stream
+from aetherd.client.stream import Stream, Subscribers
 from aetherd.protocol.ports import PortEntry, PortsClose, PortsKillResult, PortsOpen
 
 if TYPE_CHECKING:
@@ -28,11 +27,11 @@ class PortsAPI:
     def __init__(self, client: Client) -> None:
         self.client = client
         self.known: dict[int, PortsOpen] = {}
-        self._streams: list[Stream[PortEvent]] = []
+        self._subscribers: Subscribers[PortEvent] = Subscribers(client.options.stream_limit)
         client.on_push("ports", "open", self._on_open)
         client.on_push("ports", "close", self._on_close)
         client.on_restore(self._restore)
-        client.on_end(self._end)
+        client.on_end(self._subscribers.end)
 
     async def list(self) -> list[PortEntry]:
         """Every listening port, by number."""
@@ -48,26 +47,19 @@ class PortsAPI:
 
     def watch(self) -> Stream[PortEvent]:
         """`open` and `close` events from now on (the ports known so far are in `known`)."""
-        stream: Stream[PortEvent] = Stream(self.client.options.stream_limit)
-        stream._on_close = lambda: self._streams.remove(stream) if stream in self._streams else None
-        self._streams.append(stream)
-        return stream
-
-    def _feed(self, event: PortEvent) -> None:
-        for stream in self._streams:
-            stream.feed_dropping_oldest(event)
+        return self._subscribers.add()
 
     def _on_open(self, frame: Frame) -> None:
         event = PortsOpen.model_validate(frame, extra="ignore")
         if self.known.get(event.port) == event:
             return
         self.known[event.port] = event
-        self._feed(event)
+        self._subscribers.feed(event)
 
     def _on_close(self, frame: Frame) -> None:
         event = PortsClose.model_validate(frame, extra="ignore")
         if self.known.pop(event.port, None) is not None:
-            self._feed(event)
+            self._subscribers.feed(event)
 
     async def _restore(self, first: bool) -> None:
         if first:
@@ -80,12 +72,4 @@ class PortsAPI:
         }
         for port in sorted(set(self.known) - listening):
             del self.known[port]
-            self._feed(PortsClose(port=port))
-
-    def _end(self, error: AetherdError | None) -> None:
-        for stream in self._streams:
-            if error is None:
-                stream.finish()
-            else:
-                stream.fail(error)
-        self._streams.clear()
+            self._subscribers.feed(PortsClose(port=port))

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal
 
 from aetherd.client.errors import AetherdError, ConnectionLost
+from aetherd.client.follow import Follower
 from aetherd.client.stream import Stream
 from aetherd.protocol.process import (
     ProcessExec,
@@ -47,9 +48,12 @@ StreamName = Literal["stdout", "stderr"]
 STREAMS: tuple[StreamName, ...] = ("stdout", "stderr")
 
 
-class Process:
+class Process(Follower[ProcessOutput]):
     """One followed process. Iterate it for `ProcessOutput` (both streams, each in
     order); the iteration ends after the exit (`exit` then holds it)."""
+
+    channel = "process"
+    id_field = "processId"
 
     def __init__(
         self,
@@ -60,24 +64,16 @@ class Process:
         encoding: Literal["utf-8", "base64"],
         resume_from: dict[str, int] | None = None,
     ) -> None:
-        self._api = api
-        self._client = api.client
+        super().__init__(api)
         self.process_id = process_id
         self.pid: int | None = None
         self.exit: ProcessExit | None = None
-        self.lost: AetherdError | None = None
         self.encoding = encoding
         self._raw = raw  # the daemon sends base64 (exact offsets)
-        self.output: Stream[ProcessOutput] = Stream(
-            self._client.options.stream_limit, on_drain=self._drained, on_close=self._closed
-        )
         self._offsets: dict[str, int] = {s: (resume_from or {}).get(s, 0) for s in STREAMS}
         self._decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in STREAMS}
-        self._paused = False
-        self._attaching: asyncio.Task[None] | None = None
         self._input: list[tuple[str, bool]] = []
         self._input_bytes = 0
-        self._exited = asyncio.get_running_loop().create_future()
 
     def __aiter__(self) -> Stream[ProcessOutput]:
         return self.output
@@ -167,46 +163,9 @@ class Process:
             )
         self._finish()
 
-    def _finish(self, error: AetherdError | None = None) -> None:
-        self._api.forget(self)
-        if error is not None:
-            self.lost = error
-            self.output.fail(error)
-        else:
-            self.output.finish()
-        if not self._exited.done():
-            self._exited.set_result(None)
-
-    def _pause(self) -> None:
-        self._paused = True
-        if self._client.connected:
-            self._client.spawn(
-                self._client.send(
-                    "process", "detach", {"processId": self.process_id}, internal=True
-                )
-            )
-
-    def _drained(self) -> None:
-        if self._paused and self._client.connected and self._attaching is None:
-            self._attaching = asyncio.ensure_future(self._resume())
-
-    async def _resume(self) -> None:
-        try:
-            await self.attach(internal=True)
-        except AetherdError as err:
-            if err.code != "CONNECTION_LOST":
-                self._finish(err)
-        finally:
-            self._attaching = None
-
-    def _closed(self) -> None:
-        self._api.forget(self)
-        if self._client.connected:
-            self._client.spawn(
-                self._client.send(
-                    "process", "detach", {"processId": self.process_id}, internal=True
-                )
-            )
+    @property
+    def follow_id(self) -> str:
+        return self.process_id
 
     async def attach(self, *, internal: bool = False) -> None:
         """Send `attach` from this process's offsets (used on every reattach)."""

@@ -15,7 +15,7 @@ from typing import Generic, TypeVar
 
 from aetherd.client.errors import AetherdError
 
-__all__ = ["Stream"]
+__all__ = ["Stream", "Subscribers"]
 
 T = TypeVar("T")
 
@@ -114,3 +114,42 @@ class Stream(Generic[T]):
             return await asyncio.wait_for(self.__anext__(), timeout)
         except asyncio.TimeoutError:
             raise AetherdError("TIMEOUT", f"no item within {timeout}s") from None
+
+
+class Subscribers(Generic[T]):
+    """The streams of one kind of pushed event, one per subscriber.
+
+    Each stream is bounded and drops its oldest item when full (a subscriber that
+    reads slowly loses old events, never holds the reader task); a stream leaves the
+    set when its consumer closes it, and all end together with the connection.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._streams: list[Stream[T]] = []
+
+    def add(self) -> Stream[T]:
+        """A new subscriber's stream: every item fed from now on."""
+        stream: Stream[T] = Stream(self.limit)
+        stream._on_close = lambda: self._streams.remove(stream) if stream in self._streams else None
+        self._streams.append(stream)
+        return stream
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def feed(self, item: T, overflow: Callable[[], T] | None = None) -> None:
+        """Give `item` to every subscriber; where that dropped an old item, `overflow()`
+        too (for example a "resync" that tells the subscriber it missed something)."""
+        for stream in self._streams:
+            if stream.feed_dropping_oldest(item) and overflow is not None:
+                stream.feed_dropping_oldest(overflow())
+
+    def end(self, error: AetherdError | None) -> None:
+        """End every stream: finished, or failed with `error`."""
+        for stream in self._streams:
+            if error is None:
+                stream.finish()
+            else:
+                stream.fail(error)
+        self._streams.clear()

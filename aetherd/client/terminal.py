@@ -22,6 +22,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from aetherd.client.errors import AetherdError, ConnectionLost
+from aetherd.client.follow import Follower
 from aetherd.client.stream import Stream
 from aetherd.protocol.terminal import (
     TerminalClose,
@@ -49,31 +50,26 @@ def exit_status(exit_code: int | None, signal: int | None) -> int:
     return 1
 
 
-class Terminal:
+class Terminal(Follower[TerminalOutput]):
     """One attached session. Iterate it for `TerminalOutput` frames; the iteration ends
     after the session's exit (`exit` then holds its `TerminalClose`)."""
 
+    channel = "terminal"
+    id_field = "sessionId"
+
     def __init__(self, api: TerminalAPI, session_id: str, resume_from: int | None) -> None:
-        self._api = api
-        self._client = api.client
+        super().__init__(api)
         self.session_id = session_id
         self.info: TerminalSessionInfo | None = None
         self.exit: TerminalClose | None = None
-        self.lost: AetherdError | None = None  # why the stream ended without an exit
-        self.output: Stream[TerminalOutput] = Stream(
-            self._client.options.stream_limit, on_drain=self._drained, on_close=self._closed
-        )
         self._resume_from = resume_from  # where the first attach started
         self._expected: int | None = None  # byte offset after the last queued frame
         self._last_offset: int | None = None
         self._last_chars = 0
         self._await: int | None = None  # after a (re)attach: the offset the first frame has
         self._skip = 0  # characters to drop at `_await` (when the byte end was unknown)
-        self._paused = False
-        self._attaching: asyncio.Task[None] | None = None
         self._input: list[str] = []
         self._input_bytes = 0
-        self._exited = asyncio.get_running_loop().create_future()
 
     def __aiter__(self) -> Stream[TerminalOutput]:
         return self.output
@@ -146,39 +142,6 @@ class Terminal:
             self.exit = TerminalClose(session_id=self.session_id, exit_code=None, signal=None)
         self._finish()
 
-    def _finish(self, error: AetherdError | None = None) -> None:
-        self._api.forget(self)
-        if error is not None:
-            self.lost = error
-            self.output.fail(error)
-        else:
-            self.output.finish()
-        if not self._exited.done():
-            self._exited.set_result(None)
-
-    def _pause(self) -> None:
-        """The consumer is behind: stop the stream, resume from the offset later."""
-        self._paused = True
-        if self._client.connected:
-            self._client.spawn(
-                self._client.send(
-                    "terminal", "detach", {"sessionId": self.session_id}, internal=True
-                )
-            )
-
-    def _drained(self) -> None:
-        if self._paused and self._client.connected and self._attaching is None:
-            self._attaching = asyncio.ensure_future(self._resume())
-
-    async def _resume(self) -> None:
-        try:
-            await self.attach(internal=True)
-        except AetherdError as err:
-            if err.code != "CONNECTION_LOST":
-                self._finish(err)
-        finally:
-            self._attaching = None
-
     @staticmethod
     async def _quiet(awaitable: Any) -> None:
         try:
@@ -186,15 +149,9 @@ class Terminal:
         except AetherdError:
             pass
 
-    def _closed(self) -> None:
-        """The consumer closed the output stream: detach (the session keeps running)."""
-        self._api.forget(self)
-        if self._client.connected:
-            self._client.spawn(
-                self._client.send(
-                    "terminal", "detach", {"sessionId": self.session_id}, internal=True
-                )
-            )
+    @property
+    def follow_id(self) -> str:
+        return self.session_id
 
     async def attach(
         self,

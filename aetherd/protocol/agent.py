@@ -27,6 +27,7 @@ MAX_SEQ = 2**63 - 1  # seq is an SQLite INTEGER
 MAX_TASK_ID = 128
 MAX_MODEL = 256
 MAX_ID = 1024  # tool call and permission request ids (made by a model, or uuid hex by us)
+MAX_BACKEND = 64  # = the name rule of aetherd.settings.BACKEND_NAME
 Provider = Literal["anthropic", "openai", "openrouter"]  # = aetherd.agent.defaults.PROVIDERS
 PermissionMode = Literal["auto", "ask", "full"]  # = aetherd.agent.permissions.MODES
 
@@ -38,6 +39,7 @@ class AgentPrompt(Message):
 
     prompt: str
     task_id: str | None = Field(None, min_length=1, max_length=MAX_TASK_ID)
+    backend: str | None = Field(None, min_length=1, max_length=MAX_BACKEND)
 
 
 class AgentSettings(Message):
@@ -46,6 +48,7 @@ class AgentSettings(Message):
     provider: Provider | None = None
     model: str | None = Field(None, min_length=1, max_length=MAX_MODEL)
     permission_mode: PermissionMode | None = None
+    backend: str | None = Field(None, min_length=1, max_length=MAX_BACKEND)
 
 
 class AgentAbort(Message):
@@ -62,9 +65,11 @@ class AgentToolResponse(Message):
 
 
 class AgentApprove(Message):
-    """`approve`: allow a pending permission request (its id travels as `requestId`)."""
+    """`approve`: allow a pending permission request (its id travels as `requestId`);
+    `optionId` picks one of an ACP agent's allow options."""
 
     request_id: str = Field(min_length=1, max_length=MAX_ID)
+    option_id: str | None = Field(None, min_length=1, max_length=MAX_ID)
 
 
 class AgentReject(Message):
@@ -111,6 +116,7 @@ class SettingsReply(Model):
     provider: str
     model: str
     permission_mode: str
+    backend: str = "builtin"
 
 
 class AbortReply(Model):
@@ -189,8 +195,17 @@ class AgentToolInvocation(AgentEvent):
     progress: str | None = omitted()
 
 
+class PermissionOptionItem(Model):
+    """One of an ACP agent's answers to a permission request."""
+
+    option_id: str
+    name: str
+    kind: str
+
+
 class AgentPermissionRequest(AgentEvent):
-    """`permission_request`: a tool call waiting for approval (`approve` / `reject`)."""
+    """`permission_request`: a tool call waiting for approval (`approve` / `reject`);
+    `options` when an ACP agent asks."""
 
     type: Literal["permission_request"] = "permission_request"
     request_id: str
@@ -198,6 +213,22 @@ class AgentPermissionRequest(AgentEvent):
     name: str
     input: dict[str, Any]
     description: str
+    options: list[PermissionOptionItem] | None = omitted()
+
+
+class PlanEntry(Model):
+    """One entry of an ACP agent's plan."""
+
+    content: str
+    priority: str
+    status: str
+
+
+class AgentPlan(AgentEvent):
+    """`plan`: an ACP agent's whole plan, as it is now."""
+
+    type: Literal["plan"] = "plan"
+    entries: list[PlanEntry]
 
 
 class AgentToolResult(AgentEvent):
@@ -242,7 +273,8 @@ KnownEvent = Annotated[
     | AgentToolInvocation
     | AgentPermissionRequest
     | AgentToolResult
-    | AgentDone,
+    | AgentDone
+    | AgentPlan,
     Field(discriminator="type"),
 ]
 EventItem = (
@@ -253,6 +285,7 @@ EventItem = (
     | AgentPermissionRequest
     | AgentToolResult
     | AgentDone
+    | AgentPlan
     | AgentOtherEvent
 )
 EVENT_TYPES: tuple[type[AgentEvent], ...] = (
@@ -263,6 +296,7 @@ EVENT_TYPES: tuple[type[AgentEvent], ...] = (
     AgentPermissionRequest,
     AgentToolResult,
     AgentDone,
+    AgentPlan,
 )
 _known: TypeAdapter[Any] = TypeAdapter(KnownEvent)
 

@@ -220,8 +220,7 @@ def take(environ: dict[str, str] | Any = None) -> Taken | None:
     if version not in READS:
         readable = " and ".join(str(v) for v in READS)
         taken.refused = (
-            f"handover state version {version!r} is not readable by this version "
-            f"(reads {readable})"
+            f"handover state version {version!r} is not readable by this version (reads {readable})"
         )
         return taken
     try:

@@ -878,9 +878,7 @@ class ProcessManager:
         count = 0
         for handed in states:
             fds = [
-                fd
-                for fd in (handed.stdout.fd, handed.stderr.fd, handed.stdin_fd)
-                if fd is not None
+                fd for fd in (handed.stdout.fd, handed.stderr.fd, handed.stdin_fd) if fd is not None
             ]
             problem = self._adoption_problem(handed, fds)
             if problem is not None:
@@ -963,7 +961,9 @@ class ProcessManager:
             stderr=stream("stderr", handed.stderr),
             stdin_fd=handed.stdin_fd,
             stdin_requested=handed.stdin_requested,
-            pending_input=bytearray(blob[handed.pending_at : handed.pending_at + handed.pending_len]),
+            pending_input=bytearray(
+                blob[handed.pending_at : handed.pending_at + handed.pending_len]
+            ),
             close_stdin_after_input=handed.close_stdin_after_input,
             timeout=handed.timeout,
             timed_out=handed.timed_out,

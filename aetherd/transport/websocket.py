@@ -72,6 +72,15 @@ class WebSocketHandler:
         if refusal is not None:
             return refusal
         await self.ws.prepare(self.request)
+        closing = self.daemon.closing
+        if closing is not None:
+            # The daemon began closing its sockets while this upgrade was under way: it
+            # is not in the set being closed, so it gets the same close here. (No await
+            # between this check and joining the hub: one or the other sees it.)
+            code, reason = closing
+            log.info("upgraded while closing; closing with %d", code)
+            await self.ws.close(code=code, message=reason.encode("utf-8"))
+            return self.ws
         conn_id = self.state.next_connection_id()
         token = connection_id.set(conn_id)
         conn = self.conn = Connection(

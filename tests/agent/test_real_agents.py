@@ -21,6 +21,8 @@ from tests.real_agents import (
     GEMINI_MODEL,
     AcpError,
     AcpStdioClient,
+    claude_command,
+    claude_env,
     ensure_agents,
     gemini_command,
     gemini_env,
@@ -52,43 +54,42 @@ def function_responses(body: dict[str, Any]) -> list[dict[str, Any]]:
     return [part["functionResponse"] for part in last["parts"] if "functionResponse" in part]
 
 
-async def test_gemini_cli_reads_and_writes_through_the_acp_client(tmp_path: Path) -> None:
-    """Standalone ACP round trip: the file reads and writes come to the client (fs/*)."""
-    ensure_agents()
-    provider = await FakeProvider("gemini").start()
-    script(provider)
-    workspace = tmp_path / "ws"
-    workspace.mkdir()
-    (workspace / "notes.txt").write_text(NOTES)
-    (workspace / "summary.txt").write_text(OLD_SUMMARY)
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path / "home")}
-    env.update(gemini_env(tmp_path / "home", provider.base_url))
-    client = AcpStdioClient(gemini_command(), workspace, env)
-    served: list[str] = []
+class Served:
+    """The client side of the fs capability, on a workspace directory: what was asked."""
 
-    def inside(path: str) -> Path:
+    def __init__(self, workspace: Path) -> None:
+        self.workspace = workspace.resolve()
+        self.log: list[str] = []
+
+    def inside(self, path: str) -> Path:
         target = Path(path).resolve()
-        assert target.is_relative_to(workspace.resolve()), path
+        assert target.is_relative_to(self.workspace), path
         return target
 
-    async def read(params: dict[str, Any]) -> dict[str, Any]:
-        served.append("read " + params["path"])
-        if not inside(params["path"]).exists():
+    async def read(self, params: dict[str, Any]) -> dict[str, Any]:
+        self.log.append("read " + params["path"])
+        target = self.inside(params["path"])
+        if not target.exists():  # ACP's resourceNotFound
             raise AcpError({"code": -32002, "message": "Resource not found: " + params["path"]})
-        return {"content": inside(params["path"]).read_text()}
+        return {"content": target.read_text()}
 
-    async def write(params: dict[str, Any]) -> None:
-        served.append("write " + params["path"])
-        inside(params["path"]).write_text(params["content"])
+    async def write(self, params: dict[str, Any]) -> None:
+        self.log.append("write " + params["path"])
+        self.inside(params["path"]).write_text(params["content"])
 
-    async def permission(params: dict[str, Any]) -> dict[str, Any]:
+    async def permission(self, params: dict[str, Any]) -> dict[str, Any]:
         allow = next(o for o in params["options"] if o["kind"] == "allow_once")
         return {"outcome": {"outcome": "selected", "optionId": allow["optionId"]}}
 
+
+async def run_one_prompt(
+    client: AcpStdioClient, served: Served, prompt: str, grace: float = 10
+) -> tuple[dict[str, Any], dict[str, Any], int | None]:
+    """initialize, session/new in the workspace, one session/prompt; then close the agent."""
     client.handlers = {
-        "fs/read_text_file": read,
-        "fs/write_text_file": write,
-        "session/request_permission": permission,
+        "fs/read_text_file": served.read,
+        "fs/write_text_file": served.write,
+        "session/request_permission": served.permission,
     }
     try:
         await client.start()
@@ -103,18 +104,38 @@ async def test_gemini_cli_reads_and_writes_through_the_acp_client(tmp_path: Path
             },
         )
         assert init["protocolVersion"] == 1
-        assert init["agentInfo"]["name"] == "gemini-cli"
-        session = await client.request("session/new", {"cwd": str(workspace), "mcpServers": []})
+        session = await client.request(
+            "session/new", {"cwd": str(served.workspace), "mcpServers": []}
+        )
         result = await client.request(
             "session/prompt",
-            {
-                "sessionId": session["sessionId"],
-                "prompt": [{"type": "text", "text": "Summarize notes.txt into summary.txt"}],
-            },
+            {"sessionId": session["sessionId"], "prompt": [{"type": "text", "text": prompt}]},
         )
     finally:
-        code = await client.close()
+        code = await client.close(grace)
+    return init, result, code
+
+
+async def test_gemini_cli_reads_and_writes_through_the_acp_client(tmp_path: Path) -> None:
+    """Standalone ACP round trip: the file reads and writes come to the client (fs/*)."""
+    ensure_agents()
+    provider = await FakeProvider("gemini").start()
+    script(provider)
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "notes.txt").write_text(NOTES)
+    (workspace / "summary.txt").write_text(OLD_SUMMARY)
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path / "home")}
+    env.update(gemini_env(tmp_path / "home", provider.base_url))
+    client = AcpStdioClient(gemini_command(), workspace, env)
+    served = Served(workspace)
+    try:
+        init, result, code = await run_one_prompt(
+            client, served, "Summarize notes.txt into summary.txt"
+        )
+    finally:
         await provider.close()
+    assert init["agentInfo"]["name"] == "gemini-cli"
     stderr = "\n".join(client.stderr[-40:])
     assert result["stopReason"] == "end_turn", stderr
 
@@ -123,7 +144,7 @@ async def test_gemini_cli_reads_and_writes_through_the_acp_client(tmp_path: Path
     # it shows in the permission request, then again before writing); its read_file
     # reads the disk itself and never asks the client (see docs/agents.md).
     summary = workspace / "summary.txt"
-    assert served == [f"read {summary}", f"read {summary}", f"write {summary}"], stderr
+    assert served.log == [f"read {summary}", f"read {summary}", f"write {summary}"], stderr
     assert summary.read_text() == SUMMARY
 
     # The model saw what the client served: the second request carries read_file's output.
@@ -163,3 +184,78 @@ async def test_gemini_cli_reads_and_writes_through_the_acp_client(tmp_path: Path
     )
     assert text == "I read the notes. Wrote summary.txt from notes.txt."
     assert code == 0, stderr
+
+
+async def test_claude_code_reads_and_writes_a_new_file_through_the_acp_client(
+    tmp_path: Path,
+) -> None:
+    """Claude Code's ACP adapter: Read and Write (a new file) both come to the client."""
+    ensure_agents()
+    workspace = (tmp_path / "ws").resolve()
+    workspace.mkdir()
+    notes, summary = workspace / "notes.txt", workspace / "summary.txt"
+    notes.write_text(NOTES)
+    provider = await FakeProvider("anthropic").start()
+    provider.add(
+        Turn(tools=[ToolUse("mcp__acp__Read", json.dumps({"file_path": str(notes)}))]),
+        Turn(
+            text=["I read the notes. "],
+            tools=[
+                ToolUse(
+                    "mcp__acp__Write",
+                    json.dumps({"file_path": str(summary), "content": SUMMARY}),
+                )
+            ],
+        ),
+        Turn(text=["Wrote summary.txt", " from notes.txt."]),
+    )
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path / "home")}
+    env.update(claude_env(tmp_path / "home", provider.base_url))
+    client = AcpStdioClient(claude_command(), workspace, env)
+    served = Served(workspace)
+    try:
+        init, result, _ = await run_one_prompt(
+            client, served, "Summarize notes.txt into summary.txt", grace=2
+        )
+    finally:
+        await provider.close()
+    stderr = "\n".join(client.stderr[-40:])
+    assert init["agentInfo"]["name"] == "@zed-industries/claude-code-acp", init
+    assert result["stopReason"] == "end_turn", stderr
+
+    # Both file tools went through the client; the new file was created by its write.
+    assert served.log == [f"read {notes}", f"write {summary}"], stderr
+    assert summary.read_text() == SUMMARY
+
+    # The model saw what the client served.
+    assert len(provider.requests) == 3
+    assert all(h.get("x-api-key") == "sk-ant-fake-key" for h in provider.headers)
+    results = [
+        block
+        for message in provider.requests[1]["messages"][-1:]
+        for block in message["content"]
+        if isinstance(block, dict) and block.get("type") == "tool_result"
+    ]
+    assert results and "Ship it on Friday." in json.dumps(results[0]["content"])
+
+    # The adapter announces each tool call twice with the same id: when the model's
+    # stream starts the block (no input yet), and again with the whole input.
+    updates = client.updates()
+    calls = [u for u in updates if u["sessionUpdate"] == "tool_call"]
+    kinds = {c["toolCallId"]: c["kind"] for c in calls}
+    assert list(kinds.values()) == ["read", "edit"], calls
+    assert calls[-1]["rawInput"] == {"file_path": str(summary), "content": SUMMARY}
+    completed = {
+        u["toolCallId"]
+        for u in updates
+        if u["sessionUpdate"] == "tool_call_update" and u.get("status") == "completed"
+    }
+    assert {c["toolCallId"] for c in calls} <= completed
+    text = "".join(
+        u["content"]["text"] for u in updates if u["sessionUpdate"] == "agent_message_chunk"
+    )
+    assert text == "I read the notes. Wrote summary.txt from notes.txt."
+    # Read is allowed by itself; Write asks first, with the agent's three options.
+    (asked,) = client.requests_from_agent("session/request_permission")
+    assert asked["toolCall"]["toolCallId"] == calls[-1]["toolCallId"]
+    assert [o["kind"] for o in asked["options"]] == ["allow_always", "allow_once", "reject_once"]

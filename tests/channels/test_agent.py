@@ -249,7 +249,12 @@ async def test_settings_are_persisted_and_honoured(start_daemon, openai, tmp_pat
     reply = await client.request(
         "agent", "settings", provider="openai", model="my-model", permissionMode="ask"
     )
-    assert reply["data"] == {"provider": "openai", "model": "my-model", "permissionMode": "ask"}
+    assert reply["data"] == {
+        "provider": "openai",
+        "model": "my-model",
+        "permissionMode": "ask",
+        "backend": "builtin",
+    }
     bad = await client.request("agent", "settings", provider="nope")
     assert bad["success"] is False and bad["code"] == "INVALID_MESSAGE"
     bad = await client.request("agent", "settings", permissionMode="yolo")
@@ -261,7 +266,12 @@ async def test_settings_are_persisted_and_honoured(start_daemon, openai, tmp_pat
     client = await again.connect()
     await history(client)
     current = await client.request("agent", "settings")
-    assert current["data"] == {"provider": "openai", "model": "my-model", "permissionMode": "ask"}
+    assert current["data"] == {
+        "provider": "openai",
+        "model": "my-model",
+        "permissionMode": "ask",
+        "backend": "builtin",
+    }
     await client.send({"channel": "agent", "type": "prompt", "prompt": "hi", "taskId": "t1"})
     events = await task_events(client, "t1")
     assert events[-1]["status"] == "completed"
@@ -292,7 +302,12 @@ async def test_the_config_seam_sets_defaults_env_and_ignores(start_daemon, opena
     client = await running.connect()
     await history(client)
     current = await client.request("agent", "settings")
-    assert current["data"] == {"provider": "openai", "model": "cfg-model", "permissionMode": "full"}
+    assert current["data"] == {
+        "provider": "openai",
+        "model": "cfg-model",
+        "permissionMode": "full",
+        "backend": "builtin",
+    }
     await client.send({"channel": "agent", "type": "prompt", "prompt": "p", "taskId": "t1"})
     events = await task_events(client, "t1")
     results = {e["toolCallId"]: e for e in events if e["type"] == "tool_result"}

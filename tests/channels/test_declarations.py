@@ -74,6 +74,7 @@ def test_pushes_are_declared_where_the_protocol_pushes():
         "permission_request",
         "tool_result",
         "done",
+        "plan",
         "history",
         "error",
     }

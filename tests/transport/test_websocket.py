@@ -242,6 +242,22 @@ async def test_shutdown_closes_sockets_with_1001(start_daemon):
     assert msg.data == 1001
 
 
+@pytest.mark.parametrize(
+    ("code", "reason"), [(1001, "server shutting down"), (1012, "service restart")]
+)
+async def test_a_socket_upgraded_while_closing_gets_the_close_code(start_daemon, code, reason):
+    running = await start_daemon()
+    if code == 1001:
+        await close_sockets(running.app)
+    else:
+        await close_sockets(running.app, code, reason)
+    client = await running.connect()  # the upgrade itself succeeds ...
+    msg = await _next_control(client)
+    assert msg.type is aiohttp.WSMsgType.CLOSE  # ... and the close says why at once
+    assert (msg.data, msg.extra) == (code, reason)
+    assert len(running.daemon.hub) == 0
+
+
 async def test_metrics_count_frames_errors_and_connections(daemon):
     client = await daemon.connect()
     await client.request("activity", "user_activity")
