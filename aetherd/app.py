@@ -21,6 +21,7 @@ from aetherd import IMPORTED_AT, __version__, systemd
 from aetherd.channels import CHANNELS
 from aetherd.daemon import Daemon, build_services
 from aetherd.errors import SettingsError
+from aetherd.eventloop import loop_name
 from aetherd.logs import AccessLogger, install_log_filters
 from aetherd.protocol import Hub, Registry
 from aetherd.reload import (
@@ -314,6 +315,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> Reexec
                 "port": port,
                 "workspaceId": settings.workspace_id,
                 "version": __version__,
+                "eventLoop": loop_name(asyncio.get_running_loop()),
             },
         )
         log.info("console at %s", console_url(settings, host, port, None))

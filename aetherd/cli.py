@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from pathlib import Path
@@ -36,7 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     from aetherd.client.cli import add_commands as add_client_commands
 
     add_client_commands(commands)
-    serve = commands.add_parser("serve", help="run the daemon")
+    add_serve_arguments(commands.add_parser("serve", help="run the daemon"))
+    return parser
+
+
+def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
+    """The flags of `aetherd serve`: `--settings`, and one per setting."""
     serve.add_argument(
         "--settings",
         type=Path,
@@ -63,7 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
             metavar=name.split("_")[-1].upper(),
             help=f"{info.description} (env {env_name(name)})",
         )
-    return parser
+
+
+def parse_serve(argv: list[str]) -> argparse.Namespace:
+    """`aetherd serve ARGS` parsed without building the other commands: the daemon's
+    start does not import the client package (docs/performance.md, Start-up)."""
+    parser = argparse.ArgumentParser(prog="aetherd serve", description="Run the daemon.")
+    add_serve_arguments(parser)
+    args = parser.parse_args(argv)
+    args.command = "serve"
+    return args
 
 
 def settings_for(argv: list[str]) -> Settings:
@@ -88,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         from aetherd.reload import reload_main
 
         return reload_main(argv[1:])
+    if argv and argv[0] == "serve":
+        return serve_main(parse_serve(argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "schema":
@@ -104,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "serve":
         parser.print_help(sys.stderr)
         return 2
+    return serve_main(args)
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    """Run the daemon with the parsed `serve` arguments."""
     flags = {name: getattr(args, name) for name in field_names()}
     try:
         settings = load_settings(flags, settings_file=args.settings)
@@ -115,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_check(settings)
         setup_logging(settings.log_format, settings.log_level)
         from aetherd.app import serve
+        from aetherd.eventloop import run
 
-        reexec = asyncio.run(serve(settings))
+        reexec = run(serve(settings), settings.event_loop)
         if reexec is not None:
             reexec.exec()  # returns only if execv failed
             return 1

@@ -19,7 +19,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from aetherd.errors import SettingsError
@@ -70,6 +69,9 @@ class Settings(BaseModel):
         "auto", description="text on a terminal, json otherwise, unless forced"
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
+    event_loop: Literal["asyncio", "uvloop", "auto"] = Field(
+        "asyncio", description="Event loop: asyncio's, uvloop, or auto (uvloop when installed)"
+    )
 
     # -- JWT verification (optional) ------------------------------------------------------
     jwt_secret: str | None = Field(None, description="HS256 shared secret for JWT tokens")
@@ -678,6 +680,8 @@ def read_settings_file(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SettingsError(f"cannot read settings file {str(path)!r}: {exc.strerror}") from None
+    import yaml  # only with a settings file: a daemon started by flags never loads PyYAML
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

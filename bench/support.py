@@ -88,10 +88,17 @@ class Child:
     pipe would fill and block the child).
     """
 
-    def __init__(self, argv: list[str], env: dict[str, str], ready: str | None = None) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        ready: str | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.proc = subprocess.Popen(
             argv,
             env=env,
+            cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if ready is not None else subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -119,8 +126,10 @@ class Daemon(Child):
     """`python -m aetherd serve` on 127.0.0.1, with the benchmark token.
 
     `port` defaults to a free one; `home` becomes the daemon's HOME; `python` replaces
-    `[python, "-m", "aetherd"]` (to run the daemon under a profiler, for example).
-    The checkout this module belongs to is on the child's PYTHONPATH, then `path`.
+    `[python, "-m", "aetherd"]` (to run the daemon under a profiler, for example);
+    `env` replaces this process's environment. The checkout this module belongs to is
+    on the child's PYTHONPATH, or `code` (a directory holding another version's
+    `aetherd` package, to compare two versions), then `path`.
     """
 
     def __init__(
@@ -131,10 +140,15 @@ class Daemon(Child):
         port: int | None = None,
         home: Path | None = None,
         python: list[str] | None = None,
+        code: Path | None = None,
+        env: dict[str, str] | None = None,
         path: list[Path] | None = None,
     ) -> None:
         self.port = port or free_port()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [REPO, *(path or [])]))}
+        env = {
+            **(os.environ if env is None else env),
+            "PYTHONPATH": os.pathsep.join(map(str, [code or REPO, *(path or [])])),
+        }
         if home is not None:
             env["HOME"] = str(home)
         argv = [
@@ -147,7 +161,9 @@ class Daemon(Child):
             "--data-dir", str(data_dir),
             *extra,
         ]  # fmt: skip
-        super().__init__(argv, env)
+        # `python -m` puts the working directory first on sys.path: start in `code`, so
+        # that a checkout run from elsewhere does not shadow it.
+        super().__init__(argv, env, cwd=code)
 
     @property
     def ws_url(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import threading
@@ -23,6 +24,26 @@ from aetherd.transport.auth import setup_tokens
 from tests.support import WsClient, connect
 
 TOKEN = "test-token-0123456789"
+
+# The daemon runs on uvloop when it is installed (aetherd/eventloop.py) and on asyncio's
+# own loop otherwise: tests marked `event_loops` (the terminal suite) run on each.
+ASYNCIO_LOOP: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop
+}
+EVENT_LOOPS = dict(ASYNCIO_LOOP)
+try:
+    import uvloop
+except ImportError:  # not a dependency on this platform: asyncio alone
+    pass
+else:
+    EVENT_LOOPS["uvloop"] = uvloop.new_event_loop
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every event loop for tests marked `event_loops`, asyncio's for the others."""
+    return EVENT_LOOPS if item.get_closest_marker("event_loops") else ASYNCIO_LOOP
 
 
 class _ErrorRecords(logging.Handler):

@@ -4,8 +4,9 @@
 streaming format (`event:` + `data:` lines: message_start, ping, content_block_start,
 content_block_delta with text_delta / thinking_delta / signature_delta /
 input_json_delta, content_block_stop, message_delta with stop_reason and usage,
-message_stop, and `error` events); a non-streaming request and `count_tokens` get a
-fixed answer and do not consume the script (`side_requests`). `FakeProvider("gemini")` serves
+message_stop, and `error` events); with `side_calls=True`, a non-streaming request and
+`count_tokens` get a fixed answer and do not consume the script (`side_requests`).
+`FakeProvider("gemini")` serves
 `POST /v1beta/models/{model}:streamGenerateContent?alt=sse` in the Gemini API's streaming
 format (`data:` lines ending in CRLF CRLF, each a GenerateContentResponse with
 `candidates[].content.parts[]` holding `text`, `thought: true` text or a whole
@@ -326,9 +327,10 @@ def gemini_frames(turn: Turn, model: str) -> list[str]:
 class FakeProvider:
     """A scripted provider server. `script` holds the replies, one per request."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, side_calls: bool = False) -> None:
         assert kind in ("anthropic", "openai", "gemini")
         self.kind = kind
+        self.side_calls = side_calls  # anthropic: answer non-streaming requests aside
         self.script: deque[Turn | HttpError] = deque()
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
@@ -381,7 +383,7 @@ class FakeProvider:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        if self.kind == "anthropic" and not body.get("stream"):
+        if self.side_calls and not body.get("stream"):
             # A side call (Claude Code checks its key and the small model with one
             # non-streaming request): answered without touching the script.
             self.side_requests.append(body)

@@ -23,7 +23,8 @@ which bundles Claude Code's cli.js; `claude-code-acp`, no flags), read from its 
 the SDK's cli.js:
 - `ANTHROPIC_BASE_URL` and `ANTHROPIC_API_KEY` (sent as `x-api-key`);
 - `CLAUDE_CONFIG_DIR` for its state (a fresh directory per test);
-- `CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1`: no telemetry, error reports, update checks.
+- `CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1`: no telemetry, error reports, update checks;
+- `IS_SANDBOX=1` (see `claude_env`).
 Besides the turns, it sends `POST /v1/messages/count_tokens` and one non-streaming
 `/v1/messages` request (max_tokens 1) per session, which `FakeProvider` answers aside.
 It keeps running when its stdin closes, so `close()` kills it after `grace` seconds.
@@ -112,6 +113,11 @@ def claude_env(home: Path, base_url: str) -> dict[str, str]:
         "ANTHROPIC_BASE_URL": base_url,
         "ANTHROPIC_API_KEY": "sk-ant-fake-key",
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        # As root, the adapter offers "bypass permissions" (and starts Claude Code with
+        # --dangerously-skip-permissions) when IS_SANDBOX is any non-empty value, while
+        # Claude Code accepts that flag as root only with IS_SANDBOX=1 and otherwise
+        # exits: session/new then fails with "Internal error". Make both agree.
+        "IS_SANDBOX": "1",
         "NO_COLOR": "1",
     }
 

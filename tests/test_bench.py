@@ -37,6 +37,7 @@ QUICK = {
     "reload": (["--quick"], "reference: python -c pass"),
     "restart": (["--quick"], "reference: import aetherd.app"),
     "search": (["--quick"], "| smart case `typeerror` |"),
+    "startup": (["--quick"], "| start → /readyz 200 ≤"),
     "support": None,
     "terminal": (["--help"], "--quick"),
 }

@@ -14,7 +14,7 @@ import base64
 import binascii
 from typing import TYPE_CHECKING, Any
 
-from pydantic import TypeAdapter
+from pydantic import ConfigDict, TypeAdapter
 
 from aetherd.errors import AetherError, ErrorCode
 from aetherd.protocol import Channel, Context
@@ -68,7 +68,9 @@ def _target(msg: PathRequest) -> str:
     return _pick(msg.path, msg.raw_path, "path")
 
 
-_ENTRIES: TypeAdapter[list[FileEntry]] = TypeAdapter(list[FileEntry])
+_ENTRIES: TypeAdapter[list[FileEntry]] = TypeAdapter(
+    list[FileEntry], config=ConfigDict(defer_build=True)
+)
 # Entries validated per step of `list`: a directory may hold `files_list_max_entries`
 # (100,000) of them, and validating them all at once would hold the event loop for
 # about a second; in steps, the loop runs between them.

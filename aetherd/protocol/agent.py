@@ -298,7 +298,8 @@ EVENT_TYPES: tuple[type[AgentEvent], ...] = (
     AgentDone,
     AgentPlan,
 )
-_known: TypeAdapter[Any] = TypeAdapter(KnownEvent)
+# Built on first use, like the models (defer_build): not on an idle daemon's start.
+_known: TypeAdapter[Any] = TypeAdapter(KnownEvent, config=ConfigDict(defer_build=True))
 
 
 def event_item(stored: dict[str, Any], *, frame: bool = False) -> EventItem:

@@ -18,11 +18,11 @@ class OutboundStream(Protocol):
     """A pull source of frames for a peer's writer (used for flow-controlled output).
 
     The writer calls `pull()` when it can send; the stream returns one serialized
-    frame, or None when it has nothing. The stream calls `peer.wake()` when it has
-    something new.
+    frame (text, or its UTF-8 bytes: sent as a text frame without re-encoding), or
+    None when it has nothing. The stream calls `peer.wake()` when it has something new.
     """
 
-    def pull(self) -> str | None: ...
+    def pull(self) -> str | bytes | None: ...
 
 
 T = TypeVar("T")

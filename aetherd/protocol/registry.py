@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from aetherd.errors import ErrorCode
 from aetherd.protocol.models import Empty, Frame, Message
@@ -65,6 +65,14 @@ class Deferred:
 
     def __init__(self, awaitable: Awaitable[Any]) -> None:
         self.awaitable = awaitable
+
+
+def _deferred_adapter(reply: Any) -> TypeAdapter[Any]:
+    """The adapter of a reply type, built on first use as the models are (`defer_build`):
+    an idle daemon never pays for the schemas of replies it has not sent."""
+    if isinstance(reply, type) and issubclass(reply, BaseModel):
+        return TypeAdapter(reply)  # defers by the model's own config
+    return TypeAdapter(reply, config=ConfigDict(defer_build=True))
 
 
 @dataclass(frozen=True)
@@ -141,7 +149,7 @@ class Channel:
                 raise ValueError(
                     f"{self.name}/{type_} returns {returns} but declares no reply= type"
                 )
-            adapter = TypeAdapter(reply) if reply is not None else None
+            adapter = _deferred_adapter(reply) if reply is not None else None
             self.handlers[type_] = Handler(
                 self.name, type_, model, func, concurrent, reply, tuple(errors), adapter
             )

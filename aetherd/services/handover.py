@@ -38,7 +38,7 @@ MAX_STATE_BYTES = 64 * 1024 * 1024
 class SessionState(BaseModel):
     """One terminal session as handed over."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)  # built on a reload only
 
     id: str = Field(min_length=1, max_length=128)
     pid: int = Field(gt=0)
@@ -113,7 +113,7 @@ class ProcessHandover(BaseModel):
 class HandoverState(BaseModel):
     """The state file (version 2: terminals and processes)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)  # built on a reload only
 
     version: int
     pid: int

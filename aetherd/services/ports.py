@@ -94,12 +94,61 @@ def parse_proc_net_tcp(data: bytes) -> list[Listener]:
     return found
 
 
+PROC_READ = 4096  # bytes per read(); the kernel's seq_file hands out about a page anyway
+# A read of PROC_READ bytes from a seq_file comes back full (a page less the part of a
+# line that did not fit: 4,050 bytes for /proc/net/tcp here) unless the table ended.
+# A shorter one is therefore the last: asking again would only make the kernel walk
+# its established hash once more (2.6 ms here) to answer "nothing".
+PROC_LAST_READ = PROC_READ // 2
+# Socket states that can appear in the listening section of /proc/net/tcp: LISTEN, and
+# SYN_RECV (kernels before 4.4 list a listener's pending requests right after it).
+_LISTEN_SECTION_STATES = (b"0A", b"03")
+
+
+def _past_listeners(line: bytes) -> bool:
+    """Whether `line` is a socket of the established part of /proc/net/tcp{,6}."""
+    parts = line.split(None, 4)
+    return len(parts) > 3 and parts[0].endswith(b":") and parts[3] not in _LISTEN_SECTION_STATES
+
+
+def read_listen_section(path: Path) -> bytes:
+    """The complete lines of a `/proc/net/tcp{,6}` file up to its established part.
+
+    The kernel lists every listening socket first (its listening hash), then walks its
+    whole established hash (262,144 buckets here, even when empty) to list the rest.
+    The listening part is all the scanner needs, so reading stops at the first line of
+    the other part, or at a short read (the end of the table, see PROC_LAST_READ):
+    measured here, under 3 ms a scan instead of 9 ms (docs/performance.md).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = bytearray()
+        line_start = 0  # where the first line not yet looked at begins
+        for _ in range(1 << 20):  # bounded: 4 GiB of socket lines
+            chunk = os.read(fd, PROC_READ)
+            if not chunk:
+                return bytes(data)
+            data += chunk
+            for _ in range(len(chunk) + 1):  # bounded: one round per complete line
+                line_end = data.find(b"\n", line_start)
+                if line_end < 0:
+                    break
+                if _past_listeners(bytes(data[line_start:line_end])):
+                    return bytes(data[:line_start])
+                line_start = line_end + 1
+            if len(chunk) < PROC_LAST_READ:
+                break
+        return bytes(data[:line_start])
+    finally:
+        os.close(fd)
+
+
 def read_proc_listeners(proc_root: Path = Path("/proc")) -> list[Listener]:
     """Every LISTEN socket from `/proc/net/tcp` and `/proc/net/tcp6` (blocking: milliseconds)."""
     found: list[Listener] = []
     for name in ("tcp", "tcp6"):
         try:
-            data = (proc_root / "net" / name).read_bytes()
+            data = read_listen_section(proc_root / "net" / name)
         except OSError:
             continue  # no IPv6 in this kernel, for example
         found.extend(parse_proc_net_tcp(data))

@@ -41,8 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from aetherd.metrics import Sample
 from aetherd.services.executors import BoundedExecutor
 
@@ -53,6 +51,11 @@ PROC_SELF_CGROUP = Path("/proc/self/cgroup")
 MIN_CPU_INTERVAL = 1.0  # seconds: shorter intervals give noisy CPU figures
 MAX_CGROUP_DEPTH = 64  # ancestors walked for limits at most
 MAX_KERNEL_FILE = 64 * 1024  # bytes read of one /proc or /sys file at most
+
+
+def _machine_memory() -> int:
+    """The machine's memory in bytes (MemTotal, the figure psutil.virtual_memory() gives)."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True)
@@ -191,7 +194,7 @@ class ResourceMonitor:
             return None
         inactive = _keyed(directory / "memory.stat").get("inactive_file", 0)
         used = max(0, current - inactive)
-        limit = psutil.virtual_memory().total
+        limit = _machine_memory()
         cores = float(_allowed_cpus())
         for level in self._chain(directory):
             value = _int(level / "memory.max")  # "max" (no limit) reads as None
@@ -204,6 +207,8 @@ class ResourceMonitor:
 
     @staticmethod
     def _from_psutil() -> tuple[float, float, int, int]:
+        import psutil  # only without cgroup v2 files: a container's daemon never loads it
+
         times = psutil.cpu_times()
         busy = sum(
             getattr(times, name, 0.0)

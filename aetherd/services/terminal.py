@@ -11,9 +11,9 @@ removed, so the writing program blocks as it would on a real terminal; it is add
 back as soon as one client catches up. A client whose cursor left the ring is moved
 to the ring's start and its next chunk is marked `truncated`.
 
-Processes: the child is forked with `os.forkpty` (its own session, the PTY as its
-controlling terminal) and watched through a pidfd, so exits are seen without polling
-or blocking. Ending a session signals every process of its session (SIGHUP, then
+Processes: the child is started with posix_spawn (`aetherd.services.ptyspawn`; a fork
+where libc cannot) in its own session, with the PTY as its controlling terminal, and
+watched through a pidfd, so exits are seen without polling or blocking. Ending a session signals every process of its session (SIGHUP, then
 SIGKILL after `terminal_kill_grace`); nothing here ever sleeps on the event loop
 (ptyprocess's close() does, which is why it is not used).
 """
@@ -39,7 +39,7 @@ from typing import Any
 
 from aetherd.errors import AetherError, ErrorCode
 from aetherd.metrics import Sample
-from aetherd.services import ringfile
+from aetherd.services import ptyspawn, ringfile
 from aetherd.services.handover import SessionState
 from aetherd.services.jail import Jail
 from aetherd.services.keeper import Keeper, fd_name
@@ -1157,17 +1157,38 @@ class TerminalManager:
         return exit_
 
 
-def _spawn(argv: list[str], env: dict[str, str], cwd: str, cols: int, rows: int) -> tuple[int, int]:
-    """Fork `argv` on a new PTY, in its own session with the PTY as controlling terminal.
+# Signals the child starts with at their default disposition: Python ignores SIGPIPE and
+# SIGXFSZ, and exec keeps what is ignored; SIGHUP is ignored while the daemon re-executes.
+CHILD_DEFAULT_SIGNALS = (
+    signal.SIGPIPE,
+    signal.SIGXFSZ,
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+)
 
-    The size is set on the PTY before the fork, so the program sees it from its first
-    instruction and a resize right after create cannot be overwritten. The child runs
-    only a few system calls before exec (no locks, no logging); its signal dispositions
-    are reset, since Python ignores SIGPIPE and exec would keep that.
+
+def _spawn(argv: list[str], env: dict[str, str], cwd: str, cols: int, rows: int) -> tuple[int, int]:
+    """Start `argv` on a new PTY, in its own session with the PTY as controlling terminal.
+
+    The size is set on the PTY before the child starts, so the program sees it from its
+    first instruction and a resize right after create cannot be overwritten. The child is
+    started with posix_spawn (`aetherd.services.ptyspawn`: no copy of the daemon's page
+    tables), or forked where libc lacks what that needs, or when posix_spawn fails (the
+    forked child then writes why to the terminal and exits 127).
     """
     master, slave = os.openpty()  # both non-inheritable
     try:
         _set_winsize(slave, cols, rows)
+        if ptyspawn.available():
+            try:
+                pid = ptyspawn.spawn_on_pty(argv, env, cwd, os.ttyname(slave))
+            except OSError as exc:
+                log.info("posix_spawn of %s failed (%s); forking instead", argv[0], exc)
+            else:
+                os.close(slave)
+                os.set_blocking(master, False)
+                return pid, master
         pid = os.fork()
     except BaseException:
         os.close(master)
@@ -1182,13 +1203,7 @@ def _spawn(argv: list[str], env: dict[str, str], cwd: str, cols: int, rows: int)
                 os.dup2(slave, target)  # dup2 makes them inheritable
             if slave > 2:
                 os.close(slave)
-            for sig in (
-                signal.SIGPIPE,
-                signal.SIGXFSZ,
-                signal.SIGINT,
-                signal.SIGTERM,
-                signal.SIGHUP,  # ignored by the daemon while it re-executes itself
-            ):
+            for sig in CHILD_DEFAULT_SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, set())
             os.chdir(cwd)

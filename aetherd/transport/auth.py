@@ -14,16 +14,22 @@ import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-import jwt
 from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from aetherd.errors import SettingsError
 from aetherd.logs import redactor
 from aetherd.settings import Settings
+
+if TYPE_CHECKING:
+    # PyJWT and cryptography are imported on first use (a JWT configured, a JWT-shaped
+    # token presented): together about 8 MiB and 40 ms that a daemon with static tokens
+    # never needs (docs/performance.md, Start-up).
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    VerifyKey = str | rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 
 log = logging.getLogger("aetherd.auth")
 
@@ -118,8 +124,6 @@ _ASYMMETRIC_ALGORITHMS = frozenset(
 )
 _EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 
-VerifyKey = str | rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
-
 
 @dataclass(frozen=True)
 class PublicKey:
@@ -131,6 +135,8 @@ class PublicKey:
 
 
 def _pem_algorithm(key: object) -> str:
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
     if isinstance(key, rsa.RSAPublicKey):
         return "RS256"
     if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name in _EC_ALGORITHMS:
@@ -141,6 +147,8 @@ def _pem_algorithm(key: object) -> str:
 
 
 def _parse_pem_bundle(data: bytes) -> list[PublicKey]:
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
     keys = []
     for match in _PEM_BLOCK.finditer(data):
         if b"PRIVATE" in match.group(1):
@@ -154,6 +162,8 @@ def _parse_pem_bundle(data: bytes) -> list[PublicKey]:
 
 
 def _parse_jwks(data: bytes) -> list[PublicKey]:
+    import jwt
+
     try:
         document = json.loads(data)
     except ValueError as exc:
@@ -290,6 +300,8 @@ class Authenticator:
     def _candidates(self, token: str) -> list[PublicKey]:
         """The keys to try: with a `kid` in the header, the keys carrying that kid (or,
         when none does, the keys without one); without a kid, every key."""
+        import jwt
+
         keys = self._secret_keys + (self.key_state.keys if self.key_state else [])
         try:
             kid = jwt.get_unverified_header(token).get("kid")
@@ -301,6 +313,8 @@ class Authenticator:
         return named or [k for k in keys if k.kid is None]
 
     def _verify_jwt(self, token: str) -> bool:
+        import jwt
+
         options: jwt.types.Options = {
             "require": ["exp"],
             "verify_aud": self._audience is not None,

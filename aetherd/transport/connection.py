@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from aiohttp import WSCloseCode, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from aetherd.metrics import Metrics
 from aetherd.protocol.context import OutboundStream, Slot, T
@@ -149,7 +149,7 @@ class Connection:
             await asyncio.sleep(0)
 
     # -- Tasks ------------------------------------------------------------------------
-    def _next_frame(self) -> str | None:
+    def _next_frame(self) -> str | bytes | None:
         if self._queue:
             queued = self._queue.popleft()
             self._queued_bytes -= len(queued)
@@ -194,10 +194,14 @@ class Connection:
                     break
                 self._write_started = time.monotonic()
                 try:
-                    await ws.send_str(text)
+                    if isinstance(text, bytes):  # already UTF-8 (terminal output)
+                        await ws.send_frame(text, WSMsgType.TEXT)
+                    else:
+                        await ws.send_str(text)
                 except UnicodeEncodeError:
                     # A lone surrogate (e.g. an undecodable file name) must not kill the writer.
                     log.warning("frame with unencodable text replaced")
+                    assert isinstance(text, str)  # bytes are encoded already
                     await ws.send_str(text.encode("utf-8", "replace").decode("utf-8"))
                 except (ConnectionError, RuntimeError):
                     self._closed = True

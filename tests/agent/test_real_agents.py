@@ -1,19 +1,27 @@
-"""A real coding agent from the npm registry, run for real over ACP, offline.
+"""Real coding agents from the npm registry, run for real over ACP, offline.
 
-Gemini CLI (`@google/gemini-cli`, pinned in tests/fixtures/acp-agents) runs in its ACP
-mode against `FakeProvider("gemini")`, a server on 127.0.0.1 that speaks the Gemini
-API's streaming format. The model is scripted: call `read_file` on notes.txt, then
-`write_file` for summary.txt, then say it is done. See tests/real_agents.py for the
-flags and variables, and docs/agents.md.
+Gemini CLI (`@google/gemini-cli`) and Claude Code's ACP adapter
+(`@zed-industries/claude-code-acp`), pinned in tests/fixtures/acp-agents, run against
+`FakeProvider("gemini")` / `FakeProvider("anthropic")`: servers on 127.0.0.1 that speak
+each provider's streaming format. The model is scripted: read notes.txt, write
+summary.txt, (Claude: run `wc -l` through Bash,) then say it is done. Each agent runs
+twice: driven by a minimal ACP client in the test, and as a backend of a real
+`aetherd serve` for a WebSocket client. See tests/real_agents.py for the flags and
+variables, and docs/agents.md.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import shlex
+import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from tests.fake_providers import FakeProvider, ToolUse, Turn
@@ -26,6 +34,14 @@ from tests.real_agents import (
     ensure_agents,
     gemini_command,
     gemini_env,
+)
+from tests.support import (
+    WsClient,
+    aetherd_command,
+    child_env,
+    connect,
+    free_port,
+    wait_ready,
 )
 
 pytestmark = pytest.mark.slow
@@ -195,7 +211,7 @@ async def test_claude_code_reads_and_writes_a_new_file_through_the_acp_client(
     workspace.mkdir()
     notes, summary = workspace / "notes.txt", workspace / "summary.txt"
     notes.write_text(NOTES)
-    provider = await FakeProvider("anthropic").start()
+    provider = await FakeProvider("anthropic", side_calls=True).start()
     provider.add(
         Turn(tools=[ToolUse("mcp__acp__Read", json.dumps({"file_path": str(notes)}))]),
         Turn(
@@ -259,3 +275,295 @@ async def test_claude_code_reads_and_writes_a_new_file_through_the_acp_client(
     (asked,) = client.requests_from_agent("session/request_permission")
     assert asked["toolCall"]["toolCallId"] == calls[-1]["toolCallId"]
     assert [o["kind"] for o in asked["options"]] == ["allow_always", "allow_once", "reject_once"]
+
+
+# -- through the daemon ------------------------------------------------------------------
+
+TOKEN = "real-agents-token-0123456789"
+WAIT = 120.0  # a real agent's start (node, its bundle) on a loaded machine
+
+
+class Serve:
+    """`aetherd serve` as a real process, with agent backends, logging to a file."""
+
+    def __init__(self, tmp_path: Path, root: Path, env: dict[str, str], *args: str) -> None:
+        self.port = free_port()
+        self.log_path = tmp_path / "aetherd.log"
+        self._log = self.log_path.open("ab")
+        argv = [
+            *aetherd_command(), "serve",
+            "--host", "127.0.0.1", "--port", str(self.port), "--token", TOKEN,
+            "--root", str(root), "--data-dir", str(tmp_path / "data"), "--log-format", "json",
+            *args,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            argv, cwd=tmp_path, env=child_env(tmp_path, **env), stdout=self._log, stderr=self._log
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def errors(self) -> list[str]:
+        """The daemon's ERROR (or worse) log lines and tracebacks: there should be none."""
+        return [
+            line
+            for line in self.log().splitlines()
+            if '"level": "error"' in line or '"level": "critical"' in line or "Traceback" in line
+        ]
+
+    async def connect(self) -> WsClient:
+        await wait_ready(self.port, self.proc, WAIT)
+        return await connect(f"ws://127.0.0.1:{self.port}/workspaces/local/ws", TOKEN)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
+
+async def until_done(client: WsClient, task_id: str, approve: bool = True) -> list[dict[str, Any]]:
+    """The task's events up to `done`; each permission request is approved from the socket."""
+    out: list[dict[str, Any]] = []
+    for _ in range(2000):
+        frame = await client.expect(
+            lambda f: f.get("channel") == "agent" and f.get("taskId") == task_id and "seq" in f,
+            WAIT,
+        )
+        out.append(frame)
+        if frame["type"] == "permission_request" and approve:
+            # "Allow once": Gemini CLI refuses its "allow always" in a folder it does not
+            # trust ("Cannot enable privileged approval modes in an untrusted folder.").
+            once = next(o["optionId"] for o in frame["options"] if o["kind"] == "allow_once")
+            await client.send(
+                {
+                    "channel": "agent",
+                    "type": "approve",
+                    "requestId": frame["requestId"],
+                    "optionId": once,
+                }
+            )
+        if frame["type"] == "done":
+            return out
+    raise AssertionError("too many events")
+
+
+def of_type(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [e for e in events if e["type"] == kind]
+
+
+async def transcript(client: WsClient) -> list[dict[str, Any]]:
+    """The stored events, oldest first (history pages forwards from seq 0)."""
+    events: list[dict[str, Any]] = []
+    after = 0
+    for _ in range(100):
+        reply = await client.request("agent", "history", WAIT, afterSeq=after)
+        assert reply["success"] is True, reply
+        page = reply["data"]
+        events += page["events"]
+        if not page["hasMore"]:
+            return events
+        after = page["latestSeq"]
+    raise AssertionError("too many pages")
+
+
+async def test_gemini_cli_as_a_daemon_backend(tmp_path: Path) -> None:
+    """A real `aetherd serve` drives Gemini CLI over ACP for a WebSocket client."""
+    ensure_agents()
+    provider = await FakeProvider("gemini").start()
+    script(provider)
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / "notes.txt").write_text(NOTES)
+    summary = root / "summary.txt"
+    summary.write_text(OLD_SUMMARY)
+    inode = summary.stat().st_ino
+    home = tmp_path / "home"
+    env = {"HOME": str(home), **gemini_env(home, provider.base_url)}
+    backend = "gemini=" + shlex.join(gemini_command())
+    serve = Serve(tmp_path, root, env, "--agent-backend", backend, "--agent-permission-mode", "ask")
+    try:
+        client = await serve.connect()
+        await client.expect_type("agent", "history", WAIT)
+        prompt = "Summarize notes.txt into summary.txt"
+        await client.send(
+            {
+                "channel": "agent",
+                "type": "prompt",
+                "prompt": prompt,
+                "taskId": "t1",
+                "backend": "gemini",
+            }
+        )
+        events = await until_done(client, "t1")
+        change = await client.expect_type("files", "change", WAIT, path="/summary.txt")
+        agents = psutil.Process(serve.proc.pid).children(recursive=True)
+        stored = await transcript(client)
+        await client.close()
+    finally:
+        code = serve.stop()
+        await provider.close()
+    log = serve.log()
+    assert events[-1]["status"] == "completed", log[-3000:]
+    assert agents, "the agent ran as the daemon's child"
+    _, alive = psutil.wait_procs(agents, timeout=10)
+    assert alive == [], alive
+
+    # The write is the daemon's: its atomic writer replaced the file (a new inode), where
+    # Gemini CLI's own fallback would have rewritten it in place.
+    assert summary.read_text() == SUMMARY
+    assert summary.stat().st_ino != inode
+    assert change["action"] == "modify"  # and the watcher told the socket
+
+    # The events on the socket: the tool calls with their results, the approval the
+    # socket gave, the text, and `done completed`.
+    invocations = of_type(events, "tool_invocation")
+    results = of_type(events, "tool_result")
+    assert {e["toolCallId"] for e in invocations} == {e["toolCallId"] for e in results}
+    assert len(results) == 2 and not any(e["isError"] for e in results), results
+    (asked,) = of_type(events, "permission_request")
+    assert "summary.txt" in json.dumps(asked)
+    assert {o["kind"] for o in asked["options"]} >= {"allow_once", "reject_once"}
+    assert asked["toolCallId"] == results[1]["toolCallId"]
+    assert "".join(e["content"] for e in of_type(events, "text")) == (
+        "I read the notes. Wrote summary.txt from notes.txt."
+    )
+    # The model got read_file's result, and write_file's success.
+    assert "Ship it on Friday." in json.dumps(function_responses(provider.requests[1]))
+    assert "Successfully overwrote" in json.dumps(function_responses(provider.requests[2]))
+
+    # The transcript holds the same task, in order.
+    task = [e for e in stored if e["taskId"] == "t1"]
+    seqs = [e["seq"] for e in task]
+    assert seqs == sorted(seqs) and task[-1]["type"] == "done"
+    assert [e["type"] for e in task if e["type"] not in ("text", "thinking")] == [
+        e["type"] for e in events if e["type"] not in ("text", "thinking")
+    ]
+    assert code == 0, log[-3000:]
+    assert serve.errors() == []
+
+
+async def test_claude_code_as_a_daemon_backend(tmp_path: Path) -> None:
+    """The daemon serves Claude Code's reads and its new file through its own services."""
+    ensure_agents()
+    root = (tmp_path / "ws").resolve()
+    root.mkdir()
+    notes, summary = root / "notes.txt", root / "summary.txt"
+    notes.write_text(NOTES)
+    provider = await FakeProvider("anthropic", side_calls=True).start()
+    read = ToolUse("mcp__acp__Read", json.dumps({"file_path": str(notes)}))
+    write = ToolUse("mcp__acp__Write", json.dumps({"file_path": str(summary), "content": SUMMARY}))
+    bash = ToolUse(
+        "mcp__acp__Bash",
+        json.dumps({"command": "wc -l notes.txt", "timeout": 60000, "description": "Count"}),
+    )
+    provider.add(
+        Turn(tools=[read]),
+        Turn(text=["I read the notes. "], tools=[write]),
+        Turn(tools=[bash]),
+        Turn(text=["Wrote summary.txt", " from notes.txt."]),
+    )
+    home = tmp_path / "home"
+    env = {"HOME": str(home), **claude_env(home, provider.base_url)}
+    backend = "claude=" + shlex.join(claude_command())
+    serve = Serve(tmp_path, root, env, "--agent-backend", backend, "--agent-permission-mode", "ask")
+    try:
+        client = await serve.connect()
+        await client.expect_type("agent", "history", WAIT)
+        await client.send(
+            {
+                "channel": "agent",
+                "type": "prompt",
+                "prompt": "Summarize notes.txt into summary.txt",
+                "taskId": "t1",
+                "backend": "claude",
+            }
+        )
+        events = await until_done(client, "t1")
+        change = await client.expect_type("files", "change", WAIT, path="/summary.txt")
+        agents = psutil.Process(serve.proc.pid).children(recursive=True)
+        stored = await transcript(client)
+        processes = await client.request("process", "list", WAIT)
+        await client.close()
+    finally:
+        code = serve.stop()
+        await provider.close()
+    log = serve.log()
+    assert events[-1]["status"] == "completed", log[-3000:]
+    # Its Bash ran as a process of the daemon's process service (terminal/create), which
+    # any client can list, and its output reached the model.
+    assert processes["success"] is True, processes
+    ran = [p for p in processes["data"]["processes"] if "wc -l notes.txt" in json.dumps(p)]
+    assert len(ran) == 1 and ran[0]["exitCode"] == 0, processes
+    assert "2 notes.txt" in json.dumps(provider.requests[3]["messages"][-1])
+    # The adapter has no file access of its own in the workspace: the read and the new
+    # file both went through the daemon's fs/* service; the watcher told the socket.
+    assert summary.read_text() == SUMMARY
+    assert change["action"] == "create"
+    results = {e["toolCallId"]: e for e in of_type(events, "tool_result")}
+    assert set(results) == {read.id, write.id, bash.id}
+    assert not any(e["isError"] for e in results.values()), results
+    assert "Ship it on Friday." in json.dumps(provider.requests[1]["messages"][-1])
+    asked = of_type(events, "permission_request")
+    assert [e["toolCallId"] for e in asked] == [write.id, bash.id]
+    kinds = ["allow_always", "allow_once", "reject_once"]
+    assert [o["kind"] for o in asked[0]["options"]] == kinds
+    assert "".join(e["content"] for e in of_type(events, "text")) == (
+        "I read the notes. Wrote summary.txt from notes.txt."
+    )
+    task = [e for e in stored if e["taskId"] == "t1"]
+    assert [e["seq"] for e in task] == sorted(e["seq"] for e in task)
+    assert task[-1]["type"] == "done" and task[-1]["status"] == "completed"
+    # The adapter ignores the end of its stdin; the daemon still stopped it, and all
+    # it had started (Claude Code's own node process), and exited cleanly.
+    assert agents, "the agent ran as the daemon's child"
+    _, alive = psutil.wait_procs(agents, timeout=10)
+    assert alive == [], alive
+    assert code == 0, log[-3000:]
+    assert serve.errors() == []
+
+
+async def test_aborting_gemini_cli_mid_stream(tmp_path: Path) -> None:
+    """`abort` while the agent waits on its model: `session/cancel`, then `done aborted`."""
+    ensure_agents()
+    provider = await FakeProvider("gemini").start()
+    gate = asyncio.Event()  # never set: the model stalls after its first piece of text
+    provider.add(Turn(text=["Thinking about it", " forever"], pause_after=1, gate=gate))
+    provider.add(Turn(text=["Back again."]))
+    root = tmp_path / "ws"
+    root.mkdir()
+    home = tmp_path / "home"
+    env = {"HOME": str(home), **gemini_env(home, provider.base_url)}
+    backend = "gemini=" + shlex.join(gemini_command())
+    serve = Serve(tmp_path, root, env, "--agent-backend", backend)
+    try:
+        client = await serve.connect()
+        await client.expect_type("agent", "history", WAIT)
+        prompt = {"channel": "agent", "type": "prompt", "backend": "gemini"}
+        await client.send({**prompt, "prompt": "Think", "taskId": "t1"})
+        first = await client.expect_type("agent", "text", WAIT, taskId="t1")
+        reply = await client.request("agent", "abort", WAIT, taskId="t1")
+        events = await until_done(client, "t1")
+        # The agent is still usable: the next task runs (on a new process if the
+        # daemon had to kill it).
+        await client.send({**prompt, "prompt": "Again", "taskId": "t2"})
+        again = await until_done(client, "t2")
+        await client.close()
+    finally:
+        gate.set()
+        code = serve.stop()
+        await provider.close()
+    log = serve.log()
+    assert reply["success"] is True, reply
+    assert events[-1]["type"] == "done" and events[-1]["status"] == "aborted", log[-3000:]
+    assert first["content"] == "Thinking about it"
+    assert not of_type(events, "text")  # nothing after the abort
+    assert again[-1]["status"] == "completed", log[-3000:]
+    assert "".join(e["content"] for e in of_type(again, "text")) == "Back again."
+    assert code == 0, log[-3000:]
+    assert serve.errors() == []

@@ -16,6 +16,9 @@ import pytest
 from tests.conftest import TOKEN
 from tests.support import RawWebSocket, WsClient, wait_for
 
+# The whole terminal suite runs on asyncio's loop and on uvloop (tests/conftest.py).
+pytestmark = pytest.mark.event_loops
+
 
 @pytest.fixture
 def home(tmp_path: Path) -> Path:

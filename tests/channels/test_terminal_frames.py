@@ -11,6 +11,8 @@ import json
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aetherd.channels.terminal import STREAMS, output_json, output_prefix, session_info
 from aetherd.protocol import encode
@@ -45,10 +47,48 @@ def test_hand_built_output_equals_the_model(sid: str, offset: int, data: str, tr
             session_id=sid, offset=offset, data=data, truncated=True if truncated else None
         )
     )
-    assert fast == model
+    assert fast == model.encode("utf-8")  # sent as a text frame: its UTF-8 bytes
     frame = json.loads(fast)
     assert frame["data"] == data and frame["offset"] == offset
     assert ("truncated" in frame) is truncated
+
+
+# Every code point but the surrogates (the frame guard refuses those before a frame is
+# built, and output text comes from bytes decoded with "replace"), in slices.
+ALL_CHARACTERS = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF)
+
+
+def test_output_escapes_every_character_as_json_and_pydantic_do():
+    """orjson (the hot path) escapes exactly what `json` and the models escape: the
+    C0 controls (a short form such as backslash-n where JSON has one, else backslash-u
+    00XX in lowercase hex), the quote and the backslash; DEL, C1 controls, U+2028,
+    U+2029 and everything else go raw."""
+    prefix = output_prefix("s")
+    step = 0x8000
+    for start in range(0, len(ALL_CHARACTERS), step):
+        data = ALL_CHARACTERS[start : start + step]
+        fast = output_json(prefix, start, data, False)
+        std = (
+            '{"channel":"terminal","type":"output","sessionId":"s",'
+            f'"offset":{start},"data":{json.dumps(data, ensure_ascii=False)}}}'
+        )
+        assert fast == std.encode("utf-8")
+        assert fast == encode(TerminalOutput(session_id="s", offset=start, data=data)).encode()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.text(st.characters(exclude_categories=("Cs",)), max_size=200),
+    offset=st.integers(0, 2**63 - 1),
+    truncated=st.booleans(),
+)
+def test_output_bytes_equal_the_model_for_any_text(data: str, offset: int, truncated: bool):
+    fast = output_json(output_prefix("s"), offset, data, truncated)
+    model = TerminalOutput(
+        session_id="s", offset=offset, data=data, truncated=True if truncated else None
+    )
+    assert fast == encode(model).encode("utf-8")
+    assert json.loads(fast)["data"] == data
 
 
 def test_output_never_says_truncated_false():
@@ -145,7 +185,9 @@ async def test_a_cwd_whose_name_is_not_utf8_is_sent_replaced(daemon, workspace):
     os.symlink(os.fsdecode(b"caf\xe9"), workspace / "cafe")
     client = await daemon.connect()
     await client.expect_type("terminal", "sessions")
-    reply = await client.request("terminal", "create", sessionId="u1", cwd="/cafe", command="pwd")
+    reply = await client.request(
+        "terminal", "create", sessionId="u1", cwd="/cafe", command="sleep 60"
+    )
     assert reply["success"] is True, reply
     assert reply["data"]["cwd"] == "/caf\ufffd"
     listed = await client.request("terminal", "list")

@@ -17,6 +17,7 @@ import pytest
 
 from aetherd.errors import AetherError, ErrorCode
 from aetherd.services.ports import (
+    PROC_READ,
     NetlinkListeners,
     PortEvent,
     PortRule,
@@ -24,6 +25,7 @@ from aetherd.services.ports import (
     is_loopback,
     parse_proc_net_tcp,
     process_info,
+    read_listen_section,
     read_proc_listeners,
     socket_owners,
 )
@@ -221,6 +223,28 @@ def test_parse_proc_net_tcp_keeps_listen_sockets_with_addresses() -> None:
     assert v4 == [(8080, "127.0.0.1", 1111), (3000, "0.0.0.0", 2222)]
     v6 = [(x.port, x.address, x.inode) for x in parse_proc_net_tcp(v6_text.encode())]
     assert v6 == [(8081, "::1", 4444), (8082, "::", 5555), (8083, "::ffff:127.0.0.1", 6666)]
+
+
+def test_proc_reader_stops_at_the_established_part(tmp_path: Path) -> None:
+    """The kernel lists listening sockets first; the reader stops at the first socket of
+    the established part, so a LISTEN line placed after one (impossible in a real file)
+    proves where it stopped. SYN_RECV lines (old kernels list them among the listeners)
+    do not stop it, and a page boundary inside a line does not cut a socket short."""
+    listeners = [proc_line(i, "127.0.0.1", 9000 + i, "0.0.0.0", "0A", 1000 + i) for i in range(150)]
+    syn_recv = proc_line(150, "127.0.0.1", 9000, "127.0.0.1", "03", 0)
+    tail = [
+        proc_line(151, "127.0.0.1", 9000, "127.0.0.1", "01", 5555),  # established: stop here
+        proc_line(152, "127.0.0.1", 7777, "0.0.0.0", "0A", 7777),  # never read
+    ]
+    text = "\n".join([HEADER, *listeners[:70], syn_recv, *listeners[70:], *tail]) + "\n"
+    assert len(text) > 3 * PROC_READ  # several reads, lines cut at page boundaries
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "tcp").write_text(text)
+    (tmp_path / "net" / "tcp6").write_text(HEADER + "\n")
+    found = [(x.port, x.inode) for x in read_proc_listeners(tmp_path)]
+    assert found == [(9000 + i, 1000 + i) for i in range(150)]
+    section = read_listen_section(tmp_path / "net" / "tcp")
+    assert section.endswith(b"\n") and b" 7777 " not in section
 
 
 def test_loopback_addresses() -> None:

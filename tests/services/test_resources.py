@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from aetherd.services.resources import MIN_CPU_INTERVAL, ResourceMonitor
-from tests.support import wait_for
+from tests.support import child_env, wait_for
 
 GiB = 1024**3
 
@@ -193,3 +193,29 @@ async def test_a_failing_subscriber_does_not_stop_the_others(workspace, expect_l
     monitor.subscribe(got.append)
     await wait_for(lambda: len(got) >= 2)
     await monitor.stop()
+
+
+def test_with_cgroup_v2_files_psutil_is_not_imported(tmp_path, workspace):
+    """A container's daemon reads its cgroup; psutil (the fallback) stays unloaded."""
+    import json
+    import subprocess
+    import sys
+
+    root, _, proc = fake_cgroup(tmp_path)
+    child = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from aetherd.services.resources import ResourceMonitor\n"
+        "m = ResourceMonitor(Path(sys.argv[1]), cgroup_root=Path(sys.argv[2]),"
+        " proc_self_cgroup=Path(sys.argv[3]))\n"
+        "print(json.dumps([m.sample().source, 'psutil' in sys.modules]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", child, str(workspace), str(root), str(proc)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env=child_env(tmp_path),
+    ).stdout
+    assert json.loads(out) == ["cgroup", False]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ from aetherd.services.terminal import (
     _utf8_cut,
 )
 from tests.support import wait_for
+
+# The whole terminal suite runs on asyncio's loop and on uvloop (tests/conftest.py).
+pytestmark = pytest.mark.event_loops
 
 
 def test_utf8_cut_never_splits_a_character():
@@ -267,3 +271,68 @@ async def test_reading_pauses_when_the_only_client_is_a_ring_behind(manager):
     item = attachment.read()  # the client takes a frame: reading resumes
     assert isinstance(item, Output)
     await wait_for(lambda: session.ring.end > end)
+
+
+CHILD_STATE = (
+    # session leader, the PTY as controlling terminal, in the foreground; cwd; signals.
+    'echo "sid=$(ps -o sid= -p $$ | tr -d " ") pid=$$ tty=$(tty)"; '
+    'echo "fg=$(ps -o tpgid= -p $$ | tr -d " ") pgid=$(ps -o pgid= -p $$ | tr -d " ")"; '
+    'echo "cwd=$PWD"; grep -E "^Sig(Blk|Ign):" /proc/self/status'
+)
+
+
+@pytest.mark.parametrize("spawn", ["posix_spawn", "fork"])
+async def test_the_child_leads_its_session_on_its_pty(manager, workspace, monkeypatch, spawn):
+    """posix_spawn (the default where libc has it) and the fork fallback start the child
+    alike: its own session, the PTY as controlling terminal, the requested cwd, no
+    signal ignored or blocked (the daemon ignores SIGPIPE, SIGXFSZ and, while reloading,
+    SIGHUP), exit status reported."""
+    from aetherd.services import ptyspawn
+
+    if spawn == "fork":
+        monkeypatch.setattr(ptyspawn, "available", lambda: False)
+    else:
+        assert ptyspawn.available(), "glibc >= 2.29 offers posix_spawn_file_actions_addchdir_np"
+    (workspace / "sub").mkdir()
+    mgr = await manager()
+    session = await mgr.create("child", command=CHILD_STATE + "; exit 7", cwd="/sub")
+    wake = asyncio.Event()
+    text, exit_ = await collect(session.attach(wake.set), wake)
+    assert exit_ == Exit(7, None)
+    lines = dict(
+        part.split("=", 1) for line in text.split("\r\n") for part in line.split() if "=" in part
+    )
+    assert lines["sid"] == lines["pid"] == str(session.pid), text  # a session leader
+    assert lines["tty"].startswith("/dev/pts/"), text  # `tty` answers: a terminal on fd 0
+    assert lines["fg"] == lines["pgid"] == lines["pid"], text  # the foreground process group
+    assert lines["cwd"] == str(workspace / "sub"), text
+    masks = {
+        line.split(":")[0]: int(line.split()[1], 16)
+        for line in text.split("\r\n")
+        if line.startswith("Sig")
+    }
+    assert masks == {"SigBlk": 0, "SigIgn": 0}, text
+
+
+async def test_a_program_that_cannot_start_says_why_on_its_terminal(
+    manager, workspace, monkeypatch
+):
+    """posix_spawn refuses (here: the cwd vanished after the check): the fork fallback
+    starts the child, which writes why on the terminal and exits 127."""
+    from aetherd.services import ptyspawn, terminal
+
+    assert ptyspawn.available()
+    (workspace / "gone").mkdir()
+    real_spawn = terminal._spawn
+
+    def spawn_after_rmdir(argv, env, cwd, cols, rows):
+        os.rmdir(cwd)
+        return real_spawn(argv, env, cwd, cols, rows)
+
+    monkeypatch.setattr(terminal, "_spawn", spawn_after_rmdir)
+    mgr = await manager()
+    session = await mgr.create("gone", command="echo never", cwd="/gone")
+    wake = asyncio.Event()
+    text, exit_ = await collect(session.attach(wake.set), wake)
+    assert exit_ == Exit(127, None)
+    assert "aetherd: cannot start" in text and "No such file or directory" in text, text
