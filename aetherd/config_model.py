@@ -112,6 +112,12 @@ class AgentBackendSpec(_Strict):
         description="Added to the workspace env for this agent",
         json_schema_extra={"additionalProperties": False},
     )
+    auth_method: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="ACP authenticate methodId sent after initialize (for example gemini-api-key)",
+    )
 
 
 BackendName = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")]

@@ -29,6 +29,7 @@ WAIT = 150.0
 # needs terminado (the `bench` extra, not installed for tests): it is only asked for its
 # usage here, and its aetherd client is run against a real daemon below.
 QUICK = {
+    "acp": (["--quick"], "| reference: SIGKILL and reap a plain child |"),
     "agent": (["--quick"], "## Per-token overhead (50 tokens"),
     "files": (["--quick"], "| watch setup, "),
     "fleet": (["--quick"], "| gateway CPU, streaming terminals (one worker) |"),

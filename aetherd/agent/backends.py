@@ -88,6 +88,7 @@ log = logging.getLogger("aetherd.agent.acp")
 BUILTIN = "builtin"
 SESSION_KEY = "acpSession:"  # + backend name: the conversation's ACP session id (persisted)
 FINAL_TEXT_MAX = 8192
+SESSIONS_KEPT = 16  # sessions whose requests are still served, per agent process
 RELEASED_KEPT = 16  # released terminals whose output a tool result may still show
 STOP_REASONS = {
     "end_turn": "completed",
@@ -106,6 +107,7 @@ class BackendSpec:
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()
     origin: str = "settings"
+    auth_method: str | None = None  # `authenticate` with this methodId after initialize
 
 
 def spec_from_command(name: str, command: str, origin: str = "settings") -> BackendSpec:
@@ -122,7 +124,8 @@ def spec_from_config(name: str, value: Mapping[str, Any]) -> BackendSpec | None:
     if not argv or not argv[0]:
         return None
     env = tuple(sorted((str(k), str(v)) for k, v in (value.get("env") or {}).items()))
-    return BackendSpec(name, tuple(argv), env, "config")
+    auth = value.get("auth_method")
+    return BackendSpec(name, tuple(argv), env, "config", str(auth) if auth else None)
 
 
 def _invalid(field_name: str, rule: str) -> AetherError:
@@ -184,7 +187,9 @@ class AcpBackend:
         self.started_spec: BackendSpec | None = None
         self.load_session = False
         self.session_id: str | None = None  # the conversation's session in this process
-        self.sessions: set[str] = set()  # sessions made or loaded in this process
+        # Sessions made or loaded in this process (the newest few; an agent without
+        # session/load gets one per task).
+        self.sessions: OrderedDict[str, None] = OrderedDict()
         self.turn: Turn | None = None
         self.terminals: dict[str, tuple[ManagedProcess, int]] = {}
         # Released terminals, still shown in a tool call's result (the newest few).
@@ -260,6 +265,19 @@ class AcpBackend:
                     reason = conn.describe_exit()
                 await conn.stop(self.settings.process_kill_grace)
                 raise AcpClosed(f"agent {self.name!r} did not initialize: {reason}") from None
+            if spec.auth_method:
+                try:
+                    await conn.request(
+                        "authenticate",
+                        {"methodId": spec.auth_method},
+                        timeout=self.settings.acp_start_timeout,
+                    )
+                except (AcpError, AcpClosed) as exc:
+                    await conn.stop(self.settings.process_kill_grace)
+                    raise AcpClosed(
+                        f"agent {self.name!r} refused authenticate "
+                        f"({spec.auth_method}): {_reason(exc)}"
+                    ) from None
             self.conn = conn
             self.started_spec = spec
             self.load_session = init.agent_capabilities.load_session
@@ -381,15 +399,21 @@ class AcpBackend:
                     log.info("agent %r could not load session %s: %s", self.name, stored, err)
                 else:
                     self.session_id = stored
-                    self.sessions.add(stored)
+                    self._add_session(stored)
                     return stored
         raw = await conn.request("session/new", {"cwd": cwd, "mcpServers": []}, timeout=timeout)
         session_id = NewSessionResult.model_validate(raw).session_id
-        self.sessions.add(session_id)
+        self._add_session(session_id)
         if self.load_session:
             self.session_id = session_id
             await self.store.save_settings({SESSION_KEY + self.name: session_id})
         return session_id
+
+    def _add_session(self, session_id: str) -> None:
+        self.sessions[session_id] = None
+        self.sessions.move_to_end(session_id)
+        while len(self.sessions) > SESSIONS_KEPT:
+            self.sessions.popitem(last=False)
 
     @staticmethod
     def _usage(job: Job, usage: dict[str, Any] | None) -> None:

@@ -292,7 +292,7 @@ class AgentRunner:
                     pending=self.pending,
                     fs=self.fs,
                     processes=self.processes,
-                    saved=self.defaults.user.get,
+                    saved=lambda key: self.defaults.user.get(key),
                 )
                 self.backends[name] = backend
                 backend.start()

@@ -7,10 +7,15 @@ stdio. The prompt's first word picks the agent's script.
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
 import sys
+import tracemalloc
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.channels.test_agent import decide, history, task_events, texts
 from tests.support import WsClient, wait_for
@@ -159,7 +164,11 @@ async def test_permission_requests_round_trip_with_options(start_daemon, tmp_pat
     asked = await client.expect_type("agent", "permission_request", taskId="p1")
     assert asked["toolCallId"] == "perm-1"
     assert asked["input"] == {"command": "rm -rf build"}
-    assert [o["optionId"] for o in asked["options"]] == ["allow-once", "allow-always", "reject-once"]
+    assert [o["optionId"] for o in asked["options"]] == [
+        "allow-once",
+        "allow-always",
+        "reject-once",
+    ]
     assert asked["options"][0] == {"optionId": "allow-once", "name": "Allow", "kind": "allow_once"}
     await client.expect_type("agent", "status", taskId="p1", status="awaiting_input")
     # A bad optionId is refused; then another connection approves with a named option.
@@ -327,3 +336,152 @@ async def test_garbage_on_stdout_is_skipped_and_the_daemon_stays_healthy(start_d
     events = await run_task(client, "g2", "hello")
     assert events[-1]["status"] == "completed"
     assert running.daemon.services.agent.backends["scripted"].conn is conn
+
+
+async def test_a_flood_on_stdout_and_stderr_does_not_grow_memory(start_daemon, tmp_path):
+    running = await start(start_daemon, tmp_path, acp_max_line_bytes=1024 * 1024)
+    client = await running.connect()
+    await history(client)
+    events = await run_task(client, "w1", "hello")  # the agent is up
+    assert events[-1]["status"] == "completed"
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        # 32 MiB of one endless line on stdout, and 32 MiB on stderr.
+        events = await run_task(client, "w2", f"flood {32 * 1024 * 1024}")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert texts(events) == "flooded"
+    # Held at once: at most the 1 MiB line buffer and a read chunk or two.
+    assert peak < 8 * 1024 * 1024, peak
+    conn = running.daemon.services.agent.backends["scripted"].conn
+    assert conn.long_lines == 1
+    assert conn.stderr.total >= 32 * 1024 * 1024
+    assert len(conn.stderr.data) == running.settings.acp_stderr_bytes
+
+
+async def test_config_backends_env_cwd_process_group_and_stop(start_daemon, tmp_path, workspace):
+    trace = tmp_path / "trace.jsonl"
+    config = workspace / ".aether" / "config.yaml"
+    config.parent.mkdir()
+    config.write_text(
+        "env:\n  WORKSPACE_VAR: from-workspace\n"
+        "agent:\n  backend: cfg\n  backends:\n    cfg:\n"
+        f"      command: {sys.executable}\n      args: [{str(AGENT)!r}]\n"
+        f"      env:\n        ACP_AGENT_TRACE: {str(trace)!r}\n        AGENT_VAR: from-backend\n"
+    )
+    running = await start(start_daemon, tmp_path, agent_backends={})
+    client = await running.connect()
+    await history(client)
+    current = await client.request("agent", "settings")
+    assert current["data"]["backend"] == "cfg"
+    await client.send(
+        {
+            "channel": "agent",
+            "type": "prompt",
+            "prompt": "env WORKSPACE_VAR AGENT_VAR AETHERD_TOKEN",
+            "taskId": "e1",
+        }
+    )
+    events = await task_events(client, "e1")
+    assert texts(events) == "WORKSPACE_VAR=from-workspace AGENT_VAR=from-backend AETHERD_TOKEN=None"
+    seen = [json.loads(line) for line in trace.read_text().splitlines()]
+    root = str(running.daemon.services.jail.root)
+    init = next(m for m in seen if m.get("method") == "initialize")
+    assert init["params"]["clientCapabilities"] == {
+        "fs": {"readTextFile": True, "writeTextFile": True},
+        "terminal": True,
+    }
+    new = next(m for m in seen if m.get("method") == "session/new")
+    assert new["params"]["cwd"] == root and init["cwd"] == root
+    conn = running.daemon.services.agent.backends["cfg"].conn
+    assert os.getpgid(conn.pid) == conn.pid  # its own process group
+    # Stopping the daemon stops the agent.
+    await client.close()
+    await running.server.close()
+    assert conn.process.returncode is not None
+    with pytest.raises(ProcessLookupError):
+        os.killpg(conn.pid, 0)
+
+
+async def test_a_pending_permission_is_replayed_and_dropped_by_abort(start_daemon, tmp_path):
+    running = await start(start_daemon, tmp_path)
+    client = await running.connect()
+    await history(client)
+    await client.request("agent", "prompt", prompt="permission", taskId="q1", backend="scripted")
+    asked = await client.expect_type("agent", "permission_request", taskId="q1")
+    await client.expect_type("agent", "status", taskId="q1", status="awaiting_input")
+    other = await running.connect()
+    page = await history(other)
+    assert [p["requestId"] for p in page["pending"]] == [asked["requestId"]]
+    assert page["pending"][0]["options"] == asked["options"]
+    reply = await client.request("agent", "abort", taskId="q1")
+    assert reply["success"] is True
+    events = await task_events(client, "q1")
+    assert events[-1]["status"] == "aborted"
+    late = await decide(other, "approve", asked["requestId"])
+    assert late["success"] is False and late["code"] == "NOT_FOUND"
+    third = await running.connect()
+    assert (await history(third))["pending"] == []
+    # The agent was told `cancelled` and ended its turn itself: the next task runs on it.
+    events = await run_task(client, "q2", "hello")
+    assert events[-1]["status"] == "completed"
+
+
+async def test_load_session_keeps_one_conversation_across_restarts(start_daemon, tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    command = shlex.join(
+        ["env", "ACP_AGENT_LOAD=1", f"ACP_AGENT_TRACE={trace}", sys.executable, str(AGENT)]
+    )
+    running = await start(start_daemon, tmp_path, agent_backends={"scripted": command})
+    client = await running.connect()
+    await history(client)
+    await run_task(client, "l1", "hello")
+    await run_task(client, "l2", "hello")
+
+    def methods() -> list[tuple[str, Any]]:
+        seen = [json.loads(line) for line in trace.read_text().splitlines()]
+        return [(m["method"], m["params"].get("sessionId")) for m in seen if "method" in m]
+
+    prompts = [s for m, s in methods() if m == "session/prompt"]
+    assert [m for m, _ in methods()].count("session/new") == 1
+    assert prompts[0] == prompts[1]  # one conversation
+    # A crash: the next task loads the conversation into the new process.
+    await run_task(client, "l3", "crash")
+    events = await run_task(client, "l4", "hello")
+    assert ("session/load", prompts[0]) in methods()
+    assert [s for m, s in methods() if m == "session/prompt"][-1] == prompts[0]
+    # What the agent replays while loading is not recorded again.
+    assert "replayed" not in texts(events)
+    # A new daemon on the same data directory loads it too.
+    await client.close()
+    await running.server.close()
+    again = await start(start_daemon, tmp_path, agent_backends={"scripted": command})
+    client = await again.connect()
+    page = await history(client)
+    assert not any("replayed" in e.get("content", "") for e in page["events"])
+    await run_task(client, "l5", "hello")
+    loads = [s for m, s in methods() if m == "session/load"]
+    assert loads == [prompts[0], prompts[0]]
+
+
+async def test_auth_method_from_the_config_authenticates_first(start_daemon, tmp_path, workspace):
+    config = workspace / ".aether" / "config.yaml"
+    config.parent.mkdir()
+    argv = ["env", "ACP_AGENT_AUTH=api-key", sys.executable, str(AGENT)]
+    config.write_text(
+        "agent:\n  backends:\n"
+        f"    plain:\n      command: {json.dumps(shlex.join(argv))}\n"
+        f"    keyed:\n      command: {json.dumps(shlex.join(argv))}\n      auth_method: api-key\n"
+    )
+    running = await start(start_daemon, tmp_path, agent_backends={})
+    client = await running.connect()
+    await history(client)
+    reply = await client.request("agent", "prompt", prompt="hello", taskId="n1", backend="plain")
+    assert reply["success"] is True
+    done = (await task_events(client, "n1"))[-1]
+    assert done["code"] == "PROVIDER_ERROR" and "Authentication required" in done["error"]
+    reply = await client.request("agent", "prompt", prompt="hello", taskId="n2", backend="keyed")
+    events = await task_events(client, "n2")
+    assert events[-1]["status"] == "completed" and texts(events) == "Hello, world"
