@@ -113,6 +113,17 @@ class Settings(BaseModel):
         ge=1024,
         description="Stop reading a client's frames while this many bytes wait to be sent to it",
     )
+    stream_window_bytes: int = Field(
+        0,
+        ge=0,
+        description="Streamed output (terminal, process) sent ahead of the client's last "
+        "answered ping; 0 (the default) = unpaced",
+    )
+    stream_window_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds without the pong of a window ping before a client's output is unpaced",
+    )
     max_connections: int = Field(256, ge=1, description="Simultaneous WebSocket connections")
     header_timeout: float = Field(
         10.0,

@@ -6,6 +6,14 @@ outbound streams round-robin (flow-controlled sources such as terminal output).
 A supervisor task sends pings, drops a peer that stops answering them, and aborts
 a write that has been blocked longer than the write timeout.
 
+Pacing of streams: output pulled from streams is sent at most `stream_window_bytes`
+ahead of what the client has read. The writer sends a ping (payload: the stream bytes
+sent so far) every half window; the client's pong, which comes once it has read
+everything before the ping, moves the window. Queued replies and urgent streams (a
+keystroke's echo) are never held, so on one socket they wait behind at most a window of
+bulk output instead of everything the kernel's buffers hold (megabytes on loopback).
+A client that leaves a window ping unanswered for `stream_window_timeout` is unpaced.
+
 Backpressure: the reader calls `wait_writable()` after each frame. It yields to the
 writer whenever replies are queued, and it pauses while the queue holds more than
 `send_queue_pause_frames` frames or `send_queue_pause_bytes` bytes, until the writer
@@ -71,6 +79,13 @@ class Connection:
         self._write_started: float | None = None
         self.frames_sent = 0
         self.bytes_sent = 0
+        # Pacing of bulk stream output (see the module docstring).
+        self._window = settings.stream_window_bytes
+        self._streamed = 0  # bytes of bulk stream frames sent
+        self._acked = 0  # of which the client has read at least this many (pongs)
+        self._pinged_at = 0  # `_streamed` when the last window ping went out
+        self._window_pings: deque[tuple[int, float]] = deque()  # (position, monotonic)
+        self.window_waits = 0  # times bulk output waited for a pong (tests, metrics)
 
     # -- Peer interface ---------------------------------------------------------------
     @property
@@ -136,6 +151,21 @@ class Connection:
         """Tell the writer a stream has data."""
         self._wake.set()
 
+    def pong(self, payload: bytes) -> None:
+        """A pong came: if it answers a window ping, the client has read that far."""
+        self.last_pong = time.monotonic()
+        if not payload.startswith(b"w") or not payload[1:].isdigit():
+            return  # a keepalive pong, or not ours
+        position = int(payload[1:])
+        while self._window_pings and self._window_pings[0][0] <= position:
+            self._window_pings.popleft()
+        if position > self._acked:
+            self._acked = min(position, self._streamed)
+            self._wake.set()
+
+    def _window_full(self) -> bool:
+        return bool(self._window) and self._streamed - self._acked >= self._window
+
     async def wait_writable(self) -> None:
         """The reader's turn to yield: let the writer run, and pause while the queue is high."""
         if not self._queue:
@@ -169,12 +199,16 @@ class Connection:
                 text = stream.pull()
                 if text is not None:
                     return text
+        if self._window_full():
+            self.window_waits += 1
+            return None  # bulk output waits for a pong (the writer is woken by it)
         count = len(self._streams)
         for _ in range(count):
             stream = self._streams[self._rr % count]
             self._rr += 1
             text = stream.pull()
             if text is not None:
+                self._streamed += len(text)
                 return text
         return None
 
@@ -212,9 +246,33 @@ class Connection:
                 self.frames_sent += 1
                 self.bytes_sent += len(text)
                 self._metrics.frame_out(text)
+                if self._window and self._streamed - self._pinged_at >= self._window // 2:
+                    await self._window_ping(ws)
                 # send_str on loopback rarely yields; without this one busy stream
                 # would starve every other task on the loop.
                 await asyncio.sleep(0)
+
+    async def _window_ping(self, ws: web.WebSocketResponse) -> None:
+        """Ping with the stream position: its pong says the client has read that far."""
+        self._pinged_at = self._streamed
+        self._window_pings.append((self._streamed, time.monotonic()))
+        try:
+            await ws.ping(b"w%d" % self._streamed)
+        except (ConnectionError, RuntimeError):
+            self._closed = True
+            self._writable.set()
+
+    def _check_window(self, now: float) -> None:
+        """Unpace a client that does not answer window pings (it still gets its output)."""
+        if self._window and self._window_pings:
+            if now - self._window_pings[0][1] > self._settings.stream_window_timeout:
+                log.info(
+                    "window ping not answered; output no longer paced",
+                    extra={"streamWindowTimeout": self._settings.stream_window_timeout},
+                )
+                self._window = 0
+                self._window_pings.clear()
+                self._wake.set()
 
     async def supervise(self) -> None:
         """Ping on schedule, drop a peer without pongs, abort writes that block too long."""
@@ -224,9 +282,11 @@ class Connection:
             min(1.0, settings.ping_interval, settings.pong_timeout / 4, settings.write_timeout / 4),
         )
         next_ping = time.monotonic() + settings.ping_interval
+        tick = min(tick, settings.stream_window_timeout / 4)
         while not self._closed:
             await asyncio.sleep(tick)
             now = time.monotonic()
+            self._check_window(now)
             if (
                 self._write_started is not None
                 and now - self._write_started > settings.write_timeout

@@ -142,7 +142,7 @@ class WebSocketHandler:
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     await ws.pong(msg.data)
             elif msg.type is WSMsgType.PONG:
-                conn.last_pong = time.monotonic()
+                conn.pong(msg.data)
             else:  # CLOSE, CLOSING, CLOSED, ERROR
                 if msg.type is WSMsgType.ERROR:
                     log.info("websocket error: %s", ws.exception())

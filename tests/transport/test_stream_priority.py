@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+
+import aiohttp
+
 from aetherd.metrics import Metrics
 from aetherd.transport.connection import Connection
 
@@ -37,3 +43,70 @@ def test_urgent_streams_go_before_the_round_robin(make_settings):
     rest = [conn._next_frame() for _ in range(9)]
     assert sorted(f for f in rest if f) == sorted(["bulk0", "bulk1", "bulk2"] * 2 + ["plain"] * 2)
     assert conn._next_frame() is None
+
+
+def _connection(daemon) -> Connection:
+    [peer] = list(daemon.daemon.hub)
+    assert isinstance(peer, Connection)
+    return peer
+
+
+async def _read_output(ws, sid: str, want: int, timeout: float = 20.0) -> tuple[int, int]:
+    """Read `sid`'s output frames until `want` bytes arrived contiguously; (bytes, pings)."""
+    got = 0
+    pings = 0
+    offset = None
+    deadline = asyncio.get_running_loop().time() + timeout
+    while got < want:
+        msg = await ws.receive(timeout=max(0.1, deadline - asyncio.get_running_loop().time()))
+        if msg.type is aiohttp.WSMsgType.PING:
+            pings += 1
+            continue
+        assert msg.type is aiohttp.WSMsgType.TEXT, msg
+        frame = json.loads(msg.data)
+        if frame.get("type") == "output" and frame.get("sessionId") == sid:
+            assert offset is None or frame["offset"] == offset, "gap in the output"
+            offset = frame["offset"] + len(frame["data"].encode())
+            got += len(frame["data"].encode())
+    return got, pings
+
+
+async def test_bulk_output_is_paced_by_pongs_and_an_echo_is_not(start_daemon, tmp_path):
+    """A flood is sent at most a window ahead of the client's pongs (aiohttp's client
+    answers pings as it reads), nothing is lost, and a keystroke's echo still comes."""
+    daemon = await start_daemon(stream_window_bytes=64 * 1024)
+    client = await daemon.connect()
+    await client.expect_type("terminal", "sessions")
+    env = {"HOME": str(tmp_path)}
+    for sid, command in (("flood", "exec yes"), ("echo", "exec cat")):
+        reply = await client.request("terminal", "create", sessionId=sid, command=command, env=env)
+        assert reply["success"] is True, reply
+    conn = _connection(daemon)
+    start = conn._streamed
+    await _read_output(client.ws, "flood", 2 * 1024 * 1024)
+    assert conn.window_waits > 0  # the window filled and bulk output waited for pongs
+    assert conn._streamed - conn._acked <= 64 * 1024 + 65536 + 256  # one frame past it
+    assert conn._streamed - start >= 2 * 1024 * 1024
+    await client.send(
+        {"channel": "terminal", "type": "input", "sessionId": "echo", "data": "ping-me\r"}
+    )
+    await client.expect(
+        lambda f: f.get("sessionId") == "echo" and "ping-me" in f.get("data", ""), timeout=20
+    )
+
+
+async def test_a_client_that_never_pongs_is_unpaced(start_daemon, tmp_path, caplog):
+    """Pings go unanswered (autoping off and no pong): after the window timeout the
+    output flows again, unpaced."""
+    caplog.set_level(logging.INFO, "aetherd.connection")
+    daemon = await start_daemon(stream_window_bytes=64 * 1024, stream_window_timeout=0.5)
+    client = await daemon.connect(autoping=False)
+    await client.expect_type("terminal", "sessions")
+    reply = await client.request(
+        "terminal", "create", sessionId="flood", command="exec yes", env={"HOME": str(tmp_path)}
+    )
+    assert reply["success"] is True, reply
+    got, pings = await _read_output(client.ws, "flood", 1024 * 1024)
+    assert got >= 1024 * 1024 and pings >= 1
+    assert _connection(daemon)._window == 0
+    assert "output no longer paced" in caplog.text
