@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, web
 
-from aetherd import __version__, systemd
+from aetherd import IMPORTED_AT, __version__, systemd
 from aetherd.channels import CHANNELS
 from aetherd.daemon import Daemon, build_services
 from aetherd.errors import SettingsError
@@ -27,7 +27,8 @@ from aetherd.protocol import Hub, Registry
 from aetherd.reload import (
     Reexec,
     ReloadState,
-    check_new_code,
+    check_reload,
+    code_fingerprint,
     end_abandoned,
     inherited_listener,
     write_record,
@@ -270,7 +271,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> Reexec
             f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
         )
         log.info("reload requested: checking the new code")
-        why = await check_new_code(settings.reload_check_timeout)
+        why, how = await check_reload(settings.reload_check_timeout, reloads.fingerprint)
         if why is not None:
             reloads.in_progress = False
             reloads.refused += 1
@@ -279,6 +280,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> Reexec
                 write_record(settings.data_dir, reloadError={"at": time.time(), "reason": why})
             systemd.notify("READY=1")
             return
+        with contextlib.suppress(OSError):
+            write_record(settings.data_dir, lastCheck=how)
         if not stop.is_set():
             reload_wanted = True
             stop.set()
@@ -298,6 +301,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> Reexec
     listen_copy: int | None = None
     try:
         await runner.setup()
+        # Once everything a start imports is imported, before serving: a reload asked
+        # for as soon as the daemon answers must find it.
+        reloads.fingerprint = await asyncio.to_thread(code_fingerprint, IMPORTED_AT)
         site = GuardedSite(runner, sock, guard)
         await site.start()
         log.info(

@@ -79,6 +79,17 @@ def parse_serve(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def settings_for(argv: list[str]) -> Settings:
+    """The settings `aetherd serve ARGV` would run with (SettingsError if they are bad)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit:
+        raise SettingsError(f"cannot parse the command line {argv!r}") from None
+    flags = {name: getattr(args, name) for name in field_names()}
+    return load_settings(flags, settings_file=args.settings)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `aetherd` console script."""
     argv = sys.argv[1:] if argv is None else argv

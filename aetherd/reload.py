@@ -97,6 +97,8 @@ class ReloadState:
         self.restored_sessions = 0
         self.refused = 0  # reloads refused by the check, in this process
         self.in_progress = False
+        # The code this process runs, as files (taken once ready): see code_fingerprint.
+        self.fingerprint: Fingerprint | None = None
 
     def begin(self, reloaded: bool) -> None:
         """Count this start (fresh or reload) in the persisted generation."""
@@ -169,6 +171,77 @@ async def check_new_code(timeout: float) -> str | None:
     lines = [line for line in text.splitlines() if line.strip()]
     last = lines[-1] if lines else "(no output)"
     return f"the new code failed its check (exit {proc.returncode}): {last[-CHECK_OUTPUT_CHARS:]}"
+
+
+Fingerprint = tuple[tuple[str, int, int, int, int], ...]
+# ctime comes from the kernel's coarse clock, which lags time.time() by up to a tick.
+CLOCK_SLACK = 0.05
+
+
+def code_fingerprint(since: float | None = None) -> Fingerprint | None:
+    """What the code of this process is made of, as files: (path, ctime, mtime, size,
+    inode) of the interpreter, of every loaded module's file and its directory, of the
+    `sys.path` entries and of the `.pth` files in them.
+
+    Taken before the daemon reports ready, it covers every module a start imports (the
+    ones the check child would import). An upgrade (pip, `packaging/install.sh`)
+    rewrites a file or adds one to a directory (which changes the directory's ctime and
+    mtime), so a reload that finds the same fingerprint would run the same code, which
+    started fine. With `since` (when this process began its imports): None when a file
+    changed after it, since what was imported may not be what is there now.
+    """
+    paths = {sys.executable, *(entry for entry in sys.path if entry)}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str):
+            paths.add(path)
+            paths.add(os.path.dirname(path))
+    for entry in list(sys.path):
+        if entry and entry.endswith("-packages"):
+            with contextlib.suppress(OSError):
+                paths.update(str(p) for p in Path(entry).glob("*.pth"))
+    limit = None if since is None else int((since - CLOCK_SLACK) * 1e9)
+    out = []
+    for path in sorted(paths):
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append((path, -1, -1, -1, -1))
+            continue
+        if limit is not None and st.st_ctime_ns >= limit:
+            log.info("%s changed after the daemon started: the next reload checks in a child", path)
+            return None
+        out.append((path, st.st_ctime_ns, st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(out)
+
+
+def check_settings_here() -> str | None:
+    """The check without a child, for code that has not changed: the settings as the
+    next process would load them (its command line, environment and settings file as
+    they are now). None when they pass, else why not."""
+    from aetherd.app import check_environment
+    from aetherd.cli import settings_for
+    from aetherd.errors import SettingsError
+
+    try:
+        check_environment(settings_for(sys.argv[1:]))
+    except SettingsError as exc:
+        return f"the new settings failed their check: {exc}"
+    return None
+
+
+async def check_reload(timeout: float, fingerprint: Fingerprint | None) -> tuple[str | None, str]:
+    """Check what the next process will run: (None when it may go, else why not; how).
+
+    Unchanged code (`fingerprint` still holds) only needs its settings checked, here
+    (milliseconds: "settings"); anything else is checked in a child ("child",
+    `check_new_code`).
+    """
+    if fingerprint is not None and sys.argv[1:2] == ["serve"]:
+        if await asyncio.to_thread(code_fingerprint) == fingerprint:
+            log.info("reload check: the code is unchanged; checking the settings")
+            return await asyncio.to_thread(check_settings_here), "settings"
+    return await check_new_code(timeout), "child"
 
 
 def run_check(settings: Any) -> int:

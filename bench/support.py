@@ -129,7 +129,7 @@ class Daemon(Child):
     `[python, "-m", "aetherd"]` (to run the daemon under a profiler, for example);
     `env` replaces this process's environment. The checkout this module belongs to is
     on the child's PYTHONPATH, or `code` (a directory holding another version's
-    `aetherd` package, to compare two versions).
+    `aetherd` package, to compare two versions), then `path`.
     """
 
     def __init__(
@@ -142,9 +142,13 @@ class Daemon(Child):
         python: list[str] | None = None,
         code: Path | None = None,
         env: dict[str, str] | None = None,
+        path: list[Path] | None = None,
     ) -> None:
         self.port = port or free_port()
-        env = {**(os.environ if env is None else env), "PYTHONPATH": str(code or REPO)}
+        env = {
+            **(os.environ if env is None else env),
+            "PYTHONPATH": os.pathsep.join(map(str, [code or REPO, *(path or [])])),
+        }
         if home is not None:
             env["HOME"] = str(home)
         argv = [

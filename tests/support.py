@@ -193,7 +193,8 @@ def aetherd_command() -> list[str]:
 def child_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AETHERD_")}
     # Run this checkout's code, even through an installed console script.
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    # (No empty entry: it would put the child's working directory on its sys.path.)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     env["XDG_DATA_HOME"] = str(tmp_path / "xdg")
     env.update(extra)
     return env

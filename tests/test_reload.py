@@ -250,6 +250,12 @@ async def read_until_closed(ws: WsClient, streams: list[PStream]) -> int | None:
     raise TimeoutError("socket never closed")
 
 
+def path_env(tmp_path: Path, directory: Path) -> dict[str, str]:
+    """PYTHONPATH with `directory` (created) first: where a "new version" gets installed."""
+    directory.mkdir()
+    return {"PYTHONPATH": f"{directory}{os.pathsep}{child_env(tmp_path)['PYTHONPATH']}"}
+
+
 def metric(d: Daemon, name: str) -> float:
     match = re.search(rf"^{name} (\S+)$", d.metrics(), re.M)
     assert match, f"no {name} in /metrics"
@@ -362,9 +368,7 @@ async def test_bad_settings_refuse_the_reload_and_the_old_daemon_serves(daemon, 
 
 async def test_new_code_that_does_not_import_is_refused(daemon, tmp_path: Path):
     poison = tmp_path / "poison"
-    poison.mkdir()
-    env = {"PYTHONPATH": f"{poison}{os.pathsep}{child_env(tmp_path)['PYTHONPATH']}"}
-    d = daemon(env=env)
+    d = daemon(env=path_env(tmp_path, poison))
     await d.wait_ready()
     # A "new version" installed on the path that fails to import.
     (poison / "aetherd").mkdir()
@@ -373,6 +377,28 @@ async def test_new_code_that_does_not_import_is_refused(daemon, tmp_path: Path):
     await wait_for(lambda: bool(d.logged("reload refused")), WAIT)
     assert "poisoned build" in d.logged("reload refused")[0]["msg"]
     assert d.proc.poll() is None and d.ready() and d.generation() == 0
+
+
+async def test_unchanged_code_is_not_checked_in_a_child_new_code_is(daemon, tmp_path: Path):
+    """The check's child (a whole import) runs only when a file of the code changed."""
+    installed = tmp_path / "installed"
+    d = daemon(env=path_env(tmp_path, installed))
+    await d.wait_ready()
+    # A first start may write __pycache__ directories (a cold cache): a directory changed
+    # after the start is not trusted, so that reload may check in a child. Not after it.
+    await d.reload()
+    await d.reload()
+    record = json.loads((d.data / "daemon.json").read_text())
+    assert record["lastCheck"] == "settings"
+    assert d.logged("reload check: the code is unchanged")
+    # "Install" something: a new file in a directory on the daemon's sys.path.
+    (installed / "new_module.py").write_text("VALUE = 1\n")
+    await d.reload()
+    assert json.loads((d.data / "daemon.json").read_text())["lastCheck"] == "child"
+    # The new process fingerprints what it runs now: the next reload is light again.
+    await d.reload()
+    assert json.loads((d.data / "daemon.json").read_text())["lastCheck"] == "settings"
+    assert len(d.logged("reload check: the code is unchanged")) >= 2
 
 
 async def test_connecting_during_the_reload_is_not_refused(daemon):
@@ -563,9 +589,7 @@ async def test_unreadable_state_is_a_clean_restart_with_one_line(daemon, tmp_pat
     """A new version that cannot read the state: one line, sessions and processes ended
     and reaped."""
     newer = tmp_path / "newer"
-    newer.mkdir()
-    env = {"PYTHONPATH": f"{newer}{os.pathsep}{child_env(tmp_path)['PYTHONPATH']}"}
-    d = daemon(env=env)
+    d = daemon(env=path_env(tmp_path, newer))
     await d.wait_ready()
     ws = await open_ws(d)
     created = await attach(ws, "old", command="exec cat")

@@ -45,7 +45,7 @@ import signal as signals
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -55,6 +55,7 @@ from aetherd.services.handover import ProcessHandover, StreamHandover
 from aetherd.services.jail import Jail
 from aetherd.services.orphans import ProcessRecords
 from aetherd.services.ring import OutputRing
+from aetherd.services.tasks import TaskSet, end_all
 from aetherd.settings import Settings
 
 log = logging.getLogger("aetherd.process")
@@ -617,7 +618,7 @@ class ManagedProcess:
         """SIGTERM to the group now, SIGKILL after the kill grace if the leader lives on."""
         self._terminating = True
         self._signal_group(signals.SIGTERM)
-        self.manager._track(self._kill_after_grace())
+        self.manager._tasks.track(self._kill_after_grace())
 
     async def _kill_after_grace(self) -> None:
         grace = self.manager.settings.process_kill_grace
@@ -699,7 +700,7 @@ class ManagedProcess:
             self._poll_handle = None
         self._close_stdin()
         # Whatever is left of the group (background jobs) ends with the process.
-        self._group_task = self.manager._track(self.manager.end_group(self.pid))
+        self._group_task = self.manager._tasks.track(self.manager.end_group(self.pid))
         if self.manager.records is not None:
             self.manager.records.remove(self.pid)
         self.exited_event.set()
@@ -819,7 +820,7 @@ class ProcessManager:
         self.base_env: dict[str, str] = {}
         self.env_provider: Callable[[], Mapping[str, str]] | None = None
         self._processes: dict[str, ManagedProcess] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet()
         self._stopping = False
         self.output_bytes = 0  # read from every pipe
         self.skipped_bytes = 0  # output slow clients never received (fell out of a ring)
@@ -853,7 +854,7 @@ class ProcessManager:
             )
         for pgid, _ in leftovers:
             self.orphans_ended += 1
-            self._track(self.end_group(pgid))
+            self._tasks.track(self.end_group(pgid))
 
     # -- handover (a reload: PROTOCOL.md section 14) -----------------------------------
     def hand_over(self, blob: bytearray) -> list[ProcessHandover]:
@@ -865,8 +866,7 @@ class ProcessManager:
         self._stopping = True
         states = [process.hand_over(blob) for process in list(self._processes.values())]
         self._processes.clear()
-        for task in list(self._tasks):
-            task.cancel()  # SIGKILLs due and groups being ended: the next process re-arms them
+        self._tasks.cancel()  # SIGKILLs due and groups being ended: the next process re-arms them
         return states
 
     def adopt_handed(self, states: list[ProcessHandover], blob: bytes) -> int:
@@ -888,7 +888,7 @@ class ProcessManager:
                     with contextlib.suppress(OSError):
                         os.close(fd)
                 if handed.leader_status is None and _is_child(handed.pid):
-                    self._track(self._end_abandoned(handed.pid))  # never another's group
+                    self._tasks.track(self._end_abandoned(handed.pid))  # never another's group
                 continue
             for fd in fds:
                 os.set_inheritable(fd, False)
@@ -904,7 +904,7 @@ class ProcessManager:
             if handed.terminating and process.state.leader_status is None:
                 process.terminate()
             if handed.group_left:
-                process._group_task = self._track(self.end_group(handed.pid))
+                process._group_task = self._tasks.track(self.end_group(handed.pid))
             count += 1
         self.adopted += count
         if count:
@@ -983,44 +983,22 @@ class ProcessManager:
     async def stop(self) -> None:
         """End every process: SIGTERM to each group, SIGKILL after the grace; reap, close."""
         self._stopping = True
-        live = [p for p in self._processes.values() if p.alive]
-        for process in live:
-            process._signal_group(signals.SIGTERM)
         grace = self.settings.process_kill_grace
-        if live:
-            waiters = [asyncio.ensure_future(p.exited_event.wait()) for p in live]
-            await asyncio.wait(waiters, timeout=grace)
-            for waiter in waiters:
-                waiter.cancel()
-        for process in live:
-            if process.alive:
-                process._signal_group(signals.SIGKILL)
-        deadline = time.monotonic() + 2.0 + self.settings.process_exit_drain
-        for process in live:
-            if process.alive:
-                # SIGKILL cannot be ignored: the exit (and the drain) is imminent.
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(
-                        process.exited_event.wait(), max(0.01, deadline - time.monotonic())
-                    )
-            if process.alive:
-                log.error("process %s did not end after SIGKILL", process.id)
+        stuck = await end_all(
+            list(self._processes.values()),
+            _signal_process,
+            signals.SIGTERM,
+            grace,
+            2.0 + self.settings.process_exit_drain,
+        )
+        for process in stuck:
+            log.error("process %s did not end after SIGKILL", process.id)
         for process in list(self._processes.values()):
             for attachment in list(process.attachments):
                 attachment.detach()
             process.close()
         self._processes.clear()
-        tasks = list(self._tasks)
-        if tasks:
-            await asyncio.wait(tasks, timeout=grace + 1)
-        for task in tasks:
-            task.cancel()
-
-    def _track(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        await self._tasks.drain(grace + 1)
 
     async def end_group(self, pgid: int) -> None:
         """End what is left of a process group: SIGTERM, then SIGKILL after the grace."""
@@ -1249,6 +1227,10 @@ class ProcessManager:
         process = self.spawn(wait=True, **kwargs)
         await process.wait()
         return process.result()
+
+
+async def _signal_process(process: ManagedProcess, sig: int) -> None:
+    process._signal_group(sig)
 
 
 def _killpg(pgid: int, sig: int) -> None:

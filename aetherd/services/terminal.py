@@ -32,7 +32,7 @@ import signal
 import struct
 import termios
 import time
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from aetherd.services.ring import OutputRing
 from aetherd.services.ring import _is_continuation as _is_continuation  # re-exported
 from aetherd.services.ring import _utf8_cut as _utf8_cut  # re-exported
 from aetherd.services.ringfile import RingFile, ring_dir
+from aetherd.services.tasks import TaskSet, end_all
 from aetherd.settings import Settings
 
 log = logging.getLogger("aetherd.terminal")
@@ -573,7 +574,7 @@ class TerminalSession:
             self.ring_file.close(remove=True)
             self.ring_file = None
         # Background jobs may outlive the shell; they belong to the session, so end them.
-        self.manager._track(self._end_stragglers())
+        self.manager._tasks.track(self._end_stragglers())
         self.exited_event.set()
         callbacks, self._exit_callbacks = self._exit_callbacks, []
         for callback in callbacks:
@@ -618,7 +619,7 @@ class TerminalSession:
         """Signal the whole session (SIGHUP now, SIGKILL after the grace period)."""
         if self.exit is not None or self._kill_task is not None:
             return
-        self._kill_task = self.manager._track(self._terminate())
+        self._kill_task = self.manager._tasks.track(self._terminate())
 
     async def _terminate(self) -> None:
         await asyncio.to_thread(_signal_session, self.pid, signal.SIGHUP)
@@ -680,6 +681,11 @@ def _signal_session(sid: int, sig: int) -> bool:
     return bool(members)
 
 
+async def _signal_session_async(session: TerminalSession, sig: int) -> None:
+    """`_signal_session` off the event loop (it walks /proc)."""
+    await asyncio.to_thread(_signal_session, session.pid, sig)
+
+
 def _set_winsize(fd: int, cols: int, rows: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
@@ -703,7 +709,7 @@ class TerminalManager:
         self.base_env: dict[str, str] = {}
         self.env_provider: Callable[[], Mapping[str, str]] | None = None
         self._sessions: dict[str, TerminalSession] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet()
         self._shell_path: str | None = None
         self._stopping = False
         self.output_bytes = 0  # read from every PTY
@@ -886,8 +892,7 @@ class TerminalManager:
         blob = bytearray()
         states = [session.hand_over(blob) for session in self._sessions.values()]
         self._sessions.clear()
-        for task in list(self._tasks):
-            task.cancel()  # stragglers' signals and closes: the next process finishes them
+        self._tasks.cancel()  # stragglers' signals and closes: the next process finishes them
         return states, bytes(blob)
 
     def adopt(self, states: list[SessionState], blob: bytes) -> int:
@@ -953,41 +958,18 @@ class TerminalManager:
     async def stop(self) -> None:
         """End every session: SIGHUP, then SIGKILL after the grace period; reap and close."""
         self._stopping = True
-        live = [s for s in self._sessions.values() if s.alive]
-        for session in live:
-            await asyncio.to_thread(_signal_session, session.pid, signal.SIGHUP)
         grace = self.settings.terminal_kill_grace
-        if live:
-            await asyncio.wait(
-                [asyncio.ensure_future(s.exited_event.wait()) for s in live], timeout=grace
-            )
-        for session in live:
-            if session.alive:
-                await asyncio.to_thread(_signal_session, session.pid, signal.SIGKILL)
-        for session in live:
-            if session.alive:
-                # SIGKILL cannot be ignored: the exit is imminent; bound the wait anyway.
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(session.exited_event.wait(), 2.0)
-            if session.alive:
-                log.error("terminal session %s did not die after SIGKILL", session.id)
-                session._close_fd()
+        stuck = await end_all(
+            list(self._sessions.values()), _signal_session_async, signal.SIGHUP, grace, 2.0
+        )
+        for session in stuck:
+            log.error("terminal session %s did not die after SIGKILL", session.id)
         for session in list(self._sessions.values()):
             for attachment in list(session.attachments):
                 attachment.detach()
             session._close_fd()
         self._sessions.clear()
-        tasks = list(self._tasks)
-        if tasks:
-            await asyncio.wait(tasks, timeout=grace + 1)
-        for task in tasks:
-            task.cancel()
-
-    def _track(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        await self._tasks.drain(grace + 1)
 
     def _forget(self, session: TerminalSession) -> None:
         if self._sessions.get(session.id) is session:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -212,13 +213,19 @@ def test_take_refuses_a_short_blob_and_a_missing_file(tmp_path: Path):
 
 
 async def test_abandoned_children_are_ended_and_reaped():
-    proc = await asyncio.create_subprocess_exec(
-        "sh", "-c", "trap '' HUP; exec sleep 60", start_new_session=True
+    # A plain Popen: no asyncio child watcher racing end_abandoned to reap it.
+    proc = subprocess.Popen(
+        ["sh", "-c", "trap '' HUP; echo ready; exec sleep 60"],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
     )
-    # The child ignores SIGHUP: it takes the SIGKILL after the grace.
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"  # trap set
+    # The child ignores SIGHUP: it takes the SIGKILL after the grace, and is reaped.
     await end_abandoned([proc.pid], grace=0.2)
+    # Gone from /proc: reaped, not a zombie.
     await wait_for(lambda: not os.path.exists(f"/proc/{proc.pid}"), 10)
-    assert proc.returncode in (None, -signal.SIGKILL)
+    proc.returncode = -signal.SIGKILL  # reaped already: Popen must not wait for it
+    proc.stdout.close()
 
 
 def test_a_ring_file_keeps_the_last_bytes_across_the_wrap(tmp_path: Path):
