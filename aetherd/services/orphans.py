@@ -48,7 +48,8 @@ def _is_aetherd(pid: int) -> bool:
         return False
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
+    """True while a process of group `pgid` exists (signal 0 checks without signalling)."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -104,8 +105,8 @@ class ProcessRecords:
                     path.unlink()
                 continue
             now = start_time(pid)
-            running = now == recorded_start if now is not None else _group_alive(pid)
-            running = running and pid > 1 and _group_alive(pid)
+            running = now == recorded_start if now is not None else group_alive(pid)
+            running = running and pid > 1 and group_alive(pid)
             if running and daemon == os.getpid():
                 continue  # this process's own (handed over by a reload)
             if running and _is_aetherd(daemon):

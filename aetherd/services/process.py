@@ -53,7 +53,7 @@ from aetherd.errors import AetherError, ErrorCode
 from aetherd.metrics import Sample
 from aetherd.services.handover import ProcessHandover, StreamHandover
 from aetherd.services.jail import Jail
-from aetherd.services.orphans import ProcessRecords
+from aetherd.services.orphans import ProcessRecords, group_alive
 from aetherd.services.ring import OutputRing
 from aetherd.services.tasks import TaskSet, end_all
 from aetherd.settings import Settings
@@ -1002,13 +1002,13 @@ class ProcessManager:
 
     async def end_group(self, pgid: int) -> None:
         """End what is left of a process group: SIGTERM, then SIGKILL after the grace."""
-        if not _group_alive(pgid):
+        if not group_alive(pgid):
             return
         _killpg(pgid, signals.SIGTERM)
         deadline = time.monotonic() + self.settings.process_kill_grace
         while time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-            if not _group_alive(pgid):
+            if not group_alive(pgid):
                 return
         _killpg(pgid, signals.SIGKILL)
 
@@ -1254,17 +1254,6 @@ def _reaped(pid: int) -> bool:
     except ChildProcessError:
         return True
     return done == pid
-
-
-def _group_alive(pgid: int) -> bool:
-    """True while a process of group `pgid` exists (signal 0 checks without signalling)."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _spawn(
