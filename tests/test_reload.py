@@ -431,9 +431,24 @@ async def test_a_session_exiting_during_the_reload_reports_its_exit_once(daemon)
         "echo bye; exit 7"
     )
     await attach(ws, "exiting", command=wait_then_exit)
-    # Another one exits before the reload, with nobody attached: handed over exited.
-    await attach(ws, "done", command="echo finished; exit 3")
+    # Another one exits before the reload, with nobody attached: handed over exited. It
+    # waits for its detach (a session that exits while attached is told and forgotten).
+    release = d.run / "release-done"
+    await attach(
+        ws,
+        "done",
+        command=f"while ! [ -e {release} ]; do sleep 0.005; done; echo finished; exit 3",
+    )
     await ws.request("terminal", "detach", sessionId="done")
+    release.touch()
+
+    deadline = time.monotonic() + WAIT
+    while True:  # bounded by WAIT
+        listed = (await ws.request("terminal", "list"))["data"]["sessions"]
+        if any(s["sessionId"] == "done" and s["exited"] for s in listed):
+            break
+        assert time.monotonic() < deadline, listed
+        await asyncio.sleep(0.02)
     stream = Stream()
     await stream.until(ws, "exiting", lambda s: "waiting" in s.text)
     await d.reload()
