@@ -328,13 +328,7 @@ class TerminalSession:
         if self._writing and self.fd is not None:
             self._loop.remove_writer(self.fd)
             self._writing = False
-        if self._pidfd is not None:
-            self._loop.remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = None
-        if self._reap_handle is not None:
-            self._reap_handle.cancel()
-            self._reap_handle = None
+        self._stop_exit_watch()
         retention_left = None
         if self._retention_handle is not None:
             retention_left = max(0.0, self._retention_handle.when() - self._loop.time())
@@ -555,12 +549,8 @@ class TerminalSession:
         self._finish(exit_from_status(status))
         return True
 
-    def _finish(self, exit_: Exit) -> None:
-        # Output written just before the exit is still in the PTY: take it first.
-        if self.fd is not None and not self._eof:
-            self._read_into_ring(EXIT_DRAIN_LIMIT)
-        self._pause_reading()
-        self.exit = exit_
+    def _stop_exit_watch(self) -> None:
+        """Stop watching for the child's exit: its pidfd and the fallback reap timer."""
         if self._pidfd is not None:
             self._loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
@@ -568,6 +558,14 @@ class TerminalSession:
         if self._reap_handle is not None:
             self._reap_handle.cancel()
             self._reap_handle = None
+
+    def _finish(self, exit_: Exit) -> None:
+        # Output written just before the exit is still in the PTY: take it first.
+        if self.fd is not None and not self._eof:
+            self._read_into_ring(EXIT_DRAIN_LIMIT)
+        self._pause_reading()
+        self.exit = exit_
+        self._stop_exit_watch()
         self._close_fd()
         if self.ring_file is not None:
             # An ended session cannot be adopted after a crash: no mirror (and no fd) left.
