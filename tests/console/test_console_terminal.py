@@ -135,3 +135,23 @@ async def wait_for_async(predicate, timeout: float = WAIT) -> None:
     while not await predicate():
         assert asyncio.get_running_loop().time() < deadline, "condition not met"
         await asyncio.sleep(0.05)
+
+
+async def test_a_flood_is_paced_by_the_browsers_pongs(start_daemon, console_assets, browser):
+    """Chromium answers the window pings as it parses frames: a flood of many windows
+    reaches the page whole, paced (the window filled and pongs moved it), never unpaced."""
+    running = await start_daemon(stream_window_timeout=600)
+    page, problems = await open_console(browser, running.url("").rstrip("/"), TOKEN)
+    await until(page, "() => window.aetherdConsole.terminalIds().length === 1")
+    await page.locator(".term-pane:not([hidden]) .xterm").click()
+    # About 400 KB of output: six windows of 64 KiB.
+    await page.keyboard.type(
+        "head -c 400000 /dev/zero | tr '\\0' y | fold -w 100; echo; echo \"flood\"\"-end\""
+    )
+    await page.keyboard.press("Enter")
+    await wait_text(page, r"^flood-end$", timeout=WAIT * 2)  # xterm.js parses it all first
+    (conn,) = list(running.daemon.hub)
+    assert conn._streamed > 400_000
+    assert conn.window_waits > 0  # the window filled: output waited for the browser
+    assert conn._window_answered and conn._window == 64 * 1024  # answered, never unpaced
+    assert problems.errors == [], problems.errors
