@@ -119,6 +119,11 @@ class Settings(BaseModel):
         description="Streamed output (terminal, process) sent ahead of the client's last "
         "answered ping; 0 = unpaced",
     )
+    stream_shared_frame_bytes: int = Field(
+        16 * 1024,
+        ge=1024,
+        description="Output bytes per frame while several busy streams share a paced socket",
+    )
     stream_window_timeout: float = Field(
         10.0,
         gt=0,

@@ -105,8 +105,9 @@ class Attachment:
         if not self.closed:
             self._notify()
 
-    def read(self) -> Output | Exit | None:
-        """The next chunk of output, then the exit once everything was given; None when idle."""
+    def read(self, limit: int | None = None) -> Output | Exit | None:
+        """The next chunk of output (at most `limit` bytes, if smaller than the session's
+        frame size), then the exit once everything was given; None when idle."""
         if self.closed:
             return None
         session = self.session
@@ -117,7 +118,8 @@ class Attachment:
             session.manager.skipped_bytes += ring.start - self.cursor
             self.cursor = ring.start
         if self.cursor < ring.end:
-            start, raw = ring.chunk(self.cursor, session.max_frame, session.exit is not None)
+            size = min(limit, session.max_frame) if limit else session.max_frame
+            start, raw = ring.chunk(self.cursor, size, session.exit is not None)
             if raw:
                 truncated, self._truncated = self._truncated, False
                 self.cursor = start + len(raw)

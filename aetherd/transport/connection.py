@@ -12,6 +12,11 @@ sent so far) every half window; the client's pong, which comes once it has read
 everything before the ping, moves the window. Queued replies and urgent streams (a
 keystroke's echo) are never held, so on one socket they wait behind at most a window of
 bulk output instead of everything the kernel's buffers hold (megabytes on loopback).
+While more than one bulk stream is busy on a paced socket, they are asked for frames of
+`stream_shared_frame_bytes` (16 KiB) instead of their full size: an echo that comes
+while the writer is busy waits behind one small frame, and a window holds several
+sessions' output. A lone busy stream keeps its large frames (throughput, CPU per MB).
+
 A client that stops reading is dropped after `write_timeout`, paced or not: held by the
 window, the writer counts as blocked. Once the client has answered a window ping, bulk
 output held for longer than `write_timeout` without a pong moving the window drops it
@@ -93,6 +98,11 @@ class Connection:
         self._window_pings: deque[tuple[int, float]] = deque()  # (position, monotonic)
         self.window_waits = 0  # times bulk output waited for a pong (tests, metrics)
         self._window_answered = False  # the client has answered a window ping
+        # Frame size for bulk streams (read by them in `pull()`): smaller while several
+        # busy streams share a paced socket, so an echo waits behind less.
+        self.bulk_frame_bytes: int | None = None
+        self._bulk_pulls = 0  # bulk frames pulled so far
+        self._bulk_seen: dict[OutboundStream, int] = {}  # stream -> `_bulk_pulls` at its last
         self._held_since: float | None = None  # bulk output first held by a full window
 
     # -- Peer interface ---------------------------------------------------------------
@@ -152,6 +162,7 @@ class Connection:
         def remove() -> None:
             if stream in self._streams:
                 self._streams.remove(stream)
+            self._bulk_seen.pop(stream, None)
 
         return remove
 
@@ -215,12 +226,18 @@ class Connection:
                 self._held_since = time.monotonic()
             return None  # bulk output waits for a pong (the writer is woken by it)
         count = len(self._streams)
+        if self._window:
+            recent = self._bulk_pulls - count
+            busy = sum(1 for last in self._bulk_seen.values() if last > recent)
+            self.bulk_frame_bytes = self._settings.stream_shared_frame_bytes if busy > 1 else None
         for _ in range(count):
             stream = self._streams[self._rr % count]
             self._rr += 1
             text = stream.pull()
             if text is not None:
                 self._streamed += len(text)
+                self._bulk_pulls += 1
+                self._bulk_seen[stream] = self._bulk_pulls
                 return text
         return None
 

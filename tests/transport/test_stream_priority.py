@@ -47,6 +47,64 @@ def test_urgent_streams_go_before_the_round_robin(make_settings):
     assert conn._next_frame() is None
 
 
+def test_busy_streams_sharing_a_paced_socket_get_smaller_frames(make_settings):
+    conn = Connection(None, make_settings(), "c-test", Metrics())  # type: ignore[arg-type]
+    one, two = FakeStream("one", 100), FakeStream("two", 0)
+    for stream in (one, two):
+        conn.add_stream(stream)
+    for _ in range(6):  # one busy stream: full frames
+        assert conn._next_frame() == "one"
+        conn._acked = conn._streamed  # the client keeps up: the window never fills
+    assert conn.bulk_frame_bytes is None
+    two.left = 100  # a second one gets busy: both are asked for small frames
+    for _ in range(6):
+        assert conn._next_frame() in ("one", "two")
+        conn._acked = conn._streamed
+    assert conn.bulk_frame_bytes == 16 * 1024
+    two.left = 0  # alone again: full frames after a round
+    for _ in range(4):
+        conn._next_frame()
+        conn._acked = conn._streamed
+    assert conn.bulk_frame_bytes is None
+    unpaced = Connection(
+        None,
+        make_settings(stream_window_bytes=0),
+        "c-test",
+        Metrics(),  # type: ignore[arg-type]
+    )
+    for name in ("a", "b"):
+        unpaced.add_stream(FakeStream(name, 100))
+    for _ in range(6):
+        unpaced._next_frame()
+    assert unpaced.bulk_frame_bytes is None  # unpaced sockets keep full frames
+
+
+async def test_two_floods_on_one_socket_come_in_small_frames(start_daemon, tmp_path):
+    daemon = await start_daemon()
+    client = await daemon.connect()
+    await client.expect_type("terminal", "sessions")
+    env = {"HOME": str(tmp_path)}
+    reply = await client.request("terminal", "create", sessionId="a", command="exec yes", env=env)
+    assert reply["success"] is True, reply
+
+    async def sizes(count: int, sessions: set[str]) -> list[int]:
+        seen: list[int] = []
+        while len(seen) < count:
+            msg = await client.ws.receive(timeout=20)
+            assert msg.type is aiohttp.WSMsgType.TEXT, msg
+            frame = json.loads(msg.data)
+            if frame.get("type") == "output" and frame.get("sessionId") in sessions:
+                seen.append(len(frame["data"].encode()))
+        return seen
+
+    alone = await sizes(100, {"a"})
+    assert max(alone) > 16 * 1024  # one flood: frames larger than the shared size
+    reply = await client.request("terminal", "create", sessionId="b", command="exec yes", env=env)
+    assert reply["success"] is True, reply
+    shared = await sizes(300, {"a", "b"})
+    assert max(shared[-200:]) <= 16 * 1024  # two floods: every frame at most 16 KiB
+
+
 def _connection(daemon) -> Connection:
     [peer] = list(daemon.daemon.hub)
     assert isinstance(peer, Connection)
