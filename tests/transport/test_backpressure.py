@@ -47,7 +47,10 @@ async def test_ten_thousand_pipelined_requests_all_get_replies(daemon):
 
 async def test_the_reader_pauses_instead_of_dropping(start_daemon):
     # A tiny queue: without backpressure the 17th queued reply would drop the client.
-    running = await start_daemon(send_queue_frames=16, send_queue_pause_frames=4)
+    # (One port at most: the host's listening ports are pushed on connect, one frame each.)
+    running = await start_daemon(
+        send_queue_frames=16, send_queue_pause_frames=4, port_max_tracked=1
+    )
     client = await running.connect()
     count = 300
     long_type = (

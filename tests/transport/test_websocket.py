@@ -135,7 +135,9 @@ async def test_client_that_stops_reading_is_dropped_after_write_timeout(start_da
 async def test_flooding_client_that_never_reads_is_dropped_alone(start_daemon):
     # Its replies fill the queue, the daemon stops reading it (backpressure), its
     # socket stops draining, and the write timeout drops it; the other client is fine.
-    running = await start_daemon(send_queue_frames=16, write_timeout=2)
+    # The host's listening ports are pushed on connect, one frame each: with other
+    # daemons running there can be more of them than this tiny queue holds.
+    running = await start_daemon(send_queue_frames=16, write_timeout=2, port_max_tracked=1)
     raw = await asyncio.to_thread(
         RawWebSocket, "127.0.0.1", running.server.port, f"/workspaces/ws-test/ws?token={TOKEN}"
     )
