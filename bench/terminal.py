@@ -563,6 +563,7 @@ async def run(args: argparse.Namespace, sizes: Sizes, cases: set[str]) -> dict[s
             traced_data = json.load(traced_times)
         results["breakdown"] = echo_breakdown(results["aetherd_flood_marks"], traced_data)
         results["callbacks"] = traced_data.get("callbacks", {})
+        results["outq"] = traced_data.get("outq", [])
     if args.profile:
         import pstats
 
@@ -810,10 +811,23 @@ def traced_pull(self):
     return frame
 channel.TerminalStream.pull = traced_pull
 
+import fcntl, struct, termios
+SIOCOUTQNSD = 0x894B  # bytes not yet sent (TIOCOUTQ: not yet acknowledged)
+trace["outq"] = []
+def queued(ws):
+    sock = ws._writer.transport.get_extra_info("socket")
+    counts = []
+    for request in (termios.TIOCOUTQ, SIOCOUTQNSD):
+        counts.append(struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0])
+    return counts
+
 send_frame = web_ws.WebSocketResponse.send_frame
 async def traced_send_frame(self, message, opcode, compress=None):
+    mine = key in message[:120]
+    if mine:
+        trace["outq"].append(queued(self))  # what the kernel holds ahead of the echo
     await send_frame(self, message, opcode, compress)
-    if key in message[:120]:
+    if mine:
         trace["sent"].append(now())
 web_ws.WebSocketResponse.send_frame = traced_send_frame
 
@@ -1155,6 +1169,19 @@ def report_breakdown(rows: list[dict[str, float]]) -> None:
             )
 
 
+def report_outq(outq: list[list[int]]) -> None:
+    """What the daemon's socket held in the kernel when each echo frame was sent."""
+    if not outq:
+        return
+    unacked = [float(q[0]) for q in outq]
+    unsent = [float(q[1]) for q in outq]
+    print(
+        f"\nDaemon socket at each echo frame's send ({len(outq)} frames): not yet acknowledged"
+        f" p50 {percentile(unacked, 0.5):.0f} B, p99 {percentile(unacked, 0.99):.0f} B;"
+        f" not yet sent p50 {percentile(unsent, 0.5):.0f} B, p99 {percentile(unsent, 0.99):.0f} B"
+    )
+
+
 def report_callbacks(callbacks: dict[str, list[float]]) -> None:
     """The daemon's loop callbacks that held it longest (traced run, whole daemon life)."""
     if not callbacks:
@@ -1236,6 +1263,7 @@ def main(argv: list[str] | None = None) -> None:
         results = asyncio.run(run(args, sizes, cases))
         report(results, sizes)
         report_breakdown(results.get("breakdown", []))
+        report_outq(results.get("outq", []))
         report_callbacks(results.get("callbacks", {}))
         all_ratios.append(ratios(results))
         print()
