@@ -14,7 +14,10 @@ every ratio; `--only throughput,flood` runs some cases (memory, throughput, echo
 attach, prompt), each still beside its references. `--daemon-arg` passes a flag to the
 daemon (for example `--daemon-arg=--event-loop=asyncio`). `--baseline DIR` runs a second
 daemon from another checkout's `aetherd` package (`--baseline-arg` flags for it alone)
-in the same throughput rounds: before and after under the same load.
+in the same throughput rounds and flood echo: before and after under the same load.
+`--trace` times each flood echo's path through the daemon (input written, echo read from
+the PTY, frame pulled, sent), its loop callbacks and socket queues, and a raw PTY echo
+under the same floods.
 Needs terminado (`pip install -e '.[bench]'`).
 """
 
@@ -1226,7 +1229,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--baseline",
         help="a directory holding another version's aetherd package: its daemon takes"
-        " turns in the throughput and first-prompt rounds (before/after in the same run)",
+        " turns in the throughput, flood-echo and first-prompt rounds (before/after in the same run)",
     )
     parser.add_argument(
         "--baseline-arg",

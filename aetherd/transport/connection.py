@@ -12,7 +12,8 @@ sent so far) every half window; the client's pong, which comes once it has read
 everything before the ping, moves the window. Queued replies and urgent streams (a
 keystroke's echo) are never held, so on one socket they wait behind at most a window of
 bulk output instead of everything the kernel's buffers hold (megabytes on loopback).
-While more than one bulk stream is busy on a paced socket, they are asked for frames of
+While more than one bulk stream is busy on a paced socket (each gave a frame within the
+last four rounds), they are asked for frames of
 `stream_shared_frame_bytes` (16 KiB) instead of their full size: an echo that comes
 while the writer is busy waits behind one small frame, and a window holds several
 sessions' output. A lone busy stream keeps its large frames (throughput, CPU per MB).
@@ -227,7 +228,9 @@ class Connection:
             return None  # bulk output waits for a pong (the writer is woken by it)
         count = len(self._streams)
         if self._window:
-            recent = self._bulk_pulls - count
+            # Busy: gave a bulk frame within the last few rounds (a stream whose program
+            # was not scheduled for a moment stays busy).
+            recent = self._bulk_pulls - 4 * count
             busy = sum(1 for last in self._bulk_seen.values() if last > recent)
             self.bulk_frame_bytes = self._settings.stream_shared_frame_bytes if busy > 1 else None
         for _ in range(count):

@@ -61,8 +61,8 @@ def test_busy_streams_sharing_a_paced_socket_get_smaller_frames(make_settings):
         assert conn._next_frame() in ("one", "two")
         conn._acked = conn._streamed
     assert conn.bulk_frame_bytes == 16 * 1024
-    two.left = 0  # alone again: full frames after a round
-    for _ in range(4):
+    two.left = 0  # alone again: full frames after four rounds
+    for _ in range(9):
         conn._next_frame()
         conn._acked = conn._streamed
     assert conn.bulk_frame_bytes is None
@@ -102,7 +102,10 @@ async def test_two_floods_on_one_socket_come_in_small_frames(start_daemon, tmp_p
     reply = await client.request("terminal", "create", sessionId="b", command="exec yes", env=env)
     assert reply["success"] is True, reply
     shared = await sizes(300, {"a", "b"})
-    assert max(shared[-200:]) <= 16 * 1024  # two floods: every frame at most 16 KiB
+    # Two floods: small frames (a lone frame may be large if one program was not
+    # scheduled for four rounds; unpaced or without the rule, nearly all are large).
+    small = sum(size <= 16 * 1024 for size in shared[-200:])
+    assert small >= 180, shared[-200:]
 
 
 def _connection(daemon) -> Connection:
