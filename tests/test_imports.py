@@ -74,6 +74,19 @@ LAZY = (
     "hypothesis",  # test-only
     "pytest",  # test-only
     "jsonschema",  # never at run time
+    # Built on first use (aetherd/daemon.py, aetherd/channels/__init__.py): the agent
+    # (at the first connection, or at boot with tasks to fail), git, search.
+    "aetherd.agent",
+    "aetherd.channels.agent",
+    "aetherd.protocol.agent",
+    "aetherd.services.transcript",
+    "sqlite3",
+    "_sqlite3",
+    "aetherd.channels.git",
+    "aetherd.protocol.git",
+    "aetherd.services.git",
+    "aetherd.services.search",
+    "aetherd.services.gitignore",
 )
 
 # `aetherd serve` as the console script runs it (aetherd.cli.main), plus one thread that
