@@ -17,6 +17,7 @@ tasks a previous run left active, so that they are failed as before.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import time
 from collections.abc import Callable
@@ -187,6 +188,21 @@ class Services:
         """Agent tasks running now (0 until the agent service exists)."""
         agent = self.built("agent")
         return agent.running_count() if agent is not None else 0
+
+
+# The modules of the services built on first use (the reload check imports them all).
+LAZY_MODULES = (
+    "aetherd.services.search",
+    "aetherd.services.git",
+    "aetherd.services.transcript",
+    "aetherd.agent.runner",
+)
+
+
+def import_lazy_modules() -> None:
+    """Import the modules of the services built on first use (raises what they raise)."""
+    for name in LAZY_MODULES:
+        importlib.import_module(name)
 
 
 def _has_active_tasks(path: Path) -> bool:

@@ -7,12 +7,17 @@ and the agent also starts at boot when its transcript holds tasks a crash left a
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 import aiohttp
 
+import aetherd
 from aetherd.services.transcript import TranscriptStore, has_active_tasks
-from tests.support import wait_for
+from tests.support import child_env, wait_for
 
 LAZY = ("search", "git", "agent", "transcript")
 
@@ -105,3 +110,35 @@ def test_an_unreadable_transcript_counts_as_work(tmp_path):
     path = tmp_path / "agent.sqlite3"
     path.write_bytes(b"not a database at all" * 100)
     assert has_active_tasks(path)  # the agent's own start then reports it
+
+
+def _reload_check(tmp_path: Path, code: Path) -> subprocess.CompletedProcess[str]:
+    """`AETHERD_RELOAD_CHECK=1 aetherd serve …` (what a reload runs) on the code in `code`."""
+    (tmp_path / "root").mkdir(exist_ok=True)
+    env = child_env(tmp_path, AETHERD_RELOAD_CHECK="1")
+    env["PYTHONPATH"] = str(code)
+    return subprocess.run(
+        [sys.executable, "-m", "aetherd", "serve", "--token", "t", "--root", str(tmp_path / "root"),
+         "--data-dir", str(tmp_path / "data")],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def test_the_reload_check_imports_what_is_built_on_first_use(tmp_path):
+    code = tmp_path / "code"
+    shutil.copytree(
+        Path(aetherd.__file__).parent,
+        code / "aetherd",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    passed = _reload_check(tmp_path, code)
+    assert passed.returncode == 0 and "reload check passed" in passed.stdout, passed.stderr
+    # A new version whose git service (imported only at the first git request) is broken.
+    (code / "aetherd" / "services" / "git.py").write_text("raise ImportError('broken git')\n")
+    refused = _reload_check(tmp_path, code)
+    assert refused.returncode != 0 and "broken git" in refused.stderr
+    # The running daemon's fingerprint covers that file although it never imported it.
+    from aetherd.reload import code_fingerprint
+
+    fingerprint = code_fingerprint() or ()
+    assert str(Path(aetherd.__file__).parent / "services" / "git.py") in {f[0] for f in fingerprint}
