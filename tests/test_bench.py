@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -20,6 +21,7 @@ import pytest
 
 from bench import support
 from bench.terminal import BARE_SERVER, Aether, aether_echo, aether_throughput, pty_floor
+from tests.support import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 MODULES = sorted(p.stem for p in (REPO / "bench").glob("*.py") if p.stem != "__init__")
@@ -134,7 +136,14 @@ async def test_terminal_benchmark_floor_reads_a_pty_to_the_same_client(tmp_path:
     server = support.Child(
         [sys.executable, "-c", BARE_SERVER, str(port)], dict(os.environ), "ready"
     )
+
+    def listening() -> bool:
+        # The bare server says "ready" just before aiohttp binds its port.
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
     try:
+        await wait_for(listening, timeout=60)
         result = await pty_floor(f"ws://127.0.0.1:{port}", server.pid, str(data))
     finally:
         server.stop(10)
