@@ -146,7 +146,7 @@ async def test_a_flood_is_paced_by_the_browsers_pongs(start_daemon, console_asse
     await page.locator(".term-pane:not([hidden]) .xterm").click()
     # About 400 KB of output: six windows of 64 KiB.
     await page.keyboard.type(
-        "head -c 400000 /dev/zero | tr '\\0' y | fold -w 100; echo; echo \"flood\"\"-end\""
+        'head -c 400000 /dev/zero | tr \'\\0\' y | fold -w 100; echo; echo "flood""-end"'
     )
     await page.keyboard.press("Enter")
     await wait_text(page, r"^flood-end$", timeout=WAIT * 2)  # xterm.js parses it all first
