@@ -75,6 +75,8 @@ class Connection:
         self._slots: dict[Slot[Any], Any] = {}
         self._closed = False
         self._drop_reason: str | None = None
+        self._writing = False  # a frame is being written (by the writer or `send_now`)
+        self._wake_after_write = False  # the writer stood aside for `send_now`
         self.last_pong = time.monotonic()
         self._write_started: float | None = None
         self.frames_sent = 0
@@ -120,6 +122,57 @@ class Connection:
         if len(self._queue) > self._pause_frames or self._queued_bytes > self._pause_bytes:
             self._writable.clear()
         self._wake.set()
+
+    async def send_now(self, text: str) -> None:
+        """Send a reply at once when nothing is queued and no frame is being written;
+        else queue it (`send`).
+
+        This saves the hand-off to the writer task: two loop iterations per request
+        (the writer's wake-up, then its `sleep(0)`). The frame goes out before any
+        stream output not yet pulled, as a queued reply would. Only while the
+        transport's buffer is empty: then the write cannot wait for the client, and a
+        client that does not read still meets the queue and the reader's pause.
+        """
+        if (
+            self._queue
+            or self._writing
+            or self._closed
+            or self._drop_reason
+            or self._transport_buffered()
+        ):
+            self.send(text)
+            return
+        self._writing = True
+        self._write_started = time.monotonic()
+        try:
+            await self._ws.send_str(text)
+        except UnicodeEncodeError:
+            log.warning("frame with unencodable text replaced")
+            await self._ws.send_str(text.encode("utf-8", "replace").decode("utf-8"))
+        except (ConnectionError, RuntimeError):
+            self._closed = True
+            self._writable.set()
+            self._wake.set()
+            return
+        finally:
+            self._writing = False
+            self._write_started = None
+            if self._wake_after_write:
+                self._wake_after_write = False
+                self._wake.set()
+        self.frames_sent += 1
+        self.bytes_sent += len(text)
+        self._metrics.frame_out(text)
+
+    def _transport_buffered(self) -> bool:
+        """True unless the transport is known to hold no unsent bytes."""
+        transport = getattr(getattr(self._ws, "_writer", None), "transport", None)
+        if transport is None:
+            return True
+        try:
+            return bool(transport.get_write_buffer_size())
+        except (AttributeError, RuntimeError):
+            return True
 
     def add_cleanup(self, func: Callable[[], Any]) -> None:
         """Run `func` (sync or async) when the connection ends."""
@@ -223,9 +276,13 @@ class Connection:
                     self._metrics.connections_dropped.labels("send_queue_overflow").inc()
                     await self.close(CLOSE_POLICY, self._drop_reason)
                     return
+                if self._writing:  # `send_now` is writing; it wakes us when done
+                    self._wake_after_write = True
+                    break
                 text = self._next_frame()
                 if text is None:
                     break
+                self._writing = True
                 self._write_started = time.monotonic()
                 try:
                     if isinstance(text, bytes):  # already UTF-8 (terminal output)
@@ -242,6 +299,7 @@ class Connection:
                     self._writable.set()
                     return
                 finally:
+                    self._writing = False
                     self._write_started = None
                 self.frames_sent += 1
                 self.bytes_sent += len(text)
