@@ -106,7 +106,7 @@ async def list_(ctx: Context, msg: PathRequest) -> list[FileEntry]:
     reply=FileContent,
     errors=(*_PATH_ERRORS, ErrorCode.IS_DIRECTORY, ErrorCode.FILE_TOO_LARGE),
 )
-async def read(ctx: Context, msg: ReadRequest) -> Wire | Deferred:
+async def read(ctx: Context, msg: ReadRequest) -> Wire[FileContent] | Deferred:
     """One page of a file.
 
     Not `concurrent`: a small cached file is read on the loop at once (no task of its
@@ -121,7 +121,9 @@ async def read(ctx: Context, msg: ReadRequest) -> Wire | Deferred:
     return Wire(page)
 
 
-async def _read_in_thread(fs: FileSystem, path: str, offset: int, length: int | None) -> Wire:
+async def _read_in_thread(
+    fs: FileSystem, path: str, offset: int, length: int | None
+) -> Wire[FileContent]:
     return Wire(await fs.read_in_thread(path, offset, length))
 
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 import os
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, TypeAdapter
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 __all__ = ["Channel", "Deferred", "Empty", "Handler", "Message", "Registry", "Wire"]
 
 M = TypeVar("M", bound=BaseModel)
+R = TypeVar("R")
 ModelType = type[BaseModel]  # named here: `Handler.type` shadows the builtin in its body
 HandlerFunc = Callable[["Context", Any], Awaitable[Any]]
 ConnectHook = Callable[["Context"], Awaitable[None]]
@@ -76,8 +77,11 @@ class Deferred:
         self.awaitable = awaitable
 
 
-class Wire:
-    """A reply's data in wire form, encoded with orjson as it is (see the module doc)."""
+class Wire(Generic[R]):
+    """A reply's data in wire form, encoded with orjson as it is (see the module doc).
+
+    Annotated with the reply model it stands for: `-> Wire[FileContent]`.
+    """
 
     __slots__ = ("value",)
 
@@ -117,7 +121,7 @@ class Handler:
         Raises `pydantic.PydanticSerializationError` when the result does not match, and
         TypeError when a handler that declares no reply returns something.
         """
-        if type(data) is Wire and self.adapter is not None:
+        if isinstance(data, Wire) and self.adapter is not None:
             encoded = orjson.dumps(data.value)
             if CHECK_WIRE:
                 declared = self.adapter.dump_json(
