@@ -10,13 +10,15 @@ them), NaN and Infinity (not JSON), and strings with a lone UTF-16 surrogate
 (`"\\ud800"`: valid JSON, but not Unicode, so it cannot be encoded for a path, a
 PTY, SQLite or YAML). Such a frame gets INVALID_MESSAGE and nothing else runs.
 
-Frames are parsed by orjson (3-5x faster than `json` on our frame shapes), and by the
-`json` decoder below whenever orjson's answer could differ from it: orjson reads an
-integer beyond 64 bits as a float without saying so, so a frame with a run of 19 or
-more digits anywhere (every integer outside int64 has one) goes to `json`, and so does
-every frame orjson refuses (NaN, Infinity, 1e999, a lone surrogate escape, nesting
-deeper than 1024, malformed JSON): the `json` decoder then gives exactly the answer or
-the error it gave before. Both keep the last of duplicate keys.
+Frames are parsed by orjson, and again by the `json` decoder below whenever orjson's
+answer could differ from it: every frame orjson refuses (NaN, Infinity, 1e999, a lone
+surrogate escape, nesting deeper than 1024, malformed JSON), and every frame holding an
+integer outside int64 or a float of magnitude 2**63 or more, because orjson reads an
+integer beyond 64 bits as a float without saying so (`-9223372036854775809` becomes
+`-9.223372036854776e18`). The `json` decoder then gives exactly the answer or the error
+it always gave. Both keep the last of duplicate keys. With the check (a walk of the
+decoded values), orjson takes 0.5-0.7x the time of `json` with its number hooks
+(docs/performance.md, Files).
 """
 
 from __future__ import annotations
@@ -86,8 +88,29 @@ _decoder = json.JSONDecoder(
 # A `\uD800`-`\uDFFF` escape in the text: only then can a decoded string hold a lone
 # surrogate, so the walk below runs only for frames that contain one.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-# 19 digits in a row: every integer outside int64 (|n| >= 2**63) is written with one.
-_LONG_DIGITS = re.compile(r"\d{19}")
+_WIDE = float(2**63)  # a float this large may be an integer orjson could not hold
+
+
+def _wide(value: Any) -> bool:
+    """True when orjson's `value` holds an integer outside int64, or a float that may
+    stand for one (|x| >= 2**63): then only the `json` decoder can say what it was."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is str or kind is bool or item is None:
+            continue
+        if kind is int:
+            if not INT64_MIN <= item <= INT64_MAX:
+                return True
+        elif kind is float:
+            if not -_WIDE < item < _WIDE:
+                return True
+        elif kind is dict:
+            stack.extend(item.values())
+        elif kind is list:
+            stack.extend(item)
+    return False
 
 
 def _unencodable(value: Any, path: str = "") -> str | None:
@@ -116,11 +139,13 @@ def _unencodable(value: Any, path: str = "") -> str | None:
 
 def decode_frame(text: str) -> Any:
     """Parse one text frame; raise AetherError for a number the protocol cannot carry."""
-    if _LONG_DIGITS.search(text) is None:
-        try:
-            return orjson.loads(text)
-        except orjson.JSONDecodeError:
-            pass  # the json decoder below says what is wrong, as it always did
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        pass  # the json decoder below says what is wrong, as it always did
+    else:
+        if not _wide(value):
+            return value
     try:
         return _decoder.decode(text)
     except _OutOfRange as exc:
