@@ -29,8 +29,8 @@ from tests.support import WsClient, connect
 TOKEN = "test-token-0123456789"
 
 # Every `Wire` reply (data encoded without its model, aetherd/protocol/registry.py) is
-# compared with its model's bytes, here and in the daemons the tests start.
-os.environ["AETHERD_CHECK_WIRE"] = "1"
+# compared with its model's bytes in the daemons served in this process (child daemons
+# get no AETHERD_* variables: tests/support.child_env).
 registry_module.CHECK_WIRE = True
 
 # The daemon runs on uvloop when it is installed (aetherd/eventloop.py) and on asyncio's
