@@ -114,15 +114,16 @@ class Settings(BaseModel):
         description="Stop reading a client's frames while this many bytes wait to be sent to it",
     )
     stream_window_bytes: int = Field(
-        0,
+        65536,
         ge=0,
         description="Streamed output (terminal, process) sent ahead of the client's last "
-        "answered ping; 0 (the default) = unpaced",
+        "answered ping; 0 = unpaced",
     )
     stream_window_timeout: float = Field(
         10.0,
         gt=0,
-        description="Seconds without the pong of a window ping before a client's output is unpaced",
+        description="Seconds without the pong of a window ping before the output of a client "
+        "that has never answered one is unpaced",
     )
     max_connections: int = Field(256, ge=1, description="Simultaneous WebSocket connections")
     header_timeout: float = Field(

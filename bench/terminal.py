@@ -321,21 +321,52 @@ async def bare_blast(url: str, pid: int, size: int) -> dict[str, float]:
 
 # -- latency ----------------------------------------------------------------------------------
 async def echo_times(
-    samples: int, type_: Callable[[str], Awaitable[None]], seen: Callable[[str], Awaitable[None]]
+    samples: int,
+    type_: Callable[[str], Awaitable[None]],
+    seen: Callable[[str], Awaitable[None]],
+    marks: list[tuple[float, float, int]] | None = None,
+    ahead: Callable[[], int] | None = None,
 ) -> list[float]:
-    """Type 'x' then backspace, alternately; time each until `seen` returns on its echo."""
+    """Type 'x' then backspace, alternately; time each until `seen` returns on its echo.
+
+    `marks` gets each sample's (start, end, bytes waiting to be read on the client's
+    side when the key was typed, from `ahead()`)."""
     times = []
     for index in range(samples):
         key = "x" if index % 2 == 0 else "\x7f"
         want = "x" if key == "x" else "\b"
+        waiting = ahead() if ahead is not None else 0
         start = time.perf_counter()
         await type_(key)
         await seen(want)
-        times.append(time.perf_counter() - start)
+        end = time.perf_counter()
+        times.append(end - start)
+        if marks is not None:
+            marks.append((start, end, waiting))
     return times
 
 
-async def aether_echo(client: Aether, sid: str, samples: int) -> list[float]:
+def unread_bytes(ws: aiohttp.ClientWebSocketResponse) -> int:
+    """Bytes that arrived for `ws` but were not read yet: in the kernel's receive queue
+    (FIONREAD) and in aiohttp's queue of parsed frames."""
+    import fcntl
+    import struct
+    import termios
+
+    sock = ws.get_extra_info("socket")
+    queued = 0
+    if sock is not None:
+        buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        queued = struct.unpack("i", buf)[0]
+    return queued + int(getattr(getattr(ws, "_reader", None), "_size", 0) or 0)
+
+
+async def aether_echo(
+    client: Aether,
+    sid: str,
+    samples: int,
+    marks: list[tuple[float, float, int]] | None = None,
+) -> list[float]:
     prefix = '"sessionId":' + json.dumps(sid)
 
     async def seen(want: str) -> None:
@@ -346,7 +377,8 @@ async def aether_echo(client: Aether, sid: str, samples: int) -> list[float]:
             if want in json.loads(text)["data"]:
                 return
 
-    return await echo_times(samples, lambda key: client.input(sid, key), seen)
+    ahead = (lambda: unread_bytes(client.ws)) if marks is not None else None
+    return await echo_times(samples, lambda key: client.input(sid, key), seen, marks, ahead)
 
 
 async def terminado_echo(term: Terminado, samples: int) -> list[float]:
@@ -465,6 +497,7 @@ async def run(args: argparse.Namespace, sizes: Sizes, cases: set[str]) -> dict[s
 
     tport, bport = free_port(), free_port()
     prof = str(tmp / "daemon.prof")
+    trace = str(tmp / "echo-trace.json")
     daemon = Daemon(
         root,
         tmp / "data",
@@ -472,7 +505,7 @@ async def run(args: argparse.Namespace, sizes: Sizes, cases: set[str]) -> dict[s
         "--log-format", "json",
         *args.daemon_arg,
         home=home,
-        python=profiled(prof) if args.profile else None,
+        python=profiled(prof) if args.profile else traced(trace) if args.trace else None,
     )  # fmt: skip
     base = None  # another version's daemon, for before/after in the same run
     if args.baseline or args.baseline_arg:
@@ -506,7 +539,11 @@ async def run(args: argparse.Namespace, sizes: Sizes, cases: set[str]) -> dict[s
             )  # fmt: skip
 
         if "echo" in cases or "flood" in cases:
-            await measure_echo(aurl, turl, burl, env, sizes, cases, results)
+            await measure_echo(
+                aurl, turl, burl, env, sizes, cases, results, base,
+                raw_env=shell_env if args.trace else None,
+                pids={"aetherd": daemon.pid, "terminado": terminado.pid},
+            )  # fmt: skip
 
         if "attach" in cases:
             step("attach")
@@ -521,6 +558,11 @@ async def run(args: argparse.Namespace, sizes: Sizes, cases: set[str]) -> dict[s
             base.stop(10)
         terminado.stop(10)
         bare.stop(10)
+    if args.trace and "aetherd_flood_marks" in results:
+        with open(trace) as traced_times:
+            traced_data = json.load(traced_times)
+        results["breakdown"] = echo_breakdown(results["aetherd_flood_marks"], traced_data)
+        results["callbacks"] = traced_data.get("callbacks", {})
     if args.profile:
         import pstats
 
@@ -564,9 +606,23 @@ async def measure_throughput(
 
 
 async def measure_echo(
-    aurl: str, turl: str, burl: str, env: dict, sizes: Sizes, cases: set[str], results: dict
+    aurl: str,
+    turl: str,
+    burl: str,
+    env: dict,
+    sizes: Sizes,
+    cases: set[str],
+    results: dict,
+    base: Daemon | None = None,
+    raw_env: dict | None = None,
+    pids: dict[str, int] | None = None,
 ) -> None:
-    """Echo latency, idle and behind floods: aetherd, the bare echo and terminado."""
+    """Echo latency, idle and behind floods: aetherd, the bare echo and terminado (and
+    the baseline daemon behind floods, when there is one). With `raw_env`, also a bash
+    on a raw PTY, typed to by a process of its own while aetherd's floods run: what the
+    echo costs before any server can read it. `pids` (aetherd, terminado): their loop
+    threads' CPU and run-queue time during the flood echo."""
+    pids = pids or {}
     step("echo latency")
     async with Aether(aurl) as client:
         await client.create("echo", env=env)
@@ -575,18 +631,25 @@ async def measure_echo(
         if "echo" in cases:
             results["aetherd_idle"] = await aether_echo(client, "echo", sizes.samples)
         if "flood" in cases:
-            # With the floods on the same socket.
-            for index in range(sizes.floods):
-                await client.create(f"flood{index}", env=env, command="exec yes")
-            await asyncio.sleep(0.5)
-            received, start = client.received, time.perf_counter()
-            results["aetherd_flood"] = await aether_echo(client, "echo", sizes.samples)
-            results["aetherd_flood_mbs"] = (
-                (client.received - received) / (time.perf_counter() - start) / 1e6
-            )
-            for index in range(sizes.floods):
-                await client.close_session(f"flood{index}")
+            marks: list[tuple[float, float, int]] = []
+            flood = await aether_flood(client, env, sizes, marks, raw_env, pids.get("aetherd"))
+            results["aetherd_flood"], results["aetherd_flood_mbs"] = flood["times"], flood["mbs"]
+            results["aetherd_flood_marks"] = marks
+            if flood["raw"] is not None:
+                results["raw_flood"] = flood["raw"]
+            if "sched" in flood:
+                results["aetherd_flood_sched"] = flood["sched"]
         await client.close_session("echo")
+    if "flood" in cases and base is not None:
+        step("baseline flood echo")
+        async with Aether(base.ws_url) as client:
+            await client.create("echo", env=env)
+            await client.output_until("echo", "#")
+            await aether_echo(client, "echo", 20)
+            flood = await aether_flood(client, env, sizes, pid=base.pid)
+            results["base_flood"], results["base_flood_mbs"] = flood["times"], flood["mbs"]
+            results["base_flood_sched"] = flood["sched"]
+            await client.close_session("echo")
     if "echo" in cases:
         step("bare echo")
         results["bare_idle"] = await bare_echo(burl, sizes.samples)
@@ -601,23 +664,237 @@ async def measure_echo(
         floods = []
         stop = asyncio.Event()
         for _ in range(sizes.floods):
-            flood = Terminado(turl)
-            await flood.__aenter__()
-            await flood.until("#")
-            await flood.stdin("exec yes\r")
-            floods.append(flood)
+            flood_term = Terminado(turl)
+            await flood_term.__aenter__()
+            await flood_term.until("#")
+            await flood_term.stdin("exec yes\r")
+            floods.append(flood_term)
         total = [0]
         drains = [asyncio.create_task(drain(f.ws, stop, total)) for f in floods]
         await asyncio.sleep(0.5)
         received, start = total[0], time.perf_counter()
+        tpid = pids.get("terminado")
+        sched0 = schedstat(tpid) if tpid else (0.0, 0.0)
         results["terminado_flood"] = await terminado_echo(term, sizes.samples)
-        results["terminado_flood_mbs"] = (total[0] - received) / (time.perf_counter() - start) / 1e6
+        elapsed = time.perf_counter() - start
+        if tpid:
+            sched1 = schedstat(tpid)
+            results["terminado_flood_sched"] = (
+                (sched1[0] - sched0[0]) / elapsed,
+                (sched1[1] - sched0[1]) / elapsed,
+            )
+        results["terminado_flood_mbs"] = (total[0] - received) / elapsed / 1e6
         stop.set()
-        for flood in floods:
-            await flood.__aexit__()
+        for flood_term in floods:
+            await flood_term.__aexit__()
         for task in drains:
             task.cancel()
         await asyncio.gather(*drains, return_exceptions=True)
+
+
+def schedstat(pid: int) -> tuple[float, float]:
+    """Seconds the process's main thread (the event loop) ran on a CPU, and waited
+    runnable for one (/proc/PID/schedstat)."""
+    with open(f"/proc/{pid}/schedstat") as stat:
+        ran, waited = stat.read().split()[:2]
+    return int(ran) / 1e9, int(waited) / 1e9
+
+
+async def aether_flood(
+    client: Aether,
+    env: dict,
+    sizes: Sizes,
+    marks: list[tuple[float, float, int]] | None = None,
+    raw_env: dict | None = None,
+    pid: int | None = None,
+) -> dict[str, Any]:
+    """Echo times (`times`) of the session `echo` while `sizes.floods` sessions run `yes`
+    on the same socket; the MB/s of flood drained meanwhile (`mbs`); the share of that
+    time the daemon's loop thread ran and waited for a CPU (`sched`, with `pid`); with
+    `raw_env`, the raw PTY echo measured while the floods still run (`raw`)."""
+    for index in range(sizes.floods):
+        await client.create(f"flood{index}", env=env, command="exec yes")
+    await asyncio.sleep(0.5)
+    received, start = client.received, time.perf_counter()
+    sched0 = schedstat(pid) if pid else (0.0, 0.0)
+    times = await aether_echo(client, "echo", sizes.samples, marks)
+    elapsed = time.perf_counter() - start
+    sched1 = schedstat(pid) if pid else (0.0, 0.0)
+    mbs = (client.received - received) / elapsed / 1e6
+    out: dict[str, Any] = {"times": times, "mbs": mbs, "raw": None}
+    if pid:
+        out["sched"] = ((sched1[0] - sched0[0]) / elapsed, (sched1[1] - sched0[1]) / elapsed)
+    if raw_env is not None:
+        stop = asyncio.Event()
+        total = [0]
+        draining = asyncio.create_task(drain(client.ws, stop, total))
+        try:
+            out["raw"] = await raw_echo(raw_env, sizes.samples)
+        finally:
+            stop.set()
+            await asyncio.wait_for(draining, 30)  # floods still run: the next frame ends it
+    for index in range(sizes.floods):
+        await client.close_session(f"flood{index}")
+    return out
+
+
+RAW_ECHO = r"""
+import json, os, pty, select, sys, time
+samples = int(sys.argv[1])
+pid, fd = pty.fork()
+if pid == 0:
+    os.execvp("bash", ["bash"])
+
+def read_until(want):
+    buf, deadline = b"", time.monotonic() + 30
+    while want not in buf:
+        if not select.select([fd], [], [], max(0, deadline - time.monotonic()))[0]:
+            raise SystemExit("no echo within 30 s")
+        buf += os.read(fd, 65536)
+
+read_until(b"#")
+times = []
+for index in range(samples + 20):  # 20 to warm up
+    key = b"x" if index % 2 == 0 else b""
+    start = time.perf_counter()
+    os.write(fd, key)
+    read_until(b"x" if key == b"x" else b"")
+    if index >= 20:
+        times.append(time.perf_counter() - start)
+print(json.dumps(times), flush=True)
+os.kill(pid, 9)
+os.waitpid(pid, 0)
+"""
+
+
+async def raw_echo(shell_env: dict, samples: int) -> list[float]:
+    """Echo times of a bash on a raw PTY, typed to and read by a process of its own."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", RAW_ECHO, str(samples), env=shell_env, stdout=subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    return list(json.loads(out))
+
+
+TRACER = r"""
+import json, sys, time
+from aiohttp import web_ws
+from aetherd.channels import terminal as channel
+from aetherd.cli import main
+from aetherd.services import terminal as service
+path, sid = sys.argv[1], sys.argv[2]
+now = time.perf_counter  # CLOCK_MONOTONIC: the same clock as the benchmark's
+trace = {"write": [], "read": [], "pull": [], "sent": []}
+key = b'"sessionId":' + json.dumps(sid).encode()
+
+write = service.TerminalSession.write
+def traced_write(self, data):
+    if self.id == sid:
+        trace["write"].append(now())
+    return write(self, data)
+service.TerminalSession.write = traced_write
+
+read = service.TerminalSession._read_into_ring
+def traced_read(self, budget):
+    got = read(self, budget)
+    if got and self.id == sid:
+        trace["read"].append(now())
+    return got
+service.TerminalSession._read_into_ring = traced_read
+
+pull = channel.TerminalStream.pull
+def traced_pull(self):
+    frame = pull(self)
+    if frame is not None and self.session_id == sid:
+        trace["pull"].append(now())
+    return frame
+channel.TerminalStream.pull = traced_pull
+
+send_frame = web_ws.WebSocketResponse.send_frame
+async def traced_send_frame(self, message, opcode, compress=None):
+    await send_frame(self, message, opcode, compress)
+    if key in message[:120]:
+        trace["sent"].append(now())
+web_ws.WebSocketResponse.send_frame = traced_send_frame
+
+# Every callback the loop runs, timed: which ones hold the loop (and the echo) longest.
+import asyncio.events
+callbacks = trace["callbacks"] = {}
+run = asyncio.events.Handle._run
+def traced_run(self):
+    target = self._callback  # read first: a handle that cancels itself clears it
+    start = now()
+    run(self)
+    took = now() - start
+    owner = getattr(target, "__self__", None)
+    coro = getattr(owner, "get_coro", None)
+    name = coro().__qualname__ if coro is not None else getattr(target, "__qualname__", None)
+    if not isinstance(name, str):
+        name = repr(target).split(" at 0x")[0] + " " + repr(getattr(target, "__self__", None))[:60]
+    entry = callbacks.setdefault(name, [0, 0.0, 0.0, 0])
+    entry[0] += 1
+    entry[1] += took
+    entry[2] = max(entry[2], took)
+    entry[3] += took > 0.005
+asyncio.events.Handle._run = traced_run
+
+sys.argv[1:3] = []
+try:
+    main(sys.argv[1:])
+finally:
+    with open(path, "w") as out:
+        json.dump(trace, out)
+"""
+
+
+def traced(path: str, sid: str = "echo") -> list[str]:
+    """The interpreter's argv that runs the daemon's CLI with the echo path timed:
+    `sid`'s input written to the PTY, its output read from the PTY, its frame pulled by
+    the writer, the frame's send returned (perf_counter, which the benchmark shares)."""
+    return [sys.executable, "-c", TRACER, path, sid]
+
+
+SEGMENTS = {
+    "in": "frame sent → input written to the PTY",
+    "shell": "input written → echo read from the PTY",
+    "wait": "echo read → frame pulled by the writer",
+    "send": "frame pulled → its send returned",
+    "out": "send returned → the client has parsed it",
+}
+
+
+def echo_breakdown(
+    marks: list[tuple[float, float, int]], trace: dict[str, list[float]]
+) -> list[dict[str, float]]:
+    """Each traced echo sample's time split into SEGMENTS (seconds), with `total` and
+    `ahead` (bytes unread on the client's side when the key was typed)."""
+    import bisect
+
+    def after(name: str, when: float) -> float | None:
+        times = trace[name]
+        index = bisect.bisect_left(times, when)
+        return times[index] if index < len(times) else None
+
+    out = []
+    for start, end, ahead in marks:
+        write = after("write", start)
+        read = write and after("read", write)
+        pulled = read and after("pull", read)
+        sent = pulled and after("sent", pulled)
+        if not (write and read and pulled and sent) or sent > end:
+            continue
+        out.append(
+            {
+                "in": write - start,
+                "shell": read - write,
+                "wait": pulled - read,
+                "send": sent - pulled,
+                "out": end - sent,
+                "total": end - start,
+                "ahead": float(ahead),
+            }
+        )
+    return out
 
 
 async def measure_attach(aurl: str, env: dict, data_file: str, attaches: int) -> list[float]:
@@ -796,6 +1073,31 @@ def report(r: dict[str, Any], sizes: Sizes) -> None:
             f"| Floods drained during that echo | {r['aetherd_flood_mbs']:.1f} MB/s | terminado"
             f" {r['terminado_flood_mbs']:.1f} MB/s | {r['aetherd_flood_mbs'] / r['terminado_flood_mbs']:.2f}x |"
         )
+    if "base_flood" in r:
+        print(
+            f"| Echo, {sizes.floods} floods, this tree | {lat('aetherd_flood')} | baseline daemon,"
+            f" same run: {lat('base_flood')} ({r['base_flood_mbs']:.1f} MB/s drained) | p99"
+            f" {percentile(r['aetherd_flood'], 0.99) / percentile(r['base_flood'], 0.99):.2f}x;"
+            f" baseline / terminado"
+            f" {percentile(r['base_flood'], 0.99) / percentile(r['terminado_flood'], 0.99):.2f}x |"
+        )
+    if "aetherd_flood_sched" in r:
+        run_a, wait_a = r["aetherd_flood_sched"]
+        run_t, wait_t = r.get("terminado_flood_sched", (0.0, 0.0))
+        base_part = ""
+        if "base_flood_sched" in r:
+            run_b, wait_b = r["base_flood_sched"]
+            base_part = f"; baseline daemon ran {run_b:.0%}, waited {wait_b:.0%}"
+        print(
+            f"| Loop thread during that echo: on a CPU, waiting for one | aetherd ran {run_a:.0%},"
+            f" waited {wait_a:.0%} | terminado ran {run_t:.0%}, waited {wait_t:.0%}{base_part} | |"
+        )
+    if "raw_flood" in r:
+        print(
+            f"| Echo of a bash on a raw PTY, under aetherd's floods (no server) |"
+            f" {lat('raw_flood')} | | p99 / aetherd's"
+            f" {percentile(r['raw_flood'], 0.99) / percentile(r['aetherd_flood'], 0.99):.2f}x |"
+        )
     if "attach" in r:
         attach = statistics.median(r["attach"])
         raw_mib = MiB / (r["raw_mbs"] * 1e6)
@@ -825,6 +1127,46 @@ def report(r: dict[str, Any], sizes: Sizes) -> None:
         print(
             f"| RSS per idle session | {r['aetherd_rss_per_session'] / 1024:.0f} KiB | terminado"
             f" {r['terminado_rss_per_session'] / 1024:.0f} KiB | target ≤ 100 KiB |"
+        )
+
+
+def report_breakdown(rows: list[dict[str, float]]) -> None:
+    """Where the flood echo's time goes: each segment's p50 and p99, and its mean over
+    the slowest 3 % of samples (the p99's neighbourhood)."""
+    if not rows:
+        return
+    ms = 1000.0
+    slow = sorted(rows, key=lambda row: row["total"])[-max(1, len(rows) * 3 // 100) :]
+    print(f"\n### Flood echo, traced ({len(rows)} samples; slowest {len(slow)} averaged)\n")
+    print("| Segment | p50 | p99 | mean of the slowest 3 % |")
+    print("|---|---|---|---|")
+    for name, label in [*SEGMENTS.items(), ("total", "total"), ("ahead", "")]:
+        values = [row[name] for row in rows]
+        mean = statistics.fmean(row[name] for row in slow)
+        if name == "ahead":
+            print(
+                f"| bytes unread on the client's side at the keystroke | {percentile(values, 0.5):.0f}"
+                f" | {percentile(values, 0.99):.0f} | {mean:.0f} |"
+            )
+        else:
+            print(
+                f"| {label} | {percentile(values, 0.5) * ms:.2f} ms |"
+                f" {percentile(values, 0.99) * ms:.2f} ms | {mean * ms:.2f} ms |"
+            )
+
+
+def report_callbacks(callbacks: dict[str, list[float]]) -> None:
+    """The daemon's loop callbacks that held it longest (traced run, whole daemon life)."""
+    if not callbacks:
+        return
+    print("\n### Daemon loop callbacks, by total time (traced run)\n")
+    print("| Callback | count | total | mean | max | > 5 ms |")
+    print("|---|---|---|---|---|---|")
+    top = sorted(callbacks.items(), key=lambda item: -item[1][1])[:10]
+    for name, (count, total, longest, slow) in top:
+        print(
+            f"| {name} | {count:.0f} | {total * 1000:.0f} ms | {total / count * 1e6:.0f} µs |"
+            f" {longest * 1000:.1f} ms | {slow:.0f} |"
         )
 
 
@@ -868,6 +1210,12 @@ def main(argv: list[str] | None = None) -> None:
         " --baseline-arg=--event-loop=asyncio compares the loops)",
     )
     parser.add_argument("--profile", action="store_true", help="profile the daemon (cProfile)")
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="flood case: time each echo's path through the daemon (input written, echo"
+        " read from the PTY, frame pulled, sent) and measure a raw PTY echo under the floods",
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     args = parser.parse_args(argv)
     sizes = (
@@ -887,6 +1235,8 @@ def main(argv: list[str] | None = None) -> None:
             step(f"run {index + 1} of {args.runs}")
         results = asyncio.run(run(args, sizes, cases))
         report(results, sizes)
+        report_breakdown(results.get("breakdown", []))
+        report_callbacks(results.get("callbacks", {}))
         all_ratios.append(ratios(results))
         print()
     summary(all_ratios)

@@ -12,7 +12,13 @@ sent so far) every half window; the client's pong, which comes once it has read
 everything before the ping, moves the window. Queued replies and urgent streams (a
 keystroke's echo) are never held, so on one socket they wait behind at most a window of
 bulk output instead of everything the kernel's buffers hold (megabytes on loopback).
-A client that leaves a window ping unanswered for `stream_window_timeout` is unpaced.
+A client that stops reading is dropped after `write_timeout`, paced or not: held by the
+window, the writer counts as blocked. Once the client has answered a window ping, bulk
+output held for longer than `write_timeout` without a pong moving the window drops it
+exactly as a write blocked that long does. A client that has never answered one (it
+does not pong, or something between us eats pongs) is unpaced after
+`stream_window_timeout` instead, and the write timeout applies to its writes as to any
+unpaced client's.
 
 Backpressure: the reader calls `wait_writable()` after each frame. It yields to the
 writer whenever replies are queued, and it pauses while the queue holds more than
@@ -88,6 +94,8 @@ class Connection:
         self._pinged_at = 0  # `_streamed` when the last window ping went out
         self._window_pings: deque[tuple[int, float]] = deque()  # (position, monotonic)
         self.window_waits = 0  # times bulk output waited for a pong (tests, metrics)
+        self._window_answered = False  # the client has answered a window ping
+        self._held_since: float | None = None  # bulk output first held by a full window
 
     # -- Peer interface ---------------------------------------------------------------
     @property
@@ -213,7 +221,9 @@ class Connection:
         while self._window_pings and self._window_pings[0][0] <= position:
             self._window_pings.popleft()
         if position > self._acked:
+            self._window_answered = True
             self._acked = min(position, self._streamed)
+            self._held_since = None
             self._wake.set()
 
     def _window_full(self) -> bool:
@@ -254,6 +264,8 @@ class Connection:
                     return text
         if self._window_full():
             self.window_waits += 1
+            if self._held_since is None:
+                self._held_since = time.monotonic()
             return None  # bulk output waits for a pong (the writer is woken by it)
         count = len(self._streams)
         for _ in range(count):
@@ -320,9 +332,21 @@ class Connection:
             self._closed = True
             self._writable.set()
 
+    def _held_too_long(self, now: float) -> bool:
+        """Bulk output held by the window for `write_timeout`, for a client that pongs:
+        it stopped reading, as surely as a write blocked that long says."""
+        held = self._held_since
+        return (
+            held is not None
+            and self._window_answered
+            and self._window_full()
+            and now - held > self._settings.write_timeout
+        )
+
     def _check_window(self, now: float) -> None:
-        """Unpace a client that does not answer window pings (it still gets its output)."""
-        if self._window and self._window_pings:
+        """Unpace a client that has never answered a window ping (it still gets its output;
+        the write timeout then applies to its writes)."""
+        if self._window and self._window_pings and not self._window_answered:
             if now - self._window_pings[0][1] > self._settings.stream_window_timeout:
                 log.info(
                     "window ping not answered; output no longer paced",
@@ -330,6 +354,7 @@ class Connection:
                 )
                 self._window = 0
                 self._window_pings.clear()
+                self._held_since = None
                 self._wake.set()
 
     async def supervise(self) -> None:
@@ -348,11 +373,12 @@ class Connection:
             if (
                 self._write_started is not None
                 and now - self._write_started > settings.write_timeout
-            ):
+            ) or self._held_too_long(now):
                 log.warning(
                     "client stopped reading; dropping it",
-                    extra={"writeTimeout": settings.write_timeout},
+                    extra={"writeTimeout": settings.write_timeout, "paced": bool(self._window)},
                 )
+                self._metrics.connections_dropped.labels("write_timeout").inc()
                 self.abort()
                 return
             if now - self.last_pong > settings.pong_timeout:

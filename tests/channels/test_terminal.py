@@ -524,10 +524,17 @@ async def test_flood_with_a_stalled_client_keeps_memory_bounded(daemon, home):
 
 
 @pytest.mark.slow
-async def test_backpressure_stops_and_resumes_reading(daemon, home):
+@pytest.mark.parametrize("window", [64 * 1024, 0], ids=["paced", "unpaced"])
+async def test_backpressure_stops_and_resumes_reading(start_daemon, home, window):
+    # Paced (the default), the writer holds the stalled client's output once a window
+    # of it is unanswered; unpaced, its write blocks once the socket buffers are full.
+    # Either way the cursor lags and the daemon stops reading the PTY. (The window
+    # timeout is long here: this client never pongs, and would be unpaced after it.)
+    daemon = await start_daemon(stream_window_bytes=window, stream_window_timeout=600)
     stalled = await asyncio.to_thread(
         RawWebSocket, "127.0.0.1", daemon.server.port, f"/workspaces/ws-test/ws?token={TOKEN}"
     )
+    reader_task: asyncio.Task[None] | None = None
     try:
         stalled.send_text(
             json.dumps(
@@ -542,13 +549,16 @@ async def test_backpressure_stops_and_resumes_reading(daemon, home):
         )
         await wait_for(lambda: manager(daemon).find("bp") is not None)
         session = manager(daemon).get("bp")
-        # The only client does not read: its socket fills, the writer blocks, the cursor
-        # lags, and the daemon stops reading the PTY.
+        (conn,) = list(daemon.daemon.hub)
         proc = psutil.Process(session.pid)
 
+        def writer_stuck() -> bool:
+            if window:
+                return conn._held_since is not None and conn._write_started is None
+            return conn._write_started is not None
+
         def stalled_state() -> bool:
-            writer_blocked = any(getattr(p, "_write_started", None) for p in daemon.daemon.hub)
-            return writer_blocked and not session.reading and proc.status() == "sleeping"
+            return writer_stuck() and not session.reading and proc.status() == "sleeping"
 
         await wait_for(stalled_state, timeout=20)
         assert session.paused_count >= 1
@@ -560,13 +570,23 @@ async def test_backpressure_stops_and_resumes_reading(daemon, home):
             await asyncio.sleep(0.02)
         assert stalled_state()
         assert session.ring.end == stalled_at
-        # A client that catches up resumes reading.
+        assert not conn.closed  # held or blocked, not dropped (the write timeout is 30 s)
+        # A client that catches up, and keeps reading, resumes reading.
         reader = await daemon.connect()
         view, _ = await open_term(reader, "bp", home, resumeFrom=stalled_at)
         await view.until("y\r\ny\r\n")
         assert view.start == stalled_at
+
+        async def keep_reading() -> None:
+            for _ in range(1_000_000):  # bounded; cancelled once the ring has moved on
+                await reader.ws.receive(timeout=20)
+
+        reader_task = asyncio.create_task(keep_reading())
         await wait_for(lambda: session.ring.end > stalled_at + 1024 * 1024)
     finally:
+        if reader_task is not None:
+            reader_task.cancel()
+            await asyncio.gather(reader_task, return_exceptions=True)
         stalled.close()
 
 

@@ -10,6 +10,8 @@ import aiohttp
 
 from aetherd.metrics import Metrics
 from aetherd.transport.connection import Connection
+from tests.conftest import TOKEN
+from tests.support import RawWebSocket, wait_for
 
 
 class FakeStream:
@@ -110,3 +112,70 @@ async def test_a_client_that_never_pongs_is_unpaced(start_daemon, tmp_path, capl
     assert got >= 1024 * 1024 and pings >= 1
     assert _connection(daemon)._window == 0
     assert "output no longer paced" in caplog.text
+
+
+def _dropped(daemon, reason: str) -> float:
+    return daemon.daemon.services.metrics.connections_dropped.values.get((reason,), 0.0)
+
+
+async def test_a_paced_client_that_stops_reading_is_dropped_alone(start_daemon, tmp_path):
+    """Pacing on (the default): a client that answered window pings, then stops reading,
+    is held by the window, never blocked in a write; after the write timeout it is
+    dropped as a blocked write would drop it. Another client and the session go on."""
+    daemon = await start_daemon(write_timeout=1.0, stream_window_timeout=600)
+    assert daemon.settings.stream_window_bytes == 64 * 1024  # the default
+    other = await daemon.connect()
+    client = await daemon.connect()
+    await client.expect_type("terminal", "sessions")
+    env = {"HOME": str(tmp_path)}
+    reply = await client.request(
+        "terminal", "create", sessionId="flood", command="exec yes", env=env
+    )
+    assert reply["success"] is True, reply
+    await _read_output(client.ws, "flood", 512 * 1024)  # aiohttp pongs as it reads
+    (conn,) = [p for p in daemon.daemon.hub if p._streamed]
+    assert conn._window_answered
+    # The client stops reading: the window fills and the output is held, not written.
+    await wait_for(lambda: conn._held_since is not None, timeout=10)
+    assert conn._write_started is None
+    await wait_for(lambda: conn.closed, timeout=15)
+    await wait_for(lambda: len(daemon.daemon.hub) == 1, timeout=10)
+    assert conn._window == 64 * 1024  # dropped while paced, not unpaced first
+    assert _dropped(daemon, "write_timeout") == 1
+    # The other client is unaffected, and the dropped client's session keeps running.
+    assert (await other.request("activity", "user_activity"))["success"] is True
+    listed = await other.request("terminal", "list")
+    assert [s["sessionId"] for s in listed["data"]["sessions"]] == ["flood"], listed
+
+
+async def test_a_client_that_never_answers_is_unpaced_then_dropped_by_the_write_timeout(
+    start_daemon, tmp_path, caplog
+):
+    """A client that never answers a window ping (nor reads) is unpaced after the window
+    timeout; its writes then block on the full socket, and the write timeout drops it."""
+    caplog.set_level(logging.INFO, "aetherd.connection")
+    daemon = await start_daemon(write_timeout=1.0, stream_window_timeout=0.5)
+    other = await daemon.connect()
+    stalled = await asyncio.to_thread(
+        RawWebSocket, "127.0.0.1", daemon.server.port, f"/workspaces/ws-test/ws?token={TOKEN}"
+    )
+    try:
+        await wait_for(lambda: len(daemon.daemon.hub) == 2)
+        stalled.send_text(
+            json.dumps(
+                {
+                    "channel": "terminal",
+                    "type": "create",
+                    "sessionId": "flood",
+                    "command": "exec yes",
+                    "env": {"HOME": str(tmp_path)},
+                }
+            )
+        )
+        await wait_for(lambda: len(daemon.daemon.hub) == 1, timeout=20)
+    finally:
+        stalled.close()
+    assert "output no longer paced" in caplog.text
+    assert "client stopped reading; dropping it" in caplog.text
+    assert _dropped(daemon, "write_timeout") == 1
+    assert (await other.request("activity", "user_activity"))["success"] is True
