@@ -40,8 +40,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -53,6 +54,7 @@ from bench.support import (
     TOKEN,
     Daemon,
     MiB,
+    cpu_seconds,
     percentile,
     seconds,
     serve_in_process,
@@ -103,10 +105,11 @@ async def bench_http(
     scratch: Path,
     repeat: int,
     mib: int,
-    others: dict[str, str] | None = None,
+    others: dict[str, tuple[str, int]] | None = None,
 ) -> list[tuple]:
     """GET and PUT against cp and cp + sync, interleaved rounds, medians; `others`:
-    name → workspace base URL of more daemons whose PUT is measured in the same rounds."""
+    name → (workspace base URL, pid) of more daemons whose PUT (time, and the daemon's
+    CPU time) is measured in the same rounds."""
     size = mib * MiB
     source = scratch / "src.bin"
     with open(source, "wb") as handle:
@@ -146,8 +149,10 @@ async def bench_http(
         # GET after PUT: the file must exist (the first round runs them in this order).
         for name in ("put", "get", "get_null"):
             funcs[name]()
-        for label, other in (others or {}).items():
+        pids = {}
+        for label, (other, pid) in (others or {}).items():
             funcs[f"put {label}"] = put_to(other, f"up-{label}.bin")
+            pids[f"put {label}"] = pid
         times: dict[str, list[float]] = {name: [] for name in funcs}
         order = list(funcs)
         shuffle = random.Random(18).shuffle
@@ -155,8 +160,14 @@ async def bench_http(
             # A new order each round: each step's writeback lands on the next one.
             shuffle(order)
             for name in order:
+                pid = pids.get(name)
+                cpu = cpu_seconds(pid) if pid else 0.0
                 times[name].append(seconds(funcs[name]))
+                if pid:
+                    cpu_times.setdefault(name, []).append(cpu_seconds(pid) - cpu)
         return {name: statistics.median(values) for name, values in times.items()}
+
+    cpu_times: dict[str, list[float]] = {}
 
     try:
         t = await asyncio.get_running_loop().run_in_executor(None, rounds)
@@ -177,9 +188,10 @@ async def bench_http(
     ]
     for label in others or {}:
         assert (root / f"up-{label}.bin").stat().st_size == size
+        cpu_ms = statistics.mean(cpu_times[f"put {label}"]) * 1000  # 10 ms ticks: the mean
         extra.append(
             (
-                f"child daemon {label}: HTTP PUT {mib} MiB",
+                f"child daemon {label}: HTTP PUT {mib} MiB (daemon CPU {cpu_ms:.0f} ms)",
                 f"{mbps(t[f'put {label}']):.0f} MiB/s",
                 "cp + sync",
                 f"{mbps(t_cps):.0f} MiB/s",
@@ -280,12 +292,13 @@ async def bench_small_reads(
     root: Path,
     count: int,
     rounds: int,
-    others: dict[str, str] | None = None,
+    others: dict[str, tuple[str, int]] | None = None,
 ) -> list[tuple]:
     """Per-request times, each the median over `rounds` rounds of `count // rounds`
-    requests, every kind measured in turn within each round (so that a noisy minute
-    hurts all alike). `others`: name → workspace base URL of more daemons (child
-    processes: this checkout's and a baseline's) measured in the same rounds."""
+    requests, every kind measured in turn within each round, in a new order each round
+    (so that a noisy minute hurts all alike, and no kind always follows the same one).
+    `others`: name → (workspace base URL, pid) of more daemons (child processes: this
+    checkout's and a baseline's) measured in the same rounds, with their CPU time."""
     small = root / "small"
     small.mkdir()
     for i in range(count):
@@ -295,6 +308,7 @@ async def bench_small_reads(
     per = max(1, count // rounds)
     echo_runner, echo_url = await bare_echo_server()
     times: dict[str, list[float]] = {}
+    cpu_per: dict[str, list[float]] = {}  # a child daemon's CPU seconds per request
 
     def record(name: str, start: float) -> None:
         times.setdefault(name, []).append((time.perf_counter() - start) / per)
@@ -307,13 +321,14 @@ async def bench_small_reads(
         echo = await client(echo_url, echo=True)
         ours = await client(f"{base}/ws?token={TOKEN}")
         children = {
-            name: await client(f"{url}/ws?token={TOKEN}") for name, url in (others or {}).items()
+            name: await client(f"{url}/ws?token={TOKEN}")
+            for name, (url, _) in (others or {}).items()
         }
         slots = asyncio.Semaphore(32)
 
-        async def limited(i: int) -> None:
+        async def limited(name: str) -> None:
             async with slots:
-                await ours.one(f"/small/f{i}.txt")
+                await ours.one(name)
 
         # Warm-up: pydantic's deferred schemas, the page cache, the first connections.
         for i in range(min(count, 100)):
@@ -323,45 +338,49 @@ async def bench_small_reads(
                 await child.one(f"/small/f{i}.txt")
                 await child.one(f"/small/f{i}.txt", "no-such-type")
             await echo.one("/x")
-        for r in range(rounds):
-            names = [f"/small/f{(r * per + i) % count}.txt" for i in range(per)]
-            start = time.perf_counter()
+
+        async def raw(names: list[str]) -> None:
             for name in names:
                 with open(root / name.lstrip("/"), "rb") as handle:
                     handle.read()
-            record("raw", start)
-            start = time.perf_counter()
-            for name in names:
-                await fs.read(name)
-            record("inproc", start)
-            start = time.perf_counter()
-            for name in names:
-                await threaded.read(name)
-            record("thread", start)
-            start = time.perf_counter()
-            for name in names:
-                await echo.one(name)
-            record("echo", start)
-            start = time.perf_counter()
-            for name in names:
-                await ours.one(name, "no-such-type")
-            record("nowork", start)
-            start = time.perf_counter()
-            for name in names:
-                await ours.one(name)
-            record("read1", start)
-            start = time.perf_counter()
-            await asyncio.gather(*(limited((r * per + i) % count) for i in range(per)))
-            record("read32", start)
-            for label, child in children.items():
-                start = time.perf_counter()
+
+        def each(func: Callable[[str], Awaitable[Any]]) -> Callable[[list[str]], Awaitable[None]]:
+            async def run(names: list[str]) -> None:
                 for name in names:
-                    await child.one(name, "no-such-type")
-                record(f"{label} nowork", start)
+                    await func(name)
+
+            return run
+
+        async def in_flight(names: list[str]) -> None:
+            await asyncio.gather(*(limited(name) for name in names))
+
+        steps: dict[str, Callable[[list[str]], Awaitable[None]]] = {
+            "raw": raw,
+            "inproc": each(fs.read),
+            "thread": each(threaded.read),
+            "echo": each(echo.one),
+            "nowork": each(lambda name: ours.one(name, "no-such-type")),
+            "read1": each(ours.one),
+            "read32": in_flight,
+        }
+        pids: dict[str, int] = {}
+        for label, child in children.items():
+            steps[f"{label} nowork"] = each(lambda name, c=child: c.one(name, "no-such-type"))
+            steps[f"{label} read1"] = each(child.one)
+            pids[f"{label} nowork"] = pids[f"{label} read1"] = (others or {})[label][1]
+        order = list(steps)
+        shuffle = random.Random(18).shuffle
+        for r in range(rounds):
+            names = [f"/small/f{(r * per + i) % count}.txt" for i in range(per)]
+            shuffle(order)  # a new order each round: no step always follows the same one
+            for name in order:
+                pid = pids.get(name)
+                cpu = cpu_seconds(pid) if pid else 0.0
                 start = time.perf_counter()
-                for name in names:
-                    await child.one(name)
-                record(f"{label} read1", start)
+                await steps[name](names)
+                record(name, start)
+                if pid:
+                    cpu_per.setdefault(name, []).append((cpu_seconds(pid) - cpu) / per)
         for each in (echo, ours, *children.values()):
             await each.close()
     await echo_runner.cleanup()
@@ -387,6 +406,11 @@ async def bench_small_reads(
             first, second = (f"{name} {kind}" for name in names[:2])
             rows.append(
                 (f"child daemons: {label}, {names[0]}", us(first), names[1], us(second), f"{t[second] / t[first]:.2f}x")
+            )  # fmt: skip
+            # Clock ticks (10 ms) are coarse: the total over all rounds, per request.
+            c1, c2 = (sum(cpu_per[name]) / len(cpu_per[name]) * 1e6 for name in (first, second))
+            rows.append(
+                (f"child daemons' CPU per request: {label}, {names[0]}", f"{c1:.0f} µs", names[1], f"{c2:.0f} µs", f"{c2 / c1:.2f}x")
             )  # fmt: skip
     return rows
 
@@ -547,7 +571,7 @@ async def main(argv: list[str] | None = None) -> None:
         for child in children.values():
             await asyncio.to_thread(child.wait_ready, 30, 0.05)
     others = {
-        label: f"http://127.0.0.1:{child.port}/workspaces/local"
+        label: (f"http://127.0.0.1:{child.port}/workspaces/local", child.pid)
         for label, child in children.items()
     }
     try:
