@@ -47,6 +47,9 @@ from aetherd.settings import Settings
 
 log = logging.getLogger("aetherd.connection")
 
+# Replies `send_now` may send in a row before the reader yields to the loop.
+DIRECT_RUN = 8
+
 # Close codes beyond aiohttp's enum, from RFC 6455 section 7.4.1.
 CLOSE_POLICY = 1008
 
@@ -83,6 +86,7 @@ class Connection:
         self._drop_reason: str | None = None
         self._writing = False  # a frame is being written (by the writer or `send_now`)
         self._wake_after_write = False  # the writer stood aside for `send_now`
+        self._direct_run = 0  # replies sent by `send_now` since the loop last ran
         self.last_pong = time.monotonic()
         self._write_started: float | None = None
         self.frames_sent = 0
@@ -171,6 +175,12 @@ class Connection:
         self.frames_sent += 1
         self.bytes_sent += len(text)
         self._metrics.frame_out(text)
+        self._direct_run += 1
+        if self._direct_run == 1:  # reset once the loop runs its next iteration
+            asyncio.get_running_loop().call_soon(self._end_direct_run)
+
+    def _end_direct_run(self) -> None:
+        self._direct_run = 0
 
     def _transport_buffered(self) -> bool:
         """True unless the transport is known to hold no unsent bytes."""
@@ -230,8 +240,15 @@ class Connection:
         return bool(self._window) and self._streamed - self._acked >= self._window
 
     async def wait_writable(self) -> None:
-        """The reader's turn to yield: let the writer run, and pause while the queue is high."""
+        """The reader's turn to yield: let the writer run, and pause while the queue is high.
+
+        Replies sent at once (`send_now`) queue nothing, so a client that pipelines
+        requests would keep the reader busy for every frame already received: after
+        `DIRECT_RUN` of them without the loop running in between, it yields too.
+        """
         if not self._queue:
+            if self._direct_run >= DIRECT_RUN:
+                await asyncio.sleep(0)
             return
         if not self._writable.is_set():
             self.read_pauses += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from tests.support import wait_for
@@ -44,3 +45,26 @@ async def test_send_now_on_a_closed_connection_sends_nothing(daemon):
     sent = conn.frames_sent
     await conn.send_now('{"channel":"activity","type":"late"}')  # must not raise
     assert conn.frames_sent == sent
+
+
+async def test_the_reader_yields_after_a_run_of_direct_replies(daemon):
+    """Pipelined requests answered by `send_now` queue nothing; the reader still lets the
+    loop run after DIRECT_RUN of them, as it does after each queued reply."""
+    from aetherd.transport.connection import DIRECT_RUN
+
+    client = await daemon.connect()
+    await client.request("activity", "user_activity")
+    (conn,) = list(daemon.daemon.hub)
+    await wait_for(lambda: not conn._queue)
+    ran: list[int] = []
+    asyncio.get_running_loop().call_soon(lambda: ran.append(conn.frames_sent))
+    start = conn.frames_sent
+    for i in range(DIRECT_RUN - 1):  # below the run: no yield
+        await conn.send_now(json.dumps({"channel": "activity", "type": "run", "n": i}))
+        await conn.wait_writable()
+    assert ran == []
+    await conn.send_now('{"channel":"activity","type":"run","n":-1}')
+    await conn.wait_writable()  # the run is complete: the loop runs
+    assert ran == [start + DIRECT_RUN]
+    await asyncio.sleep(0)
+    assert conn._direct_run == 0  # reset once the loop ran
