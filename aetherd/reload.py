@@ -191,6 +191,13 @@ def code_fingerprint(since: float | None = None) -> Fingerprint | None:
     changed after it, since what was imported may not be what is there now.
     """
     paths = {sys.executable, *(entry for entry in sys.path if entry)}
+    # Every file of aetherd, also those imported on first use (the agent, git and search
+    # services and their channels: aetherd.daemon), which are not loaded yet.
+    package = os.path.dirname(os.path.abspath(__file__))
+    for directory, subdirs, files in os.walk(package):
+        subdirs[:] = [d for d in subdirs if d != "__pycache__"]
+        paths.add(directory)
+        paths.update(os.path.join(directory, name) for name in files if name.endswith(".py"))
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
         if isinstance(path, str):
@@ -251,10 +258,15 @@ def run_check(settings: Any) -> int:
     """
     from aetherd.app import check_environment
     from aetherd.channels import CHANNELS
+    from aetherd.daemon import import_lazy_modules
     from aetherd.protocol import Registry
+    from aetherd.protocol.registry import LazyChannel
 
     check_environment(settings)
-    Registry(CHANNELS)
+    for channel in Registry(CHANNELS).channels.values():
+        if isinstance(channel, LazyChannel):
+            channel.load()  # what the daemon imports on first use must import too
+    import_lazy_modules()
     print("aetherd: reload check passed", flush=True)
     return 0
 

@@ -62,7 +62,7 @@ FLOORS = {
     AIOHTTP: "import aiohttp",
     # What any daemon on these two libraries pays before a line of its own: both
     # imported, and one model built (which loads pydantic-core's validator code).
-    "aiohttp.web + pydantic, one model built": (
+    "aiohttp.web + pydantic, one model built": (  # FLOOR_LABEL
         "import aiohttp.web, pydantic\npydantic.create_model('M', a=(int, 0))(a=1)"
     ),
 }
@@ -122,7 +122,7 @@ def probe():
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            with socket.create_connection((b"127.0.0.1", port), timeout=2) as sock:
                 sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                 if sock.recv(64).startswith(b"HTTP/1.1 200"):
                     break
@@ -259,12 +259,38 @@ def import_profile(row: Row, env: dict[str, str], home: Path) -> list[tuple[str,
     return [(key, ms, int(count)) for key, (ms, count) in ranked]
 
 
+FLOOR_LABEL = "aiohttp.web + pydantic, one model built"
+
+
+def floor_modules(env: dict[str, str]) -> set[str]:
+    """The modules the aiohttp.web + pydantic reference loads."""
+    code = FLOORS[FLOOR_LABEL] + "\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+        check=True,
+    ).stdout  # fmt: skip
+    return set(json.loads(out.splitlines()[-1]))
+
+
+def by_package(rows: list[tuple[str, float]]) -> list[tuple[str, float, int]]:
+    """[(package, self MiB, modules)] largest first; aetherd split per subpackage."""
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for module, grown in rows:
+        parts = module.split(".")
+        key = ".".join(parts[:2]) if parts[0] == "aetherd" else parts[0]
+        totals[key][0] += grown / MiB
+        totals[key][1] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])
+    return [(key, mib, int(count)) for key, (mib, count) in ranked]
+
+
 def memory_profile(
     row: Row, env: dict[str, str], home: Path, settle: float
-) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
+) -> tuple[dict[str, float], list[tuple[str, float, int]], list[tuple[str, float]]]:
     """The daemon's RSS split by the imports that grew it: ({start, imports, rest, ready}
-    in MiB, [(package, self MiB, modules)] largest first). `start` is the interpreter
-    before aetherd, `rest` what grew outside any import (threads, arenas, runtime)."""
+    in MiB, [(package, self MiB, modules)] largest first, [(module, self bytes)]).
+    `start` is the interpreter before aetherd, `rest` what grew outside any import
+    (threads, arenas, runtime)."""
     from tests.support import free_port
 
     with tempfile.TemporaryDirectory(prefix="aetherd-bench-startup-") as name:
@@ -282,12 +308,6 @@ def memory_profile(
         ).stdout  # fmt: skip
     line = next(line for line in out.splitlines() if line.startswith("PROFILE "))
     data = json.loads(line.removeprefix("PROFILE "))
-    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for module, grown in data["rows"]:
-        parts = module.split(".")
-        key = ".".join(parts[:2]) if parts[0] == "aetherd" else parts[0]
-        totals[key][0] += grown / MiB
-        totals[key][1] += 1
     imports = sum(grown for _, grown in data["rows"]) / MiB
     summary = {
         "start": data["start"] / MiB,
@@ -295,8 +315,8 @@ def memory_profile(
         "rest": data["ready"] / MiB - data["start"] / MiB - imports,
         "ready": data["ready"] / MiB,
     }
-    ranked = sorted(totals.items(), key=lambda item: -item[1][0])
-    return summary, [(key, mib, int(count)) for key, (mib, count) in ranked]
+    rows = [(str(module), float(grown)) for module, grown in data["rows"]]
+    return summary, by_package(rows), rows
 
 
 def child_env(env: dict[str, str], row: Row) -> dict[str, str]:
@@ -368,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
             for row in rows:
                 row.results.append(run(row))
         memory = []
+        floor: set[str] = set()
         if args.memory_profile:
+            floor = floor_modules({**env, "HOME": str(home)})
             for row in rows:
                 if row.imports is None and not row.env:
                     step(f"memory profile: {row.label}")
@@ -419,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---|---|")
         for key, ms, n in profile[: args.importtime]:
             print(f"| {key} | {ms:.1f} | {n} |")
-    for label, summary, packages in memory:
+    for label, summary, packages, modules in memory:
         print()
         print(f"## RSS by import, {label} (one run, ready + {args.settle} s)")
         print(
@@ -430,6 +452,18 @@ def main(argv: list[str] | None = None) -> int:
         print("| package | self RSS MiB | modules |")
         print("|---|---|---|")
         for key, mib, n in packages[: args.memory_profile]:
+            print(f"| {key} | {mib:.2f} | {n} |")
+        beyond = by_package([(m, grown) for m, grown in modules if m not in floor])
+        total = sum(mib for _, mib, _ in beyond)
+        count = sum(n for _, _, n in beyond)
+        print()
+        print(
+            f"Beyond the floor ({FLOOR_LABEL}): {count} modules it does not load, "
+            f"{total:.1f} MiB self RSS at import"
+        )
+        print("| package | self RSS MiB | modules |")
+        print("|---|---|---|")
+        for key, mib, n in beyond[: args.memory_profile]:
             print(f"| {key} | {mib:.2f} | {n} |")
     return 0
 

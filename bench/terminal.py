@@ -7,6 +7,10 @@ their own processes, so their CPU time can be read from /proc. Shells get an emp
     python -m bench.terminal [--mb 50] [--samples 300] [--runs 3] [--only CASES]
                              [--daemon-arg=--event-loop=asyncio ...] [--profile] [--quick]
 
+Throughput has two references, measured in the same rounds: the raw PTY read (the
+issue's target) and a floor (the bare server reads `cat` from a PTY with the loop's
+readiness callbacks and sends each batch as an output frame to the same client).
+
 `--profile` also runs the throughput case with the daemon under cProfile and prints its
 top functions. `--quick` is a smoke run (2 MB, 30 samples, fewer sessions: a few seconds).
 `--runs N` repeats the whole run (fresh servers each time) and ends with the min-max of
@@ -62,7 +66,7 @@ class Sizes:
     floods: int = 10
     attaches: int = 20
     prompts: int = 30  # aetherd and in-process pty.fork; terminado gets half
-    rounds: int = 3  # throughput rounds (raw, aetherd, terminado, bare in turn)
+    rounds: int = 3  # throughput rounds (raw, aetherd, floor, terminado, bare in turn)
 
 
 TERMINADO_SERVER = r"""
@@ -97,9 +101,58 @@ async def blast(request):
         sent += len(text)
     await ws.close()
     return ws
+async def pty_floor(request):
+    # The pipeline's floor: `cat` on a PTY read by the loop's readiness callback (reads
+    # gathered up to 64 KiB, as the daemon does), each batch sent as an output frame
+    # (orjson, send_frame) to the same client. No ring, no mirror, no sessions.
+    import asyncio, orjson
+    from aiohttp import WSMsgType
+    ws = web.WebSocketResponse(compress=False)
+    await ws.prepare(request)
+    loop = asyncio.get_running_loop()
+    master, slave = os.openpty()
+    command = f"cat {request.query['path']}; printf '%s%s\\n' __ {request.query['marker']}"
+    proc = await asyncio.create_subprocess_exec(
+        "bash", "-c", command, stdin=slave, stdout=slave, stderr=slave, start_new_session=True
+    )
+    os.close(slave)
+    os.set_blocking(master, False)
+    ready = asyncio.Event()
+    loop.add_reader(master, ready.set)
+    offset, eof = 0, False
+    try:
+        while not eof:
+            await ready.wait()
+            ready.clear()
+            chunks, got = [], 0
+            while got < 65536:
+                try:
+                    data = os.read(master, 65536)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    data = b""
+                if not data:
+                    eof = True
+                    break
+                chunks.append(data)
+                got += len(data)
+            if chunks:
+                text = b"".join(chunks).decode("utf-8", "replace")
+                frame = {"channel": "terminal", "type": "output", "sessionId": "s",
+                         "offset": offset, "data": text}
+                await ws.send_frame(orjson.dumps(frame), WSMsgType.TEXT)
+                offset += got
+    finally:
+        loop.remove_reader(master)
+        os.close(master)
+        await proc.wait()
+    await ws.close()
+    return ws
 app = web.Application()
 app.router.add_get("/echo", echo)
 app.router.add_get("/blast", blast)
+app.router.add_get("/pty", pty_floor)
 print("ready", flush=True)
 web.run_app(app, host="127.0.0.1", port=port, print=None)
 """
@@ -270,15 +323,20 @@ async def timed_cat(
     pid: int,
     path: str,
 ) -> dict[str, float]:
-    """Type `cat path` and a marker into a shell; seconds, characters and server `pid`'s
-    CPU seconds until the marker comes back."""
+    """Type `cat path` and a marker into a shell; seconds, characters, server `pid`'s
+    CPU seconds and this client's until the marker comes back."""
     marker = uuid.uuid4().hex[:8]
-    cpu0 = cpu_seconds(pid)
+    cpu0, client0 = cpu_seconds(pid), time.process_time()
     start = time.perf_counter()
     await type_(f"cat {path}; {marker_cmd(marker)}\r")
     total = await until("__" + marker)
     elapsed = time.perf_counter() - start
-    return {"seconds": elapsed, "bytes": total, "cpu": cpu_seconds(pid) - cpu0}
+    return {
+        "seconds": elapsed,
+        "bytes": total,
+        "cpu": cpu_seconds(pid) - cpu0,
+        "client_cpu": time.process_time() - client0,
+    }
 
 
 async def aether_throughput(url: str, pid: int, env: dict, path: str) -> dict[str, float]:
@@ -304,6 +362,23 @@ async def terminado_throughput(url: str, pid: int, path: str) -> dict[str, float
         result = await timed_cat(term.stdin, term.until, pid, path)
         await term.stdin("exit\r")
     return result
+
+
+async def pty_floor(url: str, pid: int, path: str) -> dict[str, float]:
+    """The bare server's PTY-to-WebSocket floor: `cat path` read from a PTY and sent as
+    output frames to the same client as the daemon's (seconds, characters, server CPU)."""
+    marker = uuid.uuid4().hex[:8]
+    async with Aether(f"{url}/pty?path={path}&marker={marker}") as client:
+        cpu0, client0 = cpu_seconds(pid), time.process_time()
+        start = time.perf_counter()
+        total = await client.output_until("s", "__" + marker)
+        elapsed = time.perf_counter() - start
+    return {
+        "seconds": elapsed,
+        "bytes": total,
+        "cpu": cpu_seconds(pid) - cpu0,
+        "client_cpu": time.process_time() - client0,
+    }
 
 
 async def bare_blast(url: str, pid: int, size: int) -> dict[str, float]:
@@ -587,7 +662,9 @@ async def measure_throughput(
     """`sizes.rounds` rounds of the raw read, aetherd, terminado and the bare server in
     turn, so each sees the same load; the best rate and the least CPU per MB of each.
     With `base` (another version's daemon), it takes its turn too."""
-    names = ["raw", "aetherd", "terminado", "bare"] + (["base"] if base is not None else [])
+    names = ["raw", "aetherd", "floor", "terminado", "bare"] + (
+        ["base"] if base is not None else []
+    )
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for _ in range(sizes.rounds):
         seconds, size, cpu = raw_pty_read(f"cat {path}", shell_env)  # nothing else runs
@@ -595,11 +672,16 @@ async def measure_throughput(
         runs["aetherd"].append(await aether_throughput(aurl, apid, env, path))
         if base is not None:
             runs["base"].append(await aether_throughput(base.ws_url, base.pid, env, path))
+        runs["floor"].append(await pty_floor(burl, bpid, path))
         runs["terminado"].append(await terminado_throughput(turl, tpid, path))
         runs["bare"].append(await bare_blast(burl, bpid, sizes.mb * MiB))
     for name, rounds in runs.items():
         results[f"{name}_mbs"] = max(r["bytes"] / r["seconds"] / 1e6 for r in rounds)
         results[f"{name}_cpu_ms_per_mb"] = min(r["cpu"] * 1000 / (r["bytes"] / 1e6) for r in rounds)
+    for name in ("aetherd", "floor"):  # the client decodes every frame on the same cores
+        results[f"{name}_client_ms_per_mb"] = min(
+            r["client_cpu"] * 1000 / (r["bytes"] / 1e6) for r in runs[name]
+        )
     best = min(runs["aetherd"], key=lambda r: r["seconds"])
     results["aetherd_frames"] = best["frames"]
     results["aetherd_kib_per_frame"] = best["bytes"] / max(1, best["frames"]) / 1024
@@ -1003,6 +1085,7 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     if "aetherd_mbs" in r:
         out["throughput"] = r["aetherd_mbs"] / r["raw_mbs"]
+        out["floor"] = r["aetherd_mbs"] / r["floor_mbs"]
         out["cpu"] = r["aetherd_cpu_ms_per_mb"] / r["terminado_cpu_ms_per_mb"]
     if "aetherd_idle" in r:
         out["echo"] = percentile(r["aetherd_idle"], 0.99) / percentile(r["bare_idle"], 0.99)
@@ -1033,6 +1116,18 @@ def report(r: dict[str, Any], sizes: Sizes) -> None:
         print(
             f"| Throughput | {r['aetherd_mbs']:.1f} MB/s | raw PTY os.read {r['raw_mbs']:.1f} MB/s"
             f" | {judged('throughput')} |"
+        )
+        print(
+            f"| Throughput | {r['aetherd_mbs']:.1f} MB/s, {r['aetherd_cpu_ms_per_mb']:.1f} ms/MB |"
+            f" floor: a bare aiohttp server reading the PTY and sending frames to the same"
+            f" client {r['floor_mbs']:.1f} MB/s, {r['floor_cpu_ms_per_mb']:.1f} ms/MB"
+            f" ({r['floor_mbs'] / r['raw_mbs']:.2f}x the raw read)"
+            f" | {r['aetherd_mbs'] / r['floor_mbs']:.2f}x |"
+        )
+        print(
+            f"| Client CPU per MB (JSON of every frame, on the same cores) |"
+            f" {r['aetherd_client_ms_per_mb']:.1f} ms | floor {r['floor_client_ms_per_mb']:.1f} ms;"
+            f" the raw read has no client | |"
         )
         if "base_mbs" in r:
             print(
@@ -1175,6 +1270,12 @@ def summary(runs: list[dict[str, float]]) -> None:
     print(f"\n## Targets over {len(runs)} runs (min-max of the ratio)\n")
     print("| Ratio | min-max | Target | Verdict |")
     print("|---|---|---|---|")
+    floors = [run["floor"] for run in runs if "floor" in run]
+    if floors:
+        print(
+            f"| Throughput / the PTY-to-WebSocket floor (no target) |"
+            f" {min(floors):.2f}-{max(floors):.2f}x | | |"
+        )
     for key, target in TARGETS.items():
         values = [run[key] for run in runs if key in run]
         if not values:

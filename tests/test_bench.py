@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -19,7 +20,8 @@ import psutil
 import pytest
 
 from bench import support
-from bench.terminal import Aether, aether_echo, aether_throughput
+from bench.terminal import BARE_SERVER, Aether, aether_echo, aether_throughput, pty_floor
+from tests.support import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 MODULES = sorted(p.stem for p in (REPO / "bench").glob("*.py") if p.stem != "__init__")
@@ -122,6 +124,32 @@ async def test_terminal_benchmark_client_against_a_daemon(tmp_path: Path) -> Non
     finally:
         daemon.stop()
     assert daemon.proc.returncode == 0
+
+
+@pytest.mark.slow
+async def test_terminal_benchmark_floor_reads_a_pty_to_the_same_client(tmp_path: Path) -> None:
+    """The throughput floor (a bare server: PTY read, output frames) delivers the whole file."""
+    data = tmp_path / "data.txt"
+    lines = [uuid.uuid4().hex for _ in range(2000)]
+    data.write_text("\n".join(lines) + "\n")
+    port = support.free_port()
+    server = support.Child(
+        [sys.executable, "-c", BARE_SERVER, str(port)], dict(os.environ), "ready"
+    )
+
+    def listening() -> bool:
+        # The bare server says "ready" just before aiohttp binds its port.
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        await wait_for(listening, timeout=60)
+        result = await pty_floor(f"ws://127.0.0.1:{port}", server.pid, str(data))
+    finally:
+        server.stop(10)
+    # cat on a PTY: each \n becomes \r\n; the marker line comes last.
+    assert result["bytes"] >= data.stat().st_size + len(lines)
+    assert result["seconds"] > 0 and result["cpu"] >= 0 and result["client_cpu"] > 0
 
 
 def test_percentile_is_a_measured_sample() -> None:

@@ -74,10 +74,26 @@ LAZY = (
     "hypothesis",  # test-only
     "pytest",  # test-only
     "jsonschema",  # never at run time
+    # Built on first use (aetherd/daemon.py, aetherd/channels/__init__.py): the agent
+    # (at the first connection, or at boot with tasks to fail), git, search.
+    "aetherd.agent",
+    "aetherd.channels.agent",
+    "aetherd.protocol.agent",
+    "aetherd.services.transcript",
+    "sqlite3",
+    "_sqlite3",
+    "aetherd.channels.git",
+    "aetherd.protocol.git",
+    "aetherd.services.git",
+    "aetherd.services.search",
+    "aetherd.services.gitignore",
+    # The "idna" codec: the listening socket's ASCII host is resolved as bytes.
+    "encodings.idna",
+    "stringprep",
 )
 
 # `aetherd serve` as the console script runs it (aetherd.cli.main), plus one thread that
-# polls /readyz over a raw socket, prints the loaded modules once it answers 200, and
+# polls /readyz over a raw socket (its host as bytes: a str would load the idna codec), prints the loaded modules once it answers 200, and
 # stops the daemon with SIGTERM like a service manager would.
 DAEMON = r"""
 import json, os, signal, socket, sys, threading, time
@@ -89,7 +105,7 @@ def probe():
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            with socket.create_connection((b"127.0.0.1", port), timeout=2) as sock:
                 sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                 if sock.recv(64).startswith(b"HTTP/1.1 200"):
                     break

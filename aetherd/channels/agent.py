@@ -11,6 +11,9 @@ and the subscriber goes live. No gap, no duplicate.
 
 A handler failure on a frame without `requestId` is pushed to that connection as an
 agent `error` event (`error`, `code`), since it belongs to no task.
+
+A lazy channel (`aetherd.channels`): imported at the first connection (its history
+push), which also builds and starts the agent service.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aetherd.agent.events import Recorded
-from aetherd.agent.runner import HistoryPage
+from aetherd.agent.runner import AgentRunner, HistoryPage
 from aetherd.errors import AetherError, ErrorCode
 from aetherd.protocol import Channel, dumps, encode
 from aetherd.protocol.agent import (
@@ -108,7 +111,11 @@ def history_reply(page: HistoryPage) -> HistoryReply:
 
 
 async def _guard(ctx: Context, func: Callable[[], Awaitable[T]]) -> T | None:
-    """Run `func`; without a requestId, report a failure as an agent `error` event."""
+    """Run `func`; without a requestId, report a failure as an agent `error` event.
+
+    The agent is built on first use (`aetherd.daemon`): started here if need be.
+    """
+    await ctx.services.ensure("agent")
     try:
         return await func()
     except AetherError as err:
@@ -311,7 +318,7 @@ async def push_history(ctx: Context) -> None:
     `?agentHistory=none` skips the push (the subscriber goes live at once);
     `?agentHistory=after:SEQ` pushes only the events after SEQ, oldest first.
     """
-    runner = ctx.services.agent
+    runner: AgentRunner = await ctx.services.ensure("agent")  # built on first use
     peer = ctx.peer
     wanted = peer.slot(FILTER).wants
     try:

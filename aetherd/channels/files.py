@@ -39,7 +39,6 @@ from aetherd.protocol.files import (
 )
 from aetherd.protocol.registry import Deferred, Wire
 from aetherd.services.fs import FileSystem, decode_raw_path
-from aetherd.services.search import FindQuery, SearchQuery
 
 if TYPE_CHECKING:
     from aetherd.daemon import Daemon
@@ -233,6 +232,8 @@ _SEARCH_ERRORS = (*_PATH_ERRORS, ErrorCode.LIMIT_EXCEEDED)
 )
 async def search(ctx: Context, msg: SearchRequest) -> SearchResult:
     """Lines that match, in path then line order (section 12); cancelled with the socket."""
+    from aetherd.services.search import SearchQuery  # with the service, on first use
+
     result = await ctx.services.search.search(
         SearchQuery(
             query=msg.query,
@@ -251,6 +252,8 @@ async def search(ctx: Context, msg: SearchRequest) -> SearchResult:
 @channel.handler("find", FindRequest, reply=FindResult, errors=_SEARCH_ERRORS, concurrent=True)
 async def find(ctx: Context, msg: FindRequest) -> FindResult:
     """Files by name or glob, in path order (section 12)."""
+    from aetherd.services.search import FindQuery  # with the service, on first use
+
     result = await ctx.services.search.find(
         FindQuery(
             pattern=msg.pattern,

@@ -3,10 +3,14 @@
 Thin handlers over `services.git` (the real git binary, as asyncio subprocesses). A
 connection that has made any git request holds the root repository's watch and gets
 the `changed` pushes; the watch closes when the last such connection goes.
+
+A lazy channel (`aetherd.channels`): imported at the first git frame, with the git
+service behind it.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +37,7 @@ from aetherd.services.fs import decode_raw_path
 
 if TYPE_CHECKING:
     from aetherd.daemon import Daemon
+    from aetherd.services.git import GitService
 
 channel = Channel("git", require_request_id=True, pushes=(GitChanged,))
 
@@ -60,19 +65,17 @@ _ERRORS = (
 )
 
 
-def _interested(ctx: Context) -> None:
-    interest = ctx.peer.slot(INTEREST)
-    if interest.release is None and not ctx.peer.closed:
-        interest.release = ctx.services.git.hold()
+# The git services whose `changed` events go to the hub. A lazy channel has no startup
+# hook: the hub is subscribed at the first git request, which is also the first
+# connection that can be interested (only those get `changed`).
+_WIRED: weakref.WeakSet[GitService] = weakref.WeakSet()
 
 
-def _all_paths(paths: list[str], raw_paths: list[str]) -> list[str]:
-    return [*paths, *(decode_raw_path(raw) for raw in raw_paths)]
-
-
-@channel.on_startup
-async def wire(daemon: Daemon) -> None:
-    """Send every `changed` to the connections that made a git request."""
+def _wire(daemon: Daemon, git: GitService) -> None:
+    """Send every `changed` to the connections that made a git request (once per service)."""
+    if git in _WIRED:
+        return
+    _WIRED.add(git)
 
     def send(event: dict[str, Any]) -> None:
         text = encode(GitChanged.model_validate(event))
@@ -80,7 +83,19 @@ async def wire(daemon: Daemon) -> None:
             if peer.slot(INTEREST).release is not None:
                 peer.send(text)
 
-    daemon.services.git.subscribe(send)
+    git.subscribe(send)
+
+
+def _interested(ctx: Context) -> None:
+    interest = ctx.peer.slot(INTEREST)
+    if interest.release is None and not ctx.peer.closed:
+        git = ctx.services.git
+        _wire(ctx.daemon, git)
+        interest.release = git.hold()
+
+
+def _all_paths(paths: list[str], raw_paths: list[str]) -> list[str]:
+    return [*paths, *(decode_raw_path(raw) for raw in raw_paths)]
 
 
 @channel.handler("status", GitRepoRequest, reply=GitStatus, errors=_ERRORS, concurrent=True)

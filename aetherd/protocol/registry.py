@@ -14,6 +14,10 @@ A channel module declares itself once:
     async def wire(daemon: Daemon) -> None: ...
 
 and is listed in `aetherd.channels.CHANNELS`. Nothing else is needed to add a channel.
+A channel an idle daemon need not load is listed as `LazyChannel(name, module)`: its
+module (and what that imports: the agent runner, the git service) is imported at the
+first frame on it, the first schema build, or, with `connect=True`, the first
+connection (whose hooks it has). A lazy channel has no `on_startup` hooks.
 
 The models themselves live in `aetherd.protocol.<channel>`: `Message` subclasses for
 what the client sends, `Frame` subclasses for what the daemon pushes, `Model`
@@ -38,6 +42,7 @@ suite) every `Wire` reply is checked against its model as it is sent.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -53,7 +58,16 @@ if TYPE_CHECKING:
     from aetherd.daemon import Daemon
     from aetherd.protocol.context import Context
 
-__all__ = ["Channel", "Deferred", "Empty", "Handler", "Message", "Registry", "Wire"]
+__all__ = [
+    "Channel",
+    "Deferred",
+    "Empty",
+    "Handler",
+    "LazyChannel",
+    "Message",
+    "Registry",
+    "Wire",
+]
 
 M = TypeVar("M", bound=BaseModel)
 R = TypeVar("R")
@@ -213,6 +227,51 @@ class Channel:
         """Run `func(daemon)` once, after the services have started."""
         self.startup_hooks.append(func)
         return func
+
+
+class LazyChannel(Channel):
+    """A channel whose module `module` (holding `channel = Channel(name, ...)`) is
+    imported on first use, then takes that channel's state: from then on it is that
+    channel, attribute for attribute, at the same cost per frame.
+
+    Before the import it answers only `name`, `startup_hooks` (none: a lazy channel
+    cannot have any) and, unless `connect` is true, `connect_hooks` (none). Any other
+    attribute (`handlers`, `pushes`, `require_request_id`...) imports the module.
+    """
+
+    def __init__(self, name: str, module: str, *, connect: bool = False) -> None:
+        # Channel's own __init__ is not called: its fields come from the module.
+        self.name = name
+        self.module = module
+        self.connect = connect
+        self.startup_hooks = []
+        if not connect:
+            self.connect_hooks = []
+
+    @property
+    def loaded(self) -> bool:
+        """True once the module is imported."""
+        return "handlers" in self.__dict__
+
+    def load(self) -> None:
+        """Import the module and take its channel's state (once)."""
+        if self.loaded:
+            return
+        real = importlib.import_module(self.module).channel
+        if not isinstance(real, Channel) or real.name != self.name:
+            raise ValueError(f"{self.module}.channel is not the channel {self.name!r}")
+        if real.startup_hooks:
+            raise ValueError(f"lazy channel {self.name!r} cannot have on_startup hooks")
+        if real.connect_hooks and not self.connect:
+            raise ValueError(f"lazy channel {self.name!r} has connect hooks: declare connect=True")
+        self.__dict__.update(real.__dict__)
+
+    def __getattr__(self, attr: str) -> Any:
+        # Only for attributes not set yet: the channel's fields before the import.
+        if attr.startswith("__") or attr in ("module", "connect"):
+            raise AttributeError(attr)
+        self.load()
+        return object.__getattribute__(self, attr)
 
 
 class Registry:

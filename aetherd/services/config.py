@@ -12,41 +12,39 @@ good validated `WorkspaceConfig`, and tells two kinds of listeners about changes
 - `listen(cb)`: `cb(ConfigEvent)` for every change of the file, valid or not, with its
   source (`client` or `disk`). The config channel turns these into `changed` frames.
 
-The file is watched with its own watchdog observer on the file's parent directory,
-not recursively. When that directory does not exist yet, the nearest existing
-ancestor inside the root is watched instead, and the watch moves down when the
-directory appears (and back up when it is deleted). Events are debounced. A cheap
-periodic stat check (`config_poll_interval`) catches anything the watch missed.
+The file is watched through one inotify fd of its own, read on the event loop (no
+thread: a watchdog observer cost three threads and 0.35 MiB, docs/performance.md), on
+the file's parent directory, not recursively. When that directory does not exist yet,
+the nearest existing ancestor inside the root is watched instead, and the watch moves
+down when the directory appears (and back up when it is deleted). Events are
+debounced. A cheap periodic stat check (`config_poll_interval`) catches anything the
+watch missed, or everything when inotify is unavailable.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import fcntl
 import inspect
 import logging
 import os
 import stat as stat_mod
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from watchdog.events import (
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirModifiedEvent,
-    DirMovedEvent,
-    FileClosedEvent,
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileModifiedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
+from watchdog.observers.inotify_c import InotifyConstants as IC
+from watchdog.observers.inotify_c import (
+    WatchDescriptor,
+    inotify_add_watch,
+    inotify_init,
+    inotify_rm_watch,
 )
-from watchdog.observers import Observer
 
 from aetherd.config_model import (
     LEGACY_KEYS,
@@ -94,26 +92,28 @@ __all__ = [
 
 log = logging.getLogger("aetherd.config")
 
-# Events that say the file (or a directory on its way) changed; opened/closed-no-write
-# are our own reads and would otherwise make the watcher re-read forever.
-_RELEVANT_EVENTS = frozenset({"created", "deleted", "modified", "moved", "closed"})
-# The same, as the inotify mask of the watch: opens and reads (ours, and the shared
-# opener's directory walk) never even reach watchdog.
-_EVENT_FILTER = [
-    FileCreatedEvent,
-    DirCreatedEvent,
-    FileDeletedEvent,
-    DirDeletedEvent,
-    FileModifiedEvent,
-    DirModifiedEvent,
-    FileMovedEvent,
-    DirMovedEvent,
-    FileClosedEvent,
-]
+# What says the file (or a directory on its way) changed: the inotify mask of a watch.
+# Opens and reads (ours, and the shared opener's directory walk) never reach us, nor do
+# closes without a write, which would otherwise make the store re-read forever.
+_WATCH_MASK = (
+    IC.IN_CREATE
+    | IC.IN_DELETE
+    | IC.IN_MODIFY
+    | IC.IN_MOVED_FROM
+    | IC.IN_MOVED_TO
+    | IC.IN_CLOSE_WRITE
+    | IC.IN_DELETE_SELF
+    | IC.IN_MOVE_SELF
+    | IC.IN_ONLYDIR
+    | IC.IN_DONT_FOLLOW
+    | IC.IN_EXCL_UNLINK
+)
+_EVENT_HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len
+_READ_SIZE = 64 * 1024  # bytes per read of the inotify fd (a few hundred events)
 # A burst of events longer than this many debounce periods is read anyway.
 _MAX_DEBOUNCE_EXTENSIONS = 20
-# Bound on one watchdog control call (schedule, unschedule, stop): they join threads
-# without a timeout, so they run in a daemon thread the loop waits on this long at most.
+# Bound on placing the watches (stat and inotify_add_watch on the workspace's file
+# system, which may hang): they run in a daemon thread the loop waits on this long at most.
 _WATCH_CONTROL_TIMEOUT = 5.0
 
 
@@ -198,20 +198,84 @@ class _State:
     errors: list[dict[str, Any]] = field(default_factory=list)
 
 
-class _EventForwarder(FileSystemEventHandler):
-    """Runs in watchdog's thread; only hands paths to the store."""
+class _DirWatch:
+    """One inotify fd, read on the event loop: non-recursive watches on a few directories.
 
-    def __init__(self, on_paths: Callable[[list[str]], None]) -> None:
+    `on_paths(paths)` gets, per read, the paths the events name (a watched directory
+    itself when it is deleted or moved, or when the kernel's queue overflowed).
+    `add` and `remove` may run in another thread (the placement's); reading runs on the
+    loop. Raises OSError when no inotify instance can be had.
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, on_paths: Callable[[list[str]], None]
+    ) -> None:
+        fd = inotify_init()
+        if fd < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+        os.set_blocking(fd, False)
+        fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.fcntl(fd, fcntl.F_GETFD) | fcntl.FD_CLOEXEC)
+        self.fd = fd
+        self._loop = loop
         self._on_paths = on_paths
+        self._dirs: dict[int, str] = {}  # watch descriptor -> directory
+        loop.add_reader(fd, self._read)
 
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type not in _RELEVANT_EVENTS:
+    def add(self, directory: str) -> int:
+        """Watch `directory` (not recursively); its watch descriptor."""
+        wd = int(inotify_add_watch(self.fd, os.fsencode(directory), _WATCH_MASK))
+        if wd < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), directory)
+        self._dirs[wd] = directory
+        return wd
+
+    def remove(self, wd: int) -> None:
+        """Stop watching (the kernel may have dropped the watch already)."""
+        if self._dirs.pop(wd, None) is not None:
+            inotify_rm_watch(self.fd, WatchDescriptor(wd))
+
+    def remove_all(self) -> None:
+        """Remove every watch (the fd stays open)."""
+        for wd in list(self._dirs):
+            self.remove(wd)
+
+    def close(self) -> None:
+        """Stop reading and close the fd (which drops its watches)."""
+        if self.fd < 0:
             return
-        paths = [os.fsdecode(event.src_path)]
-        dest = getattr(event, "dest_path", "")
-        if dest:
-            paths.append(os.fsdecode(dest))
-        self._on_paths(paths)
+        self._loop.remove_reader(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        self._dirs.clear()
+
+    def _read(self) -> None:
+        try:
+            data = os.read(self.fd, _READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.warning("reading the config watch failed: %s (the poll still runs)", exc)
+            self.close()
+            return
+        paths: list[str] = []
+        offset, size = 0, _EVENT_HEADER.size
+        while offset + size <= len(data):
+            wd, mask, _cookie, length = _EVENT_HEADER.unpack_from(data, offset)
+            name = data[offset + size : offset + size + length].rstrip(b"\0")
+            offset += size + length
+            if mask & IC.IN_Q_OVERFLOW:
+                paths.extend(self._dirs.values())  # events were lost: re-read
+                continue
+            directory = self._dirs.get(wd)
+            if directory is None:
+                continue
+            if mask & IC.IN_IGNORED:  # the kernel dropped the watch (directory gone)
+                self._dirs.pop(wd, None)
+            paths.append(os.path.join(directory, os.fsdecode(name)) if name else directory)
+        if paths:
+            self._on_paths(paths)
 
 
 class ConfigStore:
@@ -231,8 +295,8 @@ class ConfigStore:
         self._lock = asyncio.Lock()
         self._kick: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._observer: Any = None
-        self._watches: dict[str, tuple[Any, tuple[int, int]]] = {}
+        self._inotify: _DirWatch | None = None
+        self._watches: dict[str, tuple[int, tuple[int, int]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
         self._stopping = False
@@ -399,9 +463,10 @@ class ConfigStore:
         self._loop = asyncio.get_running_loop()
         self._stopping = False
         self._kick = asyncio.Event()
-        self._observer = Observer()
-        self._observer.daemon = True
-        self._observer.start()
+        try:
+            self._inotify = _DirWatch(self._loop, self._on_paths)
+        except OSError as exc:
+            log.warning("cannot watch the config file: %s (the poll still runs)", exc)
         async with self._lock:
             await self._update_watches()
             disk = await self.jail.executor.run(self._read_disk)
@@ -445,18 +510,10 @@ class ConfigStore:
         for task in tasks:
             log.warning("config task %s did not stop", task.get_name())
         self._tasks.clear()
-        observer, self._observer = self._observer, None
+        inotify, self._inotify = self._inotify, None
         self._watches.clear()
-        if observer is not None:
-
-            def stop_observer() -> None:
-                observer.stop()
-                observer.join(_WATCH_CONTROL_TIMEOUT)
-
-            try:
-                await _in_daemon_thread(stop_observer, _WATCH_CONTROL_TIMEOUT * 2)
-            except asyncio.TimeoutError:
-                log.warning("the config watcher did not stop in time; left to exit with us")
+        if inotify is not None:
+            inotify.close()
 
     # -- internals -------------------------------------------------------------------
     def _wire(self, disk: _DiskRead) -> str:
@@ -601,8 +658,8 @@ class ConfigStore:
 
     def _place_watches(self) -> None:
         """Watch each file's directory, or its nearest existing ancestor (non-recursive)."""
-        observer = self._observer
-        if observer is None:
+        inotify = self._inotify
+        if inotify is None:
             return
         desired = self._desired_watch_dirs()
         for directory in list(self._watches):
@@ -614,35 +671,28 @@ class ConfigStore:
                 same = False
             if directory not in desired or not same:
                 # A directory that was deleted (and maybe recreated) has a dead watch.
-                with contextlib.suppress(Exception):
-                    observer.unschedule(watch)
+                with contextlib.suppress(OSError):
+                    inotify.remove(watch)
                 self._watches.pop(directory, None)  # a timed-out placement may race
         for directory in desired - set(self._watches):
             try:
                 st = os.stat(directory)
-                watch = observer.schedule(
-                    _EventForwarder(self._on_paths),
-                    directory,
-                    recursive=False,
-                    event_filter=_EVENT_FILTER,
-                )
+                watch = inotify.add(directory)
             except OSError as exc:
                 log.warning("cannot watch %s: %s (the poll still runs)", directory, exc)
                 continue
             self._watches[directory] = (watch, (st.st_dev, st.st_ino))
 
     def _on_paths(self, paths: list[str]) -> None:
-        """Watchdog thread: wake the debounce loop when a path concerns the config."""
+        """On the loop: wake the debounce loop when a path concerns the config."""
         targets = (self._yaml_lexical, self._legacy_lexical)
         relevant = any(
             path == target or target.startswith(path.rstrip("/") + "/")
             for path in paths
             for target in targets
         )
-        if not relevant or self._loop is None or self._kick is None:
-            return
-        with contextlib.suppress(RuntimeError):  # the loop is closing
-            self._loop.call_soon_threadsafe(self._kick.set)
+        if relevant and self._kick is not None:
+            self._kick.set()
 
     async def _debounce_loop(self) -> None:
         assert self._kick is not None

@@ -390,7 +390,7 @@ class ManagedProcess:
         def stream(name: StreamName) -> StreamHandover:
             s = state.stream(name)
             at = len(blob)
-            blob.extend(s.ring._buf)
+            blob.extend(s.ring.contents())
             return StreamHandover(
                 fd=s.fd, eof=s.eof, ring_start=s.ring.start, ring_at=at, ring_len=len(s.ring)
             )

@@ -8,19 +8,17 @@ bytes it missed, as long as they are still in the ring. Shared by the terminal s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 def _is_continuation(byte: int) -> bool:
     return 0x80 <= byte <= 0xBF
 
 
-def _utf8_cut(data: bytes | bytearray, end: int) -> int:
-    """The largest cut <= `end` that does not split a UTF-8 sequence that started before it.
-
-    Looks back at most 3 bytes for a lead byte whose sequence would cross `end`.
-    Invalid bytes are left where they are (they decode to U+FFFD either way).
-    """
-    for back in range(1, min(4, end) + 1):
-        byte = data[end - back]
+def _cut(byte_at: Callable[[int], int], end: int, floor: int = 0) -> int:
+    """`_utf8_cut` over any indexable: looks back from `end` to no lower than `floor`."""
+    for back in range(1, min(4, end - floor) + 1):
+        byte = byte_at(end - back)
         if _is_continuation(byte):
             continue
         if byte >= 0xF8:
@@ -37,33 +35,89 @@ def _utf8_cut(data: bytes | bytearray, end: int) -> int:
     return end
 
 
+def _utf8_cut(data: bytes | bytearray, end: int) -> int:
+    """The largest cut <= `end` that does not split a UTF-8 sequence that started before it.
+
+    Looks back at most 3 bytes for a lead byte whose sequence would cross `end`.
+    Invalid bytes are left where they are (they decode to U+FFFD either way).
+    """
+    return _cut(data.__getitem__, end)
+
+
 class OutputRing:
     """The last `capacity` bytes of a session's output, addressed by absolute offset.
 
     Starts empty and grows with the output (an idle session holds only its prompt).
-    Deleting from the front of a bytearray is O(1) in CPython, so trimming is cheap.
+    Once `capacity` bytes are held, the storage is a fixed circular buffer: an append
+    is one copy of the new bytes, whatever the ring holds. (A bytearray trimmed from
+    the front instead reallocates and copies the whole ring every eighth of its
+    capacity, on fresh pages: docs/performance.md, issue 18 second pass.)
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._buf = bytearray()
-        self.start = 0  # absolute offset of _buf[0]
+        self._store = bytearray()  # grows to `capacity`, then fixed
+        self._head = 0  # index in _store of the byte at offset `start` (0 while growing)
+        self._len = 0  # bytes held
+        self.start = 0  # absolute offset of the oldest byte held
 
     @property
     def end(self) -> int:
         """Absolute offset one past the last byte written so far."""
-        return self.start + len(self._buf)
+        return self.start + self._len
 
     def __len__(self) -> int:
-        return len(self._buf)
+        return self._len
 
-    def append(self, data: bytes) -> None:
+    def append(self, data: bytes | bytearray | memoryview) -> None:
         """Add output, dropping the oldest bytes beyond the capacity."""
-        self._buf += data
-        excess = len(self._buf) - self.capacity
-        if excess > 0:
-            del self._buf[:excess]
+        size = len(data)
+        if not size:
+            return
+        store, cap = self._store, self.capacity
+        if len(store) < cap and self._len + size <= cap:
+            store += data  # still growing: _head is 0 and the bytes are in order
+            self._len += size
+            return
+        view = memoryview(data).cast("B")
+        if size >= cap:
+            # Only the last `capacity` bytes survive: they are the whole ring.
+            self.start += self._len + size - cap
+            if len(store) < cap:
+                store += bytes(cap - len(store))
+            store[:] = view[size - cap :]
+            self._head, self._len = 0, cap
+            return
+        if len(store) < cap:
+            store += bytes(cap - len(store))  # full size once; from now on circular
+        pos = (self._head + self._len) % cap
+        first = min(size, cap - pos)
+        store[pos : pos + first] = view[:first]
+        if first < size:
+            store[: size - first] = view[first:]
+        held = self._len + size
+        if held > cap:
+            excess = held - cap
+            self._head = (self._head + excess) % cap
             self.start += excess
+            held = cap
+        self._len = held
+
+    def _byte(self, rel: int) -> int:
+        """The byte `rel` bytes after `start`."""
+        return self._store[(self._head + rel) % self.capacity]
+
+    def _bytes(self, rel: int, stop: int) -> bytes:
+        """The bytes from `start + rel` to `start + stop`, in order (one copy)."""
+        cap = self.capacity
+        first = self._head + rel
+        if first >= cap:
+            first -= cap
+        last = first + (stop - rel)
+        with memoryview(self._store) as view:
+            if last <= cap:
+                return bytes(view[first:last])
+            return b"".join((view[first:], view[: last - cap]))
 
     def chunk(self, offset: int, limit: int, final: bool) -> tuple[int, bytes]:
         """Up to `limit` bytes from `offset` (clamped into the ring), cut on a character boundary.
@@ -73,40 +127,41 @@ class OutputRing:
         """
         start = max(offset, self.start)
         rel = start - self.start
+        held = self._len
         if start == self.start and offset < self.start:
             # Resynchronised from the ring's start: skip a partial character there.
             skip = 0
-            while (
-                skip < 3 and rel + skip < len(self._buf) and _is_continuation(self._buf[rel + skip])
-            ):
+            while skip < 3 and rel + skip < held and _is_continuation(self._byte(rel + skip)):
                 skip += 1
             rel += skip
             start += skip
-        stop = min(len(self._buf), rel + limit)
-        if stop > rel and not (final and stop == len(self._buf)):
-            cut = _utf8_cut(self._buf, stop)
+        stop = min(held, rel + limit)
+        if stop > rel and not (final and stop == held):
+            cut = _cut(self._byte, stop)
             if cut > rel:
                 stop = cut
-            elif stop == len(self._buf):
+            elif stop == held:
                 stop = rel  # only an incomplete character so far: wait for the rest
-        with memoryview(self._buf) as view:  # one copy, not two
-            return start, bytes(view[rel:stop])
+        if stop <= rel:
+            return start, b""
+        return start, self._bytes(rel, stop)
 
     def raw(self, offset: int, limit: int) -> tuple[int, bytes]:
         """Up to `limit` bytes from `offset` (clamped into the ring), uncut: for binary clients."""
         start = max(offset, self.start)
         rel = start - self.start
-        stop = min(len(self._buf), rel + limit)
-        with memoryview(self._buf) as view:
-            return start, bytes(view[rel:stop])
+        stop = min(self._len, rel + limit)
+        if stop <= rel:
+            return start, b""
+        return start, self._bytes(rel, stop)
 
     def text_start(self) -> int:
         """The ring's start, moved past a partial character that lost its head to trimming."""
         skip = 0
-        while skip < 3 and skip < len(self._buf) and _is_continuation(self._buf[skip]):
+        while skip < 3 and skip < self._len and _is_continuation(self._byte(skip)):
             skip += 1
         return self.start + skip
 
     def contents(self) -> bytes:
-        """Everything the ring holds."""
-        return bytes(self._buf)
+        """Everything the ring holds, oldest first."""
+        return self._bytes(0, self._len) if self._len else b""

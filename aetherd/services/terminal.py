@@ -341,7 +341,7 @@ class TerminalSession:
             attachment.closed = True
         self.attachments.clear()
         ring_at = len(blob)
-        blob += self.ring._buf
+        blob += self.ring.contents()
         pending_at = len(blob)
         blob += self._pending_input
         self._pending_input.clear()
@@ -766,7 +766,7 @@ class TerminalManager:
             log.warning("terminal %s: ring not mirrored: %s", session.id, exc)
             return
         if len(session.ring):
-            ring_file.append(session.ring._buf, session.ring.end)
+            ring_file.append(session.ring.contents(), session.ring.end)
         session.ring_file = ring_file
 
     def _keep(self, session: TerminalSession) -> None:

@@ -80,6 +80,29 @@ EVENT_OVERHEAD = 100  # bytes an event adds to a frame beyond its payload (type,
 ACTIVE_STATUSES = ("queued", "running", "awaiting_input")
 
 
+def has_active_tasks(path: Path) -> bool:
+    """Whether the database at `path` holds tasks with an active status (blocking).
+
+    The daemon's boot check (a crash left them running: the agent's start fails them).
+    One read-only query; a database this cannot read answers True, so that the agent's
+    own start opens, migrates or reports it.
+    """
+    try:
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=5.0)
+    except sqlite3.Error:
+        return True
+    try:
+        marks = ",".join("?" * len(ACTIVE_STATUSES))
+        row = conn.execute(
+            f"SELECT 1 FROM tasks WHERE status IN ({marks}) LIMIT 1", ACTIVE_STATUSES
+        ).fetchone()
+        return row is not None
+    except sqlite3.Error:
+        return True
+    finally:
+        conn.close()
+
+
 def _log_failure(future: Any) -> None:
     exc = future.exception()
     if exc is not None:

@@ -1,7 +1,9 @@
 """Live config: the workspace config store feeds every service that depends on it.
 
 Each subscription runs once when the config store starts (with the file as it is then)
-and again on every effective change, so edits apply without a daemon restart.
+and again on every effective change, so edits apply without a daemon restart. The
+agent is built on first use: `wire_agent_config` subscribes it then (and applies the
+config as it is at that moment).
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from aetherd.agent.runner import AgentRunner
     from aetherd.config_model import WorkspaceConfig
     from aetherd.daemon import Services
+    from aetherd.services.config import ConfigStore
 
 
 def wire_config(services: Services) -> None:
@@ -23,11 +27,6 @@ def wire_config(services: Services) -> None:
         ports = getattr(services, "ports", None)
         if ports is not None:
             ports.set_port_config(config.ports)
-        agent = getattr(services, "agent", None)
-        if agent is not None:
-            agent.apply_config(
-                config.agent.model_dump(exclude_none=True), config.env, config.files.ignore
-            )
 
     store.subscribe(apply)
 
@@ -54,3 +53,14 @@ def wire_config(services: Services) -> None:
             return watcher.set_extra_ignores(patterns)
 
         store.subscribe(apply_ignores)
+
+
+def wire_agent_config(store: ConfigStore, agent: AgentRunner) -> None:
+    """Subscribe the agent to the config store: its `agent` defaults, `env`, ignores."""
+
+    def apply(config: WorkspaceConfig) -> None:
+        agent.apply_config(
+            config.agent.model_dump(exclude_none=True), config.env, config.files.ignore
+        )
+
+    store.subscribe(apply)

@@ -63,7 +63,7 @@ async def test_terminal_echo_then_a_dropped_socket_loses_nothing(
     await screenshot(page, "reconnecting")
     # The shell keeps running meanwhile (sessions belong to the workspace).
     session = running.daemon.services.terminals.get(session_id)
-    await wait_for(lambda: b"n:120\r\n" in bytes(session.ring._buf[-4096:]), WAIT)
+    await wait_for(lambda: b"n:120\r\n" in session.ring.contents()[-4096:], WAIT)
     proxy.resume()
     text = await wait_text(page, r"^stream-end$", timeout=WAIT * 2)
     assert await page.evaluate("window.aetherdConsole.connections()") == 2

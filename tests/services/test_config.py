@@ -350,7 +350,7 @@ async def test_poll_catches_changes_without_a_watch(store_factory, workspace):
     rec = Recorder(store)
     await store.start()
     # Remove the inotify watches: only the poll can notice the change now.
-    store._observer.unschedule_all()
+    store._inotify.remove_all()
     store._watches.clear()
     write(config_file(workspace), "setup: polled\n")
     event = await rec.next()
@@ -463,7 +463,14 @@ async def test_editor_save_is_debounced_into_one_change(store_factory, workspace
     assert rec.configs == [WorkspaceConfig(setup="one"), WorkspaceConfig(setup="two")]
 
 
-async def test_stop_leaves_no_watcher_threads(store_factory, workspace):
+def _fd_target(fd: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+
+
+async def test_the_watch_is_one_inotify_fd_on_the_loop_closed_at_stop(store_factory, workspace):
     import threading
 
     from watchdog.utils import BaseThread
@@ -471,11 +478,15 @@ async def test_stop_leaves_no_watcher_threads(store_factory, workspace):
     before = {t for t in threading.enumerate() if isinstance(t, BaseThread)}
     store = await store_factory()
     await store.start()
+    fd = store._inotify.fd
+    assert _fd_target(fd) == "anon_inode:inotify"
     write(config_file(workspace), "setup: x\n")
-    await Recorder(store).next()
-    assert {t for t in threading.enumerate() if isinstance(t, BaseThread)} - before
-    await store.stop()
+    assert (await Recorder(store).next()).config.setup == "x"
+    # No observer, emitter or reader thread: the loop reads the fd.
     assert {t for t in threading.enumerate() if isinstance(t, BaseThread)} - before == set()
+    await store.stop()
+    assert store._inotify is None
+    assert _fd_target(fd) != "anon_inode:inotify"
 
 
 async def test_set_onto_a_directory_is_refused(store_factory, workspace):
