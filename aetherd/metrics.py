@@ -14,6 +14,7 @@ never imports prometheus-client (30 modules; docs/performance.md, Start-up).
 
 from __future__ import annotations
 
+import bisect
 import logging
 import re
 import threading
@@ -128,16 +129,14 @@ class _Histogram:
         return _Child(self, tuple(str(v) for v in values))
 
     def add(self, key: tuple[str, ...], value: float) -> None:
+        """Count `value` in the series `key` (the label values, already strings)."""
+        index = bisect.bisect_left(self.bounds, value)  # the first bound >= value
         with self._lock:
             found = self.series.get(key)
             if found is None:
                 found = self.series[key] = ([0] * len(self.bounds), [0.0])
-            counts, total = found
-            for index, bound in enumerate(self.bounds):
-                if value <= bound:
-                    counts[index] += 1
-                    break
-            total[0] += value
+            found[0][min(index, len(self.bounds) - 1)] += 1
+            found[1][0] += value
 
     def collect(self) -> list[Metric]:
         """The metric family, as prometheus-client's `Histogram.collect()` gives it."""

@@ -14,7 +14,16 @@
 4. Watch setup time and watches used on a generated tree of 20,000 directories, 18,000
    of them under node_modules, against watchdog's own recursive inotify observer.
 
-The daemon runs in this process on 127.0.0.1; curl and cp run as child processes.
+The daemon runs in this process on 127.0.0.1; curl and cp run as child processes. The
+small reads are medians over `--rounds` rounds, every kind measured in turn in each
+round; the HTTP figures medians of interleaved rounds. Floors measured in the same
+rounds: a bare aiohttp WebSocket echo (for a request), a bare aiohttp PUT handler that
+drops the body (for an upload).
+
+`--baseline DIR` adds two daemons as child processes, this checkout's (`new`) and the
+one in DIR (`base`, e.g. `git archive main aetherd | tar -x -C DIR`), whose small reads,
+no-work requests and PUT are measured in the same rounds: an A/B of two versions.
+`--profile N` prints cProfile's top functions for N reads and N no-work requests.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -30,14 +40,27 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from aetherd.services.fs import FileLimits, FileSystem
 from aetherd.services.jail import Jail
 from aetherd.services.watcher import Watcher
-from bench.support import TOKEN, MiB, percentile, seconds, serve_in_process, settings_for
+from bench.support import (
+    TOKEN,
+    Daemon,
+    MiB,
+    cpu_seconds,
+    percentile,
+    seconds,
+    serve_in_process,
+    settings_for,
+    step,
+)
 
 
 def run(cmd: list[str]) -> None:
@@ -58,7 +81,35 @@ def inotify_watches_in_process() -> int:
     return total
 
 
-async def bench_http(base: str, root: Path, scratch: Path, repeat: int, mib: int) -> list[tuple]:
+async def upload_sink() -> tuple[web.AppRunner, str]:
+    """A bare aiohttp PUT handler that reads the body and drops it: the floor of an
+    upload through aiohttp's request parser. Its runner and URL."""
+
+    async def sink(request: web.Request) -> web.Response:
+        total = 0
+        while chunk := await request.content.readany():
+            total += len(chunk)
+        return web.json_response({"size": total})
+
+    app = web.Application(client_max_size=1 << 40)
+    app.router.add_put("/sink", sink)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/sink"
+
+
+async def bench_http(
+    base: str,
+    root: Path,
+    scratch: Path,
+    repeat: int,
+    mib: int,
+    others: dict[str, tuple[str, int]] | None = None,
+) -> list[tuple]:
+    """GET and PUT against cp and cp + sync, interleaved rounds, medians; `others`:
+    name → (workspace base URL, pid) of more daemons whose PUT (time, and the daemon's
+    CPU time) is measured in the same rounds."""
     size = mib * MiB
     source = scratch / "src.bin"
     with open(source, "wb") as handle:
@@ -81,21 +132,74 @@ async def bench_http(base: str, root: Path, scratch: Path, repeat: int, mib: int
     def get_null() -> None:
         run(["curl", "-sf", "-o", "/dev/null", url + "/up.bin"])
 
+    sink_runner, sink_url = await upload_sink()
+
+    def sink() -> None:
+        run(["curl", "-sf", "-o", "/dev/null", "-T", str(source), sink_url])
+
+    def put_to(other: str, name: str) -> Callable[[], None]:
+        return lambda: run(
+            ["curl", "-sf", "-T", str(source), f"{other}/files/content?token={TOKEN}&path=/{name}"]
+        )
+
     def rounds() -> dict[str, float]:
         # Interleaved, so that a noisy neighbour hurts every figure alike; medians.
         funcs = {"cp": cp, "cp_sync": cp_sync, "put": put, "get": get, "get_null": get_null}
+        funcs["sink"] = sink
+        # GET after PUT: the file must exist (the first round runs them in this order).
+        for name in ("put", "get", "get_null"):
+            funcs[name]()
+        pids = {}
+        for label, (other, pid) in (others or {}).items():
+            funcs[f"put {label}"] = put_to(other, f"up-{label}.bin")
+            pids[f"put {label}"] = pid
         times: dict[str, list[float]] = {name: [] for name in funcs}
+        order = list(funcs)
+        shuffle = random.Random(18).shuffle
         for _ in range(repeat):
-            for name, func in funcs.items():
-                times[name].append(seconds(func))
+            # A new order each round: each step's writeback lands on the next one.
+            shuffle(order)
+            for name in order:
+                pid = pids.get(name)
+                cpu = cpu_seconds(pid) if pid else 0.0
+                times[name].append(seconds(funcs[name]))
+                if pid:
+                    cpu_times.setdefault(name, []).append(cpu_seconds(pid) - cpu)
         return {name: statistics.median(values) for name, values in times.items()}
 
-    t = await asyncio.get_running_loop().run_in_executor(None, rounds)
+    cpu_times: dict[str, list[float]] = {}
+
+    try:
+        t = await asyncio.get_running_loop().run_in_executor(None, rounds)
+    finally:
+        await sink_runner.cleanup()
     t_cp, t_cps, t_put, t_get, t_null = t["cp"], t["cp_sync"], t["put"], t["get"], t["get_null"]
     assert (root / "up.bin").stat().st_size == size
     assert (scratch / "down.bin").stat().st_size == size
     mbps = lambda t: size / t / MiB  # noqa: E731
+    extra = [
+        (
+            f"bare aiohttp PUT sink {mib} MiB (reads the body, drops it)",
+            f"{mbps(t['sink']):.0f} MiB/s",
+            "cp + sync",
+            f"{mbps(t_cps):.0f} MiB/s",
+            f"{t_cps / t['sink']:.2f}x cp+sync",
+        ),
+    ]
+    for label in others or {}:
+        assert (root / f"up-{label}.bin").stat().st_size == size
+        cpu_ms = statistics.mean(cpu_times[f"put {label}"]) * 1000  # 10 ms ticks: the mean
+        extra.append(
+            (
+                f"child daemon {label}: HTTP PUT {mib} MiB (daemon CPU {cpu_ms:.0f} ms)",
+                f"{mbps(t[f'put {label}']):.0f} MiB/s",
+                "cp + sync",
+                f"{mbps(t_cps):.0f} MiB/s",
+                f"{t_cps / t[f'put {label}']:.2f}x cp+sync",
+            )
+        )
     return [
+        *extra,
         (
             f"HTTP GET {mib} MiB (curl → /dev/null)",
             f"{mbps(t_null):.0f} MiB/s",
@@ -127,9 +231,9 @@ async def bench_http(base: str, root: Path, scratch: Path, repeat: int, mib: int
     ]
 
 
-async def bare_echo_round_trip(count: int) -> float:
-    """Seconds per round trip of a bare aiohttp WebSocket echo (server and client here)."""
-    from aiohttp import web
+async def bare_echo_server() -> tuple[web.AppRunner, str]:
+    """A bare aiohttp WebSocket echo in this process: the floor of any request over a
+    socket served by aiohttp. Its runner and URL."""
 
     async def echo(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
@@ -142,136 +246,173 @@ async def bare_echo_round_trip(count: int) -> float:
     app.router.add_get("/ws", echo)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    frame = json.dumps({"channel": "files", "type": "read", "requestId": "x", "path": "/f"})
-    try:
-        async with aiohttp.ClientSession() as http:
-            ws = await http.ws_connect(f"http://127.0.0.1:{port}/ws")
-            start = time.perf_counter()
-            for _ in range(count):
-                await ws.send_str(frame)
-                json.loads((await ws.receive()).data)
-            elapsed = time.perf_counter() - start
-            await ws.close()
-    finally:
-        await runner.cleanup()
-    return elapsed / count
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/ws"
 
 
-async def bench_small_reads(base: str, root: Path, count: int) -> list[tuple]:
+class Requester:
+    """One WebSocket client: sends a frame and waits for the reply with its requestId."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, echo: bool = False) -> None:
+        self.ws = ws
+        self.echo = echo
+        self.pending: dict[str, asyncio.Future[dict]] = {}
+        self.task = asyncio.create_task(self._reader())
+        self.serial = 0
+
+    async def _reader(self) -> None:
+        async for msg in self.ws:
+            frame = json.loads(msg.data)
+            future = self.pending.pop(frame.get("requestId", ""), None)
+            if future is not None:
+                future.set_result(frame)
+
+    async def one(self, path: str, type_: str = "read") -> None:
+        self.serial += 1
+        rid = f"r{self.serial}-{uuid.uuid4().hex[:8]}"
+        future = asyncio.get_running_loop().create_future()
+        self.pending[rid] = future
+        frame = {"channel": "files", "type": type_, "requestId": rid, "path": path}
+        await self.ws.send_str(json.dumps(frame))
+        reply = await future
+        if self.echo:
+            return
+        if type_ == "read":
+            assert reply["success"] and len(reply["data"]["content"]) == 4096, reply
+        else:
+            assert reply["code"] == "UNKNOWN_TYPE", reply
+
+    async def close(self) -> None:
+        self.task.cancel()
+        await self.ws.close()
+
+
+async def bench_small_reads(
+    base: str,
+    root: Path,
+    count: int,
+    rounds: int,
+    others: dict[str, tuple[str, int]] | None = None,
+) -> list[tuple]:
+    """Per-request times, each the median over `rounds` rounds of `count // rounds`
+    requests, every kind measured in turn within each round, in a new order each round
+    (so that a noisy minute hurts all alike, and no kind always follows the same one).
+    `others`: name → (workspace base URL, pid) of more daemons (child processes: this
+    checkout's and a baseline's) measured in the same rounds, with their CPU time."""
     small = root / "small"
     small.mkdir()
     for i in range(count):
         (small / f"f{i}.txt").write_bytes(b"a" * 4096)
     fs = FileSystem(Jail(root))  # the daemon's defaults: small cached reads on the loop
     threaded = FileSystem(Jail(root), FileLimits(loop_read_max=0))  # every read in a thread
+    per = max(1, count // rounds)
+    echo_runner, echo_url = await bare_echo_server()
+    times: dict[str, list[float]] = {}
+    cpu_per: dict[str, list[float]] = {}  # a child daemon's CPU seconds per request
 
-    start = time.perf_counter()
-    for i in range(count):
-        with open(small / f"f{i}.txt", "rb") as handle:
-            handle.read()
-    t_raw = time.perf_counter() - start
-
-    start = time.perf_counter()
-    for i in range(count):
-        await fs.read(f"/small/f{i}.txt")
-    t_inproc = time.perf_counter() - start
-
-    start = time.perf_counter()
-    for i in range(count):
-        await threaded.read(f"/small/f{i}.txt")
-    t_thread = time.perf_counter() - start
+    def record(name: str, start: float) -> None:
+        times.setdefault(name, []).append((time.perf_counter() - start) / per)
 
     async with aiohttp.ClientSession() as http:
-        ws = await http.ws_connect(f"{base}/ws?token={TOKEN}", max_msg_size=0)
-        pending: dict[str, asyncio.Future] = {}
 
-        async def reader() -> None:
-            async for msg in ws:
-                frame = json.loads(msg.data)
-                future = pending.pop(frame.get("requestId", ""), None)
-                if future is not None:
-                    future.set_result(frame)
+        async def client(url: str, echo: bool = False) -> Requester:
+            return Requester(await http.ws_connect(url, max_msg_size=0), echo)
 
-        task = asyncio.create_task(reader())
-
-        async def one(i: int, type_: str = "read") -> None:
-            rid = uuid.uuid4().hex
-            future = asyncio.get_running_loop().create_future()
-            pending[rid] = future
-            await ws.send_str(
-                json.dumps(
-                    {
-                        "channel": "files",
-                        "type": type_,
-                        "requestId": rid,
-                        "path": f"/small/f{i}.txt",
-                    }
-                )
-            )
-            frame = await future
-            if type_ == "read":
-                assert frame["success"] and len(frame["data"]["content"]) == 4096
-            else:
-                assert frame["code"] == "UNKNOWN_TYPE"
-
-        start = time.perf_counter()
-        for i in range(count):
-            await one(i)
-        t_seq = time.perf_counter() - start
-
+        echo = await client(echo_url, echo=True)
+        ours = await client(f"{base}/ws?token={TOKEN}")
+        children = {
+            name: await client(f"{url}/ws?token={TOKEN}")
+            for name, (url, _) in (others or {}).items()
+        }
         slots = asyncio.Semaphore(32)
 
-        async def limited(i: int) -> None:
+        async def limited(name: str) -> None:
             async with slots:
-                await one(i)
+                await ours.one(name)
 
-        start = time.perf_counter()
-        await asyncio.gather(*(limited(i) for i in range(count)))
-        t_par = time.perf_counter() - start
+        # Warm-up: pydantic's deferred schemas, the page cache, the first connections.
+        for i in range(min(count, 100)):
+            await ours.one(f"/small/f{i}.txt")
+            await ours.one(f"/small/f{i}.txt", "no-such-type")
+            for child in children.values():
+                await child.one(f"/small/f{i}.txt")
+                await child.one(f"/small/f{i}.txt", "no-such-type")
+            await echo.one("/x")
 
-        # The socket alone: a request the daemon answers without any file work.
-        start = time.perf_counter()
-        for i in range(count):
-            await one(i, "no-such-type")
-        t_floor = time.perf_counter() - start
-        task.cancel()
-        await ws.close()
-    t_echo = await bare_echo_round_trip(count) * count
-    rate = lambda t: f"{count / t:,.0f}/s ({t / count * 1e6:.0f} µs each)"  # noqa: E731
-    return [
-        (
-            f"{count} x 4 KiB read over the socket, 1 in flight",
-            rate(t_seq),
-            "in-process FileSystem.read",
-            rate(t_inproc),
-            f"{t_inproc / t_seq:.2f}x",
-        ),
-        (
-            f"{count} x 4 KiB read over the socket, 32 in flight",
-            rate(t_par),
-            "in-process FileSystem.read",
-            rate(t_inproc),
-            f"{t_inproc / t_par:.2f}x",
-        ),
-        (
-            f"{count} x 4 KiB read over the socket, 1 in flight",
-            rate(t_seq),
-            "in-process read in a thread (loop_read_max 0)",
-            rate(t_thread),
-            f"{t_thread / t_seq:.2f}x",
-        ),
-        (
-            f"{count} x unknown-type request over the socket (no file work)",
-            rate(t_floor),
-            "bare aiohttp WebSocket echo, same process",
-            rate(t_echo),
-            f"{t_echo / t_floor:.2f}x",
-        ),
-        ("", "", "raw open().read()", rate(t_raw), ""),
-    ]
+        async def raw(names: list[str]) -> None:
+            for name in names:
+                with open(root / name.lstrip("/"), "rb") as handle:
+                    handle.read()
+
+        def each(func: Callable[[str], Awaitable[Any]]) -> Callable[[list[str]], Awaitable[None]]:
+            async def run(names: list[str]) -> None:
+                for name in names:
+                    await func(name)
+
+            return run
+
+        async def in_flight(names: list[str]) -> None:
+            await asyncio.gather(*(limited(name) for name in names))
+
+        steps: dict[str, Callable[[list[str]], Awaitable[None]]] = {
+            "raw": raw,
+            "inproc": each(fs.read),
+            "thread": each(threaded.read),
+            "echo": each(echo.one),
+            "nowork": each(lambda name: ours.one(name, "no-such-type")),
+            "read1": each(ours.one),
+            "read32": in_flight,
+        }
+        pids: dict[str, int] = {}
+        for label, child in children.items():
+            steps[f"{label} nowork"] = each(lambda name, c=child: c.one(name, "no-such-type"))
+            steps[f"{label} read1"] = each(child.one)
+            pids[f"{label} nowork"] = pids[f"{label} read1"] = (others or {})[label][1]
+        order = list(steps)
+        shuffle = random.Random(18).shuffle
+        for r in range(rounds):
+            names = [f"/small/f{(r * per + i) % count}.txt" for i in range(per)]
+            shuffle(order)  # a new order each round: no step always follows the same one
+            for name in order:
+                pid = pids.get(name)
+                cpu = cpu_seconds(pid) if pid else 0.0
+                start = time.perf_counter()
+                await steps[name](names)
+                record(name, start)
+                if pid:
+                    cpu_per.setdefault(name, []).append((cpu_seconds(pid) - cpu) / per)
+        for each in (echo, ours, *children.values()):
+            await each.close()
+    await echo_runner.cleanup()
+    t = {name: statistics.median(values) for name, values in times.items()}
+    spread = {name: (min(values), max(values)) for name, values in times.items()}
+
+    def us(name: str) -> str:
+        low, high = spread[name]
+        return f"{t[name] * 1e6:.0f} µs ({low * 1e6:.0f}-{high * 1e6:.0f})"
+
+    n = per * rounds
+    rows = [
+        (f"{n} x 4 KiB read over the socket, 1 in flight", us("read1"), "in-process FileSystem.read", us("inproc"), f"{t['inproc'] / t['read1']:.2f}x"),
+        (f"{n} x 4 KiB read over the socket, 32 in flight", us("read32"), "in-process FileSystem.read", us("inproc"), f"{t['inproc'] / t['read32']:.2f}x"),
+        (f"{n} x 4 KiB read over the socket, 1 in flight", us("read1"), "in-process read in a thread (loop_read_max 0)", us("thread"), f"{t['thread'] / t['read1']:.2f}x"),
+        (f"{n} x request answered without file work (unknown type)", us("nowork"), "bare aiohttp WebSocket echo, same process", us("echo"), f"{t['echo'] / t['nowork']:.2f}x"),
+        ("socket read minus in-process read (the socket's share)", f"{(t['read1'] - t['inproc']) * 1e6:.0f} µs", "no-work request minus bare echo (the daemon's own overhead)", f"{(t['nowork'] - t['echo']) * 1e6:.0f} µs", ""),
+        ("", "", "raw open().read()", us("raw"), ""),
+    ]  # fmt: skip
+    if others:
+        names = list(others)
+        for kind, label in (("read1", "4 KiB read, 1 in flight"), ("nowork", "no-work request")):
+            first, second = (f"{name} {kind}" for name in names[:2])
+            rows.append(
+                (f"child daemons: {label}, {names[0]}", us(first), names[1], us(second), f"{t[second] / t[first]:.2f}x")
+            )  # fmt: skip
+            # Clock ticks (10 ms) are coarse: the total over all rounds, per request.
+            c1, c2 = (sum(cpu_per[name]) / len(cpu_per[name]) * 1e6 for name in (first, second))
+            rows.append(
+                (f"child daemons' CPU per request: {label}, {names[0]}", f"{c1:.0f} µs", names[1], f"{c2:.0f} µs", f"{c2 / c1:.2f}x")
+            )  # fmt: skip
+    return rows
 
 
 async def bench_latency(base: str, root: Path, samples: int) -> list[tuple]:
@@ -303,6 +444,32 @@ async def bench_latency(base: str, root: Path, samples: int) -> list[tuple]:
             "target p99 < 250 ms",
         ),
     ]
+
+
+async def profile_reads(base: str, count: int, type_: str) -> str:
+    """cProfile of `count` sequential requests over the socket, daemon and client both
+    in this thread (so all of a request's Python is visible); the top functions."""
+    import cProfile
+    import io
+    import pstats
+
+    async with aiohttp.ClientSession() as http:
+        client = Requester(await http.ws_connect(f"{base}/ws?token={TOKEN}", max_msg_size=0))
+        for i in range(100):
+            await client.one(f"/small/f{i % 100}.txt", type_)
+        profiler = cProfile.Profile()
+        start = time.perf_counter()
+        profiler.enable()
+        for i in range(count):
+            await client.one(f"/small/f{i % 100}.txt", type_)
+        profiler.disable()
+        elapsed = time.perf_counter() - start
+        await client.close()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("tottime").print_stats(30)
+    head = f"profile of {count} x {type_}: {elapsed / count * 1e6:.0f} µs per request (profiled)"
+    return head + "\n" + out.getvalue()
 
 
 def make_tree(root: Path, outside: int, inside: int) -> None:
@@ -369,6 +536,23 @@ async def main(argv: list[str] | None = None) -> None:
         default="http,small,latency,watch",
         help="comma-separated parts to run (default: all): http, small, latency, watch",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=10, help="rounds of the small reads (medians over them)"
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (a directory holding its `aetherd` package): this checkout's"
+        " daemon and the baseline's run as child processes, their small reads and HTTP PUT"
+        " measured in the same rounds",
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the small reads, cProfile N sequential reads and N no-work requests",
+    )
     args = parser.parse_args(argv)
     parts = set(args.only.split(","))
     scratch = Path(tempfile.mkdtemp(prefix="aetherd-bench-files-", dir=os.environ.get("BENCH_DIR")))
@@ -377,22 +561,51 @@ async def main(argv: list[str] | None = None) -> None:
     settings = settings_for(root, scratch / "data", log_level="warning", log_format="text")
     runner, base = await serve_in_process(settings)
     rows: list[tuple] = []
+    profiles: list[str] = []
+    children: dict[str, Daemon] = {}
+    if args.baseline is not None:
+        for label, code in (("new", None), ("base", args.baseline.resolve())):
+            children[label] = Daemon(
+                root, scratch / f"data-{label}", "--log-level", "warning", code=code
+            )
+        for child in children.values():
+            await asyncio.to_thread(child.wait_ready, 30, 0.05)
+    others = {
+        label: (f"http://127.0.0.1:{child.port}/workspaces/local", child.pid)
+        for label, child in children.items()
+    }
     try:
         if "http" in parts:
-            rows += await bench_http(base, root, scratch, *((1, 8) if args.quick else (7, 50)))
+            step("http")
+            rows += await bench_http(
+                base, root, scratch, *((1, 8) if args.quick else (7, 50)), others=others
+            )
         if "small" in parts:
-            rows += await bench_small_reads(base, root, 100 if args.quick else 1000)
+            step("small reads")
+            rows += await bench_small_reads(
+                base, root, 100 if args.quick else 1000, 2 if args.quick else args.rounds, others
+            )
+            if args.profile:
+                for type_ in ("read", "no-such-type"):
+                    profiles.append(await profile_reads(base, args.profile, type_))
         if "latency" in parts:
+            step("latency")
             rows += await bench_latency(base, root, 10 if args.quick else 200)
     finally:
         await runner.cleanup()
+        for child in children.values():
+            child.stop()
     if "watch" in parts:
         rows += await bench_watch_setup(scratch, args.quick)
     shutil.rmtree(scratch, ignore_errors=True)
     print(
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )
+    print(f"load average: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
     print(table(rows))
+    for text in profiles:
+        print()
+        print(text)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,18 @@ from aiohttp.test_utils import TestServer
 from aetherd.app import create_app, runner_options
 from aetherd.daemon import Daemon
 from aetherd.logs import install_log_filters
+from aetherd.protocol import registry as registry_module
 from aetherd.settings import Settings
 from aetherd.transport.access import DAEMON
 from aetherd.transport.auth import setup_tokens
 from tests.support import WsClient, connect
 
 TOKEN = "test-token-0123456789"
+
+# Every `Wire` reply (data encoded without its model, aetherd/protocol/registry.py) is
+# compared with its model's bytes in the daemons served in this process (child daemons
+# get no AETHERD_* variables: tests/support.child_env).
+registry_module.CHECK_WIRE = True
 
 # The daemon runs on uvloop when it is installed (aetherd/eventloop.py) and on asyncio's
 # own loop otherwise: tests marked `event_loops` (the terminal suite) run on each.

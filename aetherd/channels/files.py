@@ -37,7 +37,8 @@ from aetherd.protocol.files import (
     SearchResult,
     WriteRequest,
 )
-from aetherd.services.fs import decode_raw_path
+from aetherd.protocol.registry import Deferred, Wire
+from aetherd.services.fs import FileSystem, decode_raw_path
 
 if TYPE_CHECKING:
     from aetherd.daemon import Daemon
@@ -103,12 +104,26 @@ async def list_(ctx: Context, msg: PathRequest) -> list[FileEntry]:
     ReadRequest,
     reply=FileContent,
     errors=(*_PATH_ERRORS, ErrorCode.IS_DIRECTORY, ErrorCode.FILE_TOO_LARGE),
-    concurrent=True,
 )
-async def read(ctx: Context, msg: ReadRequest) -> FileContent:
-    """One page of a file."""
-    page = await ctx.services.fs.read(_target(msg), msg.offset, msg.length)
-    return FileContent.model_validate(page)
+async def read(ctx: Context, msg: ReadRequest) -> Wire[FileContent] | Deferred:
+    """One page of a file.
+
+    Not `concurrent`: a small cached file is read on the loop at once (no task of its
+    own, no extra loop iteration), and any other read is `Deferred` to the file
+    executor, so it runs concurrently as before. The page is the service's wire-shaped
+    dict, sent as `Wire` (tests/channels/test_files.py holds its bytes to FileContent's).
+    """
+    fs, path = ctx.services.fs, _target(msg)
+    page = fs.read_cached(path, msg.offset, msg.length)
+    if page is None:
+        return Deferred(_read_in_thread(fs, path, msg.offset, msg.length))
+    return Wire(page)
+
+
+async def _read_in_thread(
+    fs: FileSystem, path: str, offset: int, length: int | None
+) -> Wire[FileContent]:
+    return Wire(await fs.read_in_thread(path, offset, length))
 
 
 @channel.handler(

@@ -31,15 +31,24 @@ order (a `process/start` with `wait: true` must have spawned the process before 
 next frame, an `input` to it, is handled), returns `Deferred(awaitable)`: the
 dispatcher then awaits the rest in its own task, bounded like concurrent handlers, and
 replies with its result.
+
+A handler on a hot path may return `Wire(data)`: its reply data already in wire form
+(plain dicts, lists, str, int, bool, None, keys camelCase, in the model's field order),
+encoded with orjson without building and serialising the reply model (a 4 KiB `read`:
+about 1 µs instead of 15 µs). The bytes must equal what the declared model gives: a
+test holds each such handler to that, and with `AETHERD_CHECK_WIRE=1` (set by the test
+suite) every `Wire` reply is checked against its model as it is sent.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+import orjson
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from aetherd.errors import ErrorCode
@@ -49,9 +58,19 @@ if TYPE_CHECKING:
     from aetherd.daemon import Daemon
     from aetherd.protocol.context import Context
 
-__all__ = ["Channel", "Deferred", "Empty", "Handler", "LazyChannel", "Message", "Registry"]
+__all__ = [
+    "Channel",
+    "Deferred",
+    "Empty",
+    "Handler",
+    "LazyChannel",
+    "Message",
+    "Registry",
+    "Wire",
+]
 
 M = TypeVar("M", bound=BaseModel)
+R = TypeVar("R")
 ModelType = type[BaseModel]  # named here: `Handler.type` shadows the builtin in its body
 HandlerFunc = Callable[["Context", Any], Awaitable[Any]]
 ConnectHook = Callable[["Context"], Awaitable[None]]
@@ -70,6 +89,22 @@ class Deferred:
 
     def __init__(self, awaitable: Awaitable[Any]) -> None:
         self.awaitable = awaitable
+
+
+class Wire(Generic[R]):
+    """A reply's data in wire form, encoded with orjson as it is (see the module doc).
+
+    Annotated with the reply model it stands for: `-> Wire[FileContent]`.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+# Tests set this (tests/conftest.py), so that every Wire reply is compared with its model.
+CHECK_WIRE = os.environ.get("AETHERD_CHECK_WIRE") == "1"
 
 
 def _deferred_adapter(reply: Any) -> TypeAdapter[Any]:
@@ -92,6 +127,7 @@ class Handler:
     reply: Any = None
     errors: tuple[ErrorCode, ...] = ()
     adapter: TypeAdapter[Any] | None = None
+    key: tuple[str] = ("",)  # the metrics' label values: (channel,)
 
     def encode_data(self, data: Any) -> str:
         """A handler's result as JSON, checked against its declared `reply` type.
@@ -99,6 +135,18 @@ class Handler:
         Raises `pydantic.PydanticSerializationError` when the result does not match, and
         TypeError when a handler that declares no reply returns something.
         """
+        if isinstance(data, Wire) and self.adapter is not None:
+            encoded = orjson.dumps(data.value)
+            if CHECK_WIRE:
+                declared = self.adapter.dump_json(
+                    self.adapter.validate_python(data.value), warnings="error"
+                )
+                if declared != encoded:
+                    raise TypeError(
+                        f"{self.channel}/{self.type}: Wire data {encoded[:200]!r} differs "
+                        f"from its reply model's {declared[:200]!r}"
+                    )
+            return encoded.decode("utf-8")
         if self.adapter is None:
             if data is None:
                 return "null"
@@ -156,7 +204,15 @@ class Channel:
                 )
             adapter = _deferred_adapter(reply) if reply is not None else None
             self.handlers[type_] = Handler(
-                self.name, type_, model, func, concurrent, reply, tuple(errors), adapter
+                self.name,
+                type_,
+                model,
+                func,
+                concurrent,
+                reply,
+                tuple(errors),
+                adapter,
+                (self.name,),
             )
             return func
 

@@ -378,21 +378,34 @@ class FileSystem:
         RWF_NOWAIT, and `LoopReadGate` keeps it off any network file system. Any other
         read, and a small one whose data is not cached, runs in the file executor.
         """
+        page = self.read_cached(wire_path, offset, length)
+        if page is not None:
+            return page
+        return await self.read_in_thread(wire_path, offset, length)
+
+    def read_cached(
+        self, wire_path: str, offset: int = 0, length: int | None = None
+    ) -> dict[str, Any] | None:
+        """`read`'s page when it can be read on the event loop now (a small regular file
+        all in the page cache, on local file systems only), else None: the caller then
+        reads it with `read_in_thread`. Runs on the loop; raises AetherError."""
         if not self._loop_reads():
-            return await self._run(wire_path, self._read, wire_path, offset, length)
+            return None
         fd, st = open_workspace_file(self.jail, wire_path)  # raises AetherError only
         try:
-            page = None
-            if st.st_size <= self.limits.loop_read_max:
-                page = self._page(wire_path, fd, st, offset, length, cached_only=True)
+            if st.st_size > self.limits.loop_read_max:
+                return None
+            return self._page(wire_path, fd, st, offset, length, cached_only=True)
         except OSError as exc:
             raise os_error(exc, wire_path) from None
         finally:
             os.close(fd)
-        if page is not None:
-            return page
-        # Too large, or not all in memory: read in a thread, from the start (a thread
-        # that outlives a cancelled request must never hold an fd the loop closed).
+
+    async def read_in_thread(
+        self, wire_path: str, offset: int = 0, length: int | None = None
+    ) -> dict[str, Any]:
+        """`read` in the file executor, from the start (a thread that outlives a
+        cancelled request must never hold an fd the loop closed)."""
         return await self._run(wire_path, self._read, wire_path, offset, length)
 
     def _read_bytes(self, wire_path: str, limit: int) -> bytes:

@@ -13,11 +13,12 @@ import asyncio
 import contextlib
 import os
 import re
+from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from email.utils import format_datetime, parsedate_to_datetime
 from typing import Any
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from aetherd.errors import AetherError, ErrorCode
 from aetherd.services.fs import decode_raw_path
@@ -219,10 +220,7 @@ async def put_content(request: web.Request) -> web.Response:
     # One chunk is written (in a thread) while the next one is received.
     writing: asyncio.Future[None] | None = None
     try:
-        while True:
-            piece = await request.content.readany()
-            if not piece:
-                break
+        async for piece in _body_pieces(request.content):
             received += len(piece)
             if received > limit:
                 raise too_large
@@ -247,6 +245,22 @@ async def put_content(request: web.Request) -> web.Response:
         await asyncio.shield(_abort_after(writing, fs, writer))
         raise
     return web.json_response(result, status=201 if not writer.existed else 200)
+
+
+async def _body_pieces(content: StreamReader) -> AsyncIterator[bytes]:
+    """The request body, piece by piece as the parser delivered them.
+
+    `readchunk` hands over each buffered piece as it is; `readany` would join all
+    buffered pieces into one new `bytes` first, a copy of every byte that waited (the
+    pieces go to the file with one `writev` anyway). Measured alone: about 15 % less
+    CPU on the loop's thread per upload (docs/performance.md, Files).
+    """
+    while True:
+        piece, _ = await content.readchunk()
+        if piece:
+            yield piece
+        elif content.at_eof():
+            return
 
 
 async def _settle(writing: asyncio.Future[None] | None) -> None:

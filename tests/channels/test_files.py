@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import subprocess
 
 import aiohttp
 import pytest
 
+from aetherd.protocol.files import FileContent
+from aetherd.protocol.frames import success_reply
+from aetherd.protocol.models import encode
 from tests.support import WsClient
 
 
@@ -243,3 +247,39 @@ async def test_disk_full_over_the_socket_and_http(start_daemon, tiny_root):
             assert (await resp.json())["code"] == "NO_SPACE"
     assert (tiny_root / "keep.txt").read_text() == "old"
     assert os.listdir(tiny_root) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("loop_read_max", [65536, 0])
+async def test_read_replies_are_the_bytes_of_their_model(start_daemon, workspace, loop_read_max):
+    """`read` sends the service's page as Wire data (no model on the way): its bytes must
+    be those of FileContent, for text with escapes and non-ASCII, binary, empty and
+    paged files, read on the loop and in a thread."""
+    running = await start_daemon(files_loop_read_max=loop_read_max, files_read_page=4096)
+    client = await running.connect()
+    contents = {
+        "controls": bytes(range(1, 32)) + b'\x7f"\\/<>&',
+        "unicode": "é中😀\u2028\u2029\ufeff".encode(),
+        "binary": bytes(range(256)),
+        "empty": b"",
+        "paged": "é".encode() * 3000,  # a page ends inside a character
+        "invalid": b"ok \xff\xfe",
+    }
+    for name, data in contents.items():
+        (workspace / name).write_bytes(data)
+        offset = 0
+        for _ in range(5):
+            request_id = f"{name}-{offset}"
+            frame = {"channel": "files", "type": "read", "requestId": request_id}
+            await client.send({**frame, "path": f"/{name}", "offset": offset})
+            for _ in range(50):  # skip the pushes a new connection gets
+                text = (await client.ws.receive(timeout=10)).data
+                reply = json.loads(text)
+                if reply.get("requestId") == request_id:
+                    break
+            assert reply["success"] is True, reply
+            model = FileContent.model_validate(reply["data"])
+            assert text == success_reply("files", "read", request_id, encode(model))
+            offset = reply["data"]["nextOffset"]
+            if reply["data"]["eof"]:
+                break
+        assert offset == len(data)

@@ -11,9 +11,10 @@ from pydantic import Field
 
 from aetherd.daemon import Daemon, Services
 from aetherd.errors import AetherError, ErrorCode
-from aetherd.protocol import Channel, Hub, Message, Registry
+from aetherd.protocol import Channel, Hub, Message, Registry, registry
 from aetherd.protocol.dispatch import Dispatcher
-from aetherd.protocol.registry import Deferred
+from aetherd.protocol.models import Model
+from aetherd.protocol.registry import Deferred, Wire
 
 
 class FakePeer:
@@ -72,6 +73,18 @@ def make_dispatcher(make_settings) -> tuple[Dispatcher, FakePeer, dict[str, Any]
     @demo.handler("fast", Message, reply=str)
     async def fast(ctx, msg):
         return "fast"
+
+    class Pair(Model):
+        first_name: str
+        count: int = Field(ge=0)
+
+    @demo.handler("wire", Message, reply=Pair)
+    async def wire(ctx, msg):
+        return Wire({"firstName": "é\u2028\x01", "count": 2})
+
+    @demo.handler("miswired", Message, reply=Pair)
+    async def miswired(ctx, msg):
+        return Wire({"count": 2, "firstName": "x"})  # not the model's field order
 
     @strict.handler("get", Message, reply=dict[str, bool])
     async def get(ctx, msg):
@@ -279,3 +292,24 @@ async def test_a_deferred_reply_is_cancelled_with_the_connection(make_settings):
     state["release"].set()
     await asyncio.sleep(0.05)
     assert peer.sent == []
+
+
+async def test_wire_data_is_sent_as_its_model_would_send_it(make_settings):
+    dispatcher, peer, _ = make_dispatcher(make_settings)
+    raw: list[str] = []
+    peer.send = raw.append  # type: ignore[method-assign]
+    await dispatcher.handle_text('{"channel":"demo","type":"wire","requestId":"w"}')
+    handler = dispatcher.daemon.registry.channel("demo").handlers["wire"]  # type: ignore[union-attr]
+    model = handler.reply.model_validate({"firstName": "é\u2028\x01", "count": 2})
+    declared = handler.adapter.dump_json(model).decode()  # type: ignore[union-attr]
+    prefix = '{"channel":"demo","type":"wire","requestId":"w","success":true,"data":'
+    assert raw == [prefix + declared + "}"]
+
+
+@pytest.mark.expect_log(r"demo/miswired returned data its reply does not declare")
+async def test_wire_data_that_differs_from_its_model_is_caught_in_tests(make_settings):
+    assert registry.CHECK_WIRE  # tests/conftest.py turns the check on
+    dispatcher, peer, _ = make_dispatcher(make_settings)
+    await dispatcher.handle_text('{"channel":"demo","type":"miswired","requestId":"m"}')
+    [reply] = peer.sent
+    assert reply["code"] == "INTERNAL_ERROR" and reply["requestId"] == "m"

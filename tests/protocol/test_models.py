@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
+import orjson
 import pytest
 from pydantic import Field
 
@@ -231,3 +232,82 @@ async def test_guarded_frames_over_the_socket_get_an_error_and_the_socket_stays(
     assert "\\ud800" not in json.dumps(reply) and "\ud800" not in reply["error"]
     reply = await client.request("activity", "user_activity")
     assert reply["success"] is True
+
+
+# -- orjson parses frames; json decides whenever the two could differ ----------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"channel":"a","type":"b","n":18446744073709551615}',  # orjson: an int
+        '{"channel":"a","type":"b","n":18446744073709551616}',  # orjson: silently a float
+        '{"channel":"a","type":"b","n":-9223372036854775809}',  # orjson: silently a float
+        '{"channel":"a","type":"b","n":100000000000000000000000000}',
+        '{"channel":"a","type":"b","n":[1,{"m":-99999999999999999999}]}',
+        '{"channel":"a","type":"b","n":Infinity}',
+        '{"channel":"a","type":"b","n":-1e400}',
+    ],
+)
+def test_big_integers_and_non_finite_numbers_are_refused_as_before(text: str):
+    with pytest.raises(AetherError) as info:
+        decode_frame(text)
+    assert info.value.code is ErrorCode.INVALID_MESSAGE
+    assert "out of range" in info.value.message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a":1,"a":2,"b":{"c":1,"c":[3]}}',  # duplicate keys: the last one wins
+        '{"id":"12345678901234567890123","n":9223372036854775807}',  # digits in a string
+        '{"f":-9.2233720368547758e18,"g":1e300,"h":-1.5e19}',  # wide floats: json decides
+        '{"n":-9223372036854775808,"m":-0,"f":-0.0,"g":1E+2,"h":1e-400,"i":5e-324}',
+        '{"s":"\\u00e9\\ud83d\\ude00\\u2028\\n\\"\\\\/","t":"é😀"}',
+        ' {"nested":[[[{"x":[true,false,null]}]]]} ',
+        '{"f":[0.1,2.2250738585072011e-308,1.7976931348623157e308,123456789.123456789]}',
+        "[1,2]",
+        '"text"',
+    ],
+)
+def test_frames_decode_exactly_as_the_json_module_decodes_them(text: str):
+    expected = json.loads(text)
+    decoded = decode_frame(text)
+    assert decoded == expected
+    assert repr(decoded) == repr(expected)  # same types: -0.0 stays a float, 0 an int
+
+
+def test_floats_decode_exactly_as_the_json_module_decodes_them():
+    import random
+
+    rng = random.Random(18)
+    numbers = []
+    for _ in range(3000):
+        digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 17)))
+        point = rng.randint(0, len(digits))
+        number = f"{digits[:point].lstrip('0') or '0'}.{digits[point:] or '0'}"
+        if rng.random() < 0.5:
+            number += f"e{rng.randint(-330, 310)}"
+        numbers.append(("-" if rng.random() < 0.5 else "") + number)
+    numbers += [repr(rng.uniform(-1e300, 1e300)) for _ in range(1000)]
+    finite = [n for n in numbers if abs(float(n)) != float("inf")]  # json refuses the rest
+    assert len(finite) > 3500
+    text = '{"f":[' + ",".join(finite) + "]}"
+    assert decode_frame(text) == json.loads(text)
+    assert orjson.loads(text) == json.loads(text)  # the fast path took this frame
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ('{"a":"x\ty"}', ErrorCode.INVALID_JSON),  # a raw control character
+        ('{"a":1}x', ErrorCode.INVALID_JSON),
+        ("[" * 5000 + "]" * 5000, ErrorCode.INVALID_JSON),  # deeper than either parser goes
+        ("{'a':1}", ErrorCode.INVALID_JSON),
+        ('{"a":NaN}', ErrorCode.INVALID_MESSAGE),
+    ],
+)
+def test_what_orjson_refuses_gets_the_json_module_answer(text: str, code: ErrorCode):
+    with pytest.raises(AetherError) as info:
+        decode_frame(text)
+    assert info.value.code is code

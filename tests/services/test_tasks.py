@@ -28,9 +28,7 @@ class Child:
 
 
 async def spawn(script: str) -> Child:
-    proc = await asyncio.create_subprocess_exec(
-        "sh", "-c", script, stdout=asyncio.subprocess.PIPE
-    )
+    proc = await asyncio.create_subprocess_exec("sh", "-c", script, stdout=asyncio.subprocess.PIPE)
     assert proc.stdout is not None
     assert await proc.stdout.readline() == b"ready\n"  # its trap is set
     return Child(proc)

@@ -259,6 +259,38 @@ async def test_a_client_that_fell_out_of_the_ring_is_resynchronised(manager):
     assert mgr.output_bytes == 4_000_000
 
 
+async def test_characters_cut_by_the_rings_wrap_reach_the_client_whole(manager):
+    """2 MB of 1- to 4-byte characters through a ring of an odd size (4,099 bytes), so
+    the circular store wraps hundreds of times at every position inside a character:
+    the client that keeps up gets every character, in order, with contiguous offsets."""
+    mgr = await manager(terminal_ring_bytes=4099, terminal_pause_bytes=4096)
+    line = "héllo €😀 ok"
+    count = 2_000_000 // len(line.encode())
+    # It stays alive after its output: at the exit, what the PTY still holds is drained
+    # at once, past a ring this small (the client's turn to read would come too late).
+    session = await mgr.create("utf8", command=f"yes '{line}' | head -n {count}; exec sleep 30")
+    expected = (line + "\r\n") * count
+    wake = asyncio.Event()
+    attachment = session.attach(wake.set)
+    parts: list[str] = []
+    offset = received = 0
+    for _ in range(1_000_000):
+        item = attachment.read()
+        if item is None:
+            if received >= len(expected):
+                break
+            await asyncio.wait_for(wake.wait(), 10)
+            wake.clear()
+            continue
+        assert isinstance(item, Output)
+        assert item.offset == offset and not item.truncated
+        offset = item.end
+        parts.append(item.data)
+        received += len(item.data)
+    assert "".join(parts) == expected
+    assert mgr.resyncs == 0
+
+
 async def test_reading_pauses_when_the_only_client_is_a_ring_behind(manager):
     # A ring smaller than the pause mark (256 KiB): the client is a whole ring behind
     # before it is "behind" by the pause mark, and reading must stop there too.
