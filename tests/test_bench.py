@@ -84,8 +84,27 @@ def quick_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, s
     finally:
         for proc in runs.values():
             if proc.poll() is None:
-                proc.kill()
+                _kill_tree(proc)
             proc.communicate()
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """Kill a benchmark still running and everything it started: its daemons, nginx.
+
+    Killing only the benchmark left the fleet run's daemons and nginx listening, parented
+    to init, whenever the suite stopped early (`-x`, a timeout).
+    """
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    proc.kill()
+    for child in children:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(children, timeout=10)
 
 
 @pytest.mark.slow

@@ -512,7 +512,9 @@ async def test_input_flooded_during_the_reload_is_kept_in_order(daemon, tmp_path
     await asyncio.wait_for(reader, WAIT)  # the socket closed (1012)
     writer.cancel()
     await asyncio.gather(writer, return_exceptions=True)
-    assert ws.ws.close_code == 1012
+    # 1012, or 1006 when the flood's backlog of replies outlasted the 2 s close handshake
+    # and the reset took the queued close frame with it (protocol.md, section 14, "Limit").
+    assert ws.ws.close_code in (1012, 1006)
     await ws.session.close()
     await wait_for(lambda: d.generation() > before, WAIT)
     await d.wait_ready()

@@ -36,8 +36,9 @@ A handler on a hot path may return `Wire(data)`: its reply data already in wire 
 (plain dicts, lists, str, int, bool, None, keys camelCase, in the model's field order),
 encoded with orjson without building and serialising the reply model (a 4 KiB `read`:
 about 1 µs instead of 15 µs). The bytes must equal what the declared model gives: a
-test holds each such handler to that, and with `AETHERD_CHECK_WIRE=1` (set by the test
-suite) every `Wire` reply is checked against its model as it is sent.
+test holds each such handler to that, and with `AETHERD_CHECK_WIRE=1` (or
+`CHECK_WIRE` set, as tests/conftest.py does for the daemons the suite runs in its own
+process) every `Wire` reply is checked against its model as it is sent.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import json
 
 import aiohttp
 
-from tests.support import wait_for
+from tests.support import small_send_queue, wait_for
 
 
 async def _pipeline(client, count: int) -> set[str]:
@@ -47,7 +47,7 @@ async def test_ten_thousand_pipelined_requests_all_get_replies(daemon):
 
 async def test_the_reader_pauses_instead_of_dropping(start_daemon):
     # A tiny queue: without backpressure the 17th queued reply would drop the client.
-    running = await start_daemon(send_queue_frames=16, send_queue_pause_frames=4)
+    running = await start_daemon(send_queue_frames=small_send_queue(), send_queue_pause_frames=4)
     client = await running.connect()
     count = 300
     long_type = (

@@ -12,7 +12,7 @@ import pytest
 from aetherd.app import close_sockets
 from aetherd.logs import TextFormatter, redactor
 from tests.conftest import TOKEN
-from tests.support import RawWebSocket, wait_for
+from tests.support import RawWebSocket, small_send_queue, wait_for
 
 CHANNELS = ["terminal", "files", "agent", "ports", "config"]
 
@@ -135,7 +135,7 @@ async def test_client_that_stops_reading_is_dropped_after_write_timeout(start_da
 async def test_flooding_client_that_never_reads_is_dropped_alone(start_daemon):
     # Its replies fill the queue, the daemon stops reading it (backpressure), its
     # socket stops draining, and the write timeout drops it; the other client is fine.
-    running = await start_daemon(send_queue_frames=16, write_timeout=2)
+    running = await start_daemon(send_queue_frames=small_send_queue(), write_timeout=2)
     raw = await asyncio.to_thread(
         RawWebSocket, "127.0.0.1", running.server.port, f"/workspaces/ws-test/ws?token={TOKEN}"
     )
