@@ -9,7 +9,10 @@ data directory, an empty HOME) and measures:
   (Private_Clean + Private_Dirty) from `/proc/<pid>/smaps_rollup`, anonymous memory,
   the number of threads, and the number of modules imported (`--modules`).
 
-References measured in the same run, interleaved in the same rounds:
+References measured in the same run, interleaved in the same rounds (their wall and CPU
+times read when the child has done its imports, as the daemon's when it answers
+/readyz; before 2026-12-03 10:00 UTC they were read at the child's exit, which added
+its teardown, 80-100 ms of CPU for the aiohttp rows, to the references):
 - `python -c pass`: the interpreter's own start-up and footprint (the floor);
 - `python -c "import aiohttp"`: the floor of any aiohttp daemon (its memory is read the
   same way, from outside, once the child has imported aiohttp and says so);
@@ -42,7 +45,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -52,7 +54,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.support import REPO, Daemon, MiB, cpu_seconds, seconds, step
+from bench.support import REPO, Daemon, MiB, cpu_seconds, step
 
 TARGET_RSS_MIB = 40.0
 TARGET_READY_S = 0.3
@@ -66,7 +68,8 @@ FLOORS = {
         "import aiohttp.web, pydantic\npydantic.create_model('M', a=(int, 0))(a=1)"
     ),
 }
-# The child prints a line once its imports are done, then waits to be measured.
+# The child prints a line once its imports are done, then waits to be measured. (`sys`
+# is imported by the interpreter's start already: the line costs nothing to import.)
 HOLD = "{imports}\nimport sys\nprint('ready', flush=True)\nsys.stdin.read()\n"
 # `aetherd serve` with every module's import wrapped: its RSS before and after, less
 # what its own imports added (its *self* memory, as -X importtime gives self time).
@@ -178,17 +181,17 @@ class Row:
 
 
 def floor_round(row: Row, env: dict[str, str], settle: float) -> dict[str, float]:
-    """The wall time of `python -c <imports>`, then the footprint of the same imports."""
+    """`python -c <imports>` until its imports are done, and its footprint then.
+
+    The wall and CPU times are read when the child says its imports are done, as the
+    daemon's are when it answers /readyz: not at its exit, whose teardown (finalising
+    every module) would count against the reference and not against the daemon.
+    """
     imports = row.imports or ""
-    env = child_env(env, row)
-    argv = [sys.executable, "-c", imports or "pass"]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    result = {"ready": seconds(lambda: subprocess.run(argv, env=env, check=True))}
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    result["cpu"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    started = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-c", HOLD.format(imports=imports)],
-        env=env,
+        env=child_env(env, row),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -196,7 +199,8 @@ def floor_round(row: Row, env: dict[str, str], settle: float) -> dict[str, float
     try:
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"{argv} did not start")
+            raise RuntimeError(f"{row.label} did not start")
+        result = {"ready": time.perf_counter() - started, "cpu": cpu_seconds(proc.pid)}
         time.sleep(settle)
         result.update(footprint(proc.pid))
     finally:
