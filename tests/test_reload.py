@@ -558,6 +558,13 @@ def _footprint(pid: int) -> tuple[int, int, list[int]]:
     return fds, maps, sorted(_children(pid))
 
 
+def _file_maps(pid: int) -> int:
+    """Mappings of files (ring mirrors, libraries): anonymous ones (thread stacks, malloc
+    arenas) come and go with the executors' threads, so only the total is bounded."""
+    with open(f"/proc/{pid}/maps") as f:
+        return sum(1 for line in f if len(fields := line.split()) > 5 and fields[5][0] == "/")
+
+
 RELOADS = int(os.environ.get("AETHERD_TEST_RELOADS", "10"))
 
 
@@ -573,6 +580,7 @@ async def test_reloads_in_a_row_leak_no_fd_mapping_or_process(daemon):
     await ws.close()
     await d.reload()
     first = _footprint(d.pid)
+    first_files = _file_maps(d.pid)
     first_kinds = _fd_kinds(d.pid)
     assert len(first[2]) == 3  # the two shells and the process, nothing else
     for _ in range(RELOADS):
@@ -586,7 +594,10 @@ async def test_reloads_in_a_row_leak_no_fd_mapping_or_process(daemon):
     await wait_for(lambda: _footprint(d.pid)[0] <= first[0], 10)
     _, maps, kids = _footprint(d.pid)
     assert kids == first[2]
-    assert maps <= first[1] + 8, (maps, first[1])
+    assert _file_maps(d.pid) <= first_files + 2, (_file_maps(d.pid), first_files)
+    # Thread stacks and arenas vary with a few threads (2 mappings each); a leak of two
+    # anonymous mappings per reload (20 over 10) still fails.
+    assert maps <= first[1] + 16, (maps, first[1])
     ws = await open_ws(d)
     stream = Stream()
     await attach(ws, "a", resumeFrom=0)
