@@ -244,11 +244,9 @@ class Dispatcher:
         raw: dict[str, Any],
     ) -> None:
         """Report `err`: a failed reply when there is a requestId, else an error frame."""
-        if request_id is None:
-            self.reject(err, raw)
-            return
-        self._metrics.error(err.code.value)
-        self.peer.send(error_reply(channel, type_, request_id, err))
+        reply = self._failure(channel, type_, request_id, err, raw)
+        if reply is not None:
+            self.peer.send(reply)
 
     async def fail_now(
         self,
@@ -259,11 +257,25 @@ class Dispatcher:
         raw: dict[str, Any],
     ) -> None:
         """`fail`, with the reply sent at once when nothing is queued (`send_now`)."""
+        reply = self._failure(channel, type_, request_id, err, raw)
+        if reply is not None:
+            await self._send_now(reply)
+
+    def _failure(
+        self,
+        channel: str,
+        type_: str,
+        request_id: str | None,
+        err: AetherError,
+        raw: dict[str, Any],
+    ) -> str | None:
+        """The failed reply to send for `err`, counted; without a requestId there is
+        none: `err` goes out as an error frame instead."""
         if request_id is None:
             self.reject(err, raw)
-            return
+            return None
         self._metrics.error(err.code.value)
-        await self._send_now(error_reply(channel, type_, request_id, err))
+        return error_reply(channel, type_, request_id, err)
 
     async def handle_text(self, text: str) -> None:
         """Parse, validate and run one text frame. Never raises."""
