@@ -596,9 +596,12 @@ async def run(args: argparse.Namespace, sizes: Sizes, cases: set[str]) -> dict[s
             home=home,
             code=Path(args.baseline) if args.baseline else None,
         )  # fmt: skip
-    terminado = Child([sys.executable, "-c", TERMINADO_SERVER, str(tport)], server_env, "ready")
-    bare = Child([sys.executable, "-c", BARE_SERVER, str(bport)], server_env, "ready")
+    servers: list[Child] = []  # started inside the try: one failing stops the daemons too
     try:
+        terminado = Child([sys.executable, "-c", TERMINADO_SERVER, str(tport)], server_env, "ready")
+        servers.append(terminado)
+        bare = Child([sys.executable, "-c", BARE_SERVER, str(bport)], server_env, "ready")
+        servers.append(bare)
         await asyncio.to_thread(daemon.wait_ready, 15, 0.05)
         if base is not None:
             await asyncio.to_thread(base.wait_ready, 15, 0.05)
@@ -634,8 +637,8 @@ async def run(args: argparse.Namespace, sizes: Sizes, cases: set[str]) -> dict[s
         daemon.stop(10)
         if base is not None:
             base.stop(10)
-        terminado.stop(10)
-        bare.stop(10)
+        for server in servers:
+            server.stop(10)
     if args.trace and "aetherd_flood_marks" in results:
         with open(trace) as traced_times:
             traced_data = json.load(traced_times)
