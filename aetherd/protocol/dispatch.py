@@ -229,24 +229,11 @@ class Dispatcher:
                 and _replyable(channel)
                 and _replyable(type_)
             ):
-                self.fail(channel, type_, request_id, err, raw)
+                self.peer.send(self._error_reply(channel, type_, request_id, err))
                 return
             self.reject(err, raw)
             return
         self.reject(err)
-
-    def fail(
-        self,
-        channel: str,
-        type_: str,
-        request_id: str | None,
-        err: AetherError,
-        raw: dict[str, Any],
-    ) -> None:
-        """Report `err`: a failed reply when there is a requestId, else an error frame."""
-        reply = self._failure(channel, type_, request_id, err, raw)
-        if reply is not None:
-            self.peer.send(reply)
 
     async def fail_now(
         self,
@@ -256,24 +243,15 @@ class Dispatcher:
         err: AetherError,
         raw: dict[str, Any],
     ) -> None:
-        """`fail`, with the reply sent at once when nothing is queued (`send_now`)."""
-        reply = self._failure(channel, type_, request_id, err, raw)
-        if reply is not None:
-            await self._send_now(reply)
-
-    def _failure(
-        self,
-        channel: str,
-        type_: str,
-        request_id: str | None,
-        err: AetherError,
-        raw: dict[str, Any],
-    ) -> str | None:
-        """The failed reply to send for `err`, counted; without a requestId there is
-        none: `err` goes out as an error frame instead."""
+        """Report `err`: a failed reply when there is a requestId (sent at once when
+        nothing is queued, `send_now`), else an error frame."""
         if request_id is None:
             self.reject(err, raw)
-            return None
+            return
+        await self._send_now(self._error_reply(channel, type_, request_id, err))
+
+    def _error_reply(self, channel: str, type_: str, request_id: str, err: AetherError) -> str:
+        """The failed reply for `err`, counted."""
         self._metrics.error(err.code.value)
         return error_reply(channel, type_, request_id, err)
 
