@@ -94,19 +94,6 @@ def test_pushes_are_declared_where_the_protocol_pushes():
     }
 
 
-def _declared(returns: Any) -> Any:
-    """What a handler's return annotation says it replies with: `Wire[X]` stands for X
-    (X's data in wire form), and a `Deferred` result is that same reply, later."""
-    union = typing.get_origin(returns) in (typing.Union, types.UnionType)
-    members = typing.get_args(returns) if union else (returns,)
-    kept = [
-        typing.get_args(m)[0] if typing.get_origin(m) is Wire else m
-        for m in members
-        if m is not Deferred
-    ]
-    return kept[0] if len(kept) == 1 and kept[0] is not returns else returns
-
-
 @pytest.mark.parametrize("module", TYPED, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_no_module_level_mutable_state(module: types.ModuleType):
     """Per-connection state lives in a connection's slot, never in a module global."""
