@@ -190,14 +190,13 @@ def raw_pty_read(command: str, env: dict[str, str]) -> tuple[float, int, float]:
     return elapsed, total, cpu
 
 
-def raw_first_prompt(env: dict[str, str], runs: int) -> list[float]:
-    """Fork bash on a PTY in-process; time to its first output byte."""
+def _first_byte_times(runs: int, start_shell: Callable[[], tuple[int, int]]) -> list[float]:
+    """Time from starting a shell (`start_shell` returns its pid and PTY master) to its
+    first output byte, `runs` times; each shell is killed and reaped."""
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        pid, fd = pty.fork()
-        if pid == 0:  # pragma: no cover
-            os.execve("/bin/bash", ["bash"], env)
+        pid, fd = start_shell()
         os.read(fd, 65536)
         times.append(time.perf_counter() - start)
         os.kill(pid, signal.SIGKILL)
@@ -206,11 +205,22 @@ def raw_first_prompt(env: dict[str, str], runs: int) -> list[float]:
     return times
 
 
+def raw_first_prompt(env: dict[str, str], runs: int) -> list[float]:
+    """Fork bash on a PTY in-process; time to its first output byte."""
+
+    def fork() -> tuple[int, int]:
+        pid, fd = pty.fork()
+        if pid == 0:  # pragma: no cover
+            os.execve("/bin/bash", ["bash"], env)
+        return pid, fd
+
+    return _first_byte_times(runs, fork)
+
+
 def raw_spawn_first_prompt(env: dict[str, str], runs: int) -> list[float]:
     """posix_spawn bash on a new PTY in-process (the daemon's way); time to its first byte."""
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
+
+    def spawn() -> tuple[int, int]:
         master, slave = os.openpty()
         actions = [
             (os.POSIX_SPAWN_OPEN, 0, os.ttyname(slave), os.O_RDWR, 0),
@@ -219,12 +229,9 @@ def raw_spawn_first_prompt(env: dict[str, str], runs: int) -> list[float]:
         ]
         pid = os.posix_spawn("/bin/bash", ["bash"], env, file_actions=actions, setsid=True)
         os.close(slave)
-        os.read(master, 65536)
-        times.append(time.perf_counter() - start)
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        os.close(master)
-    return times
+        return pid, master
+
+    return _first_byte_times(runs, spawn)
 
 
 # -- clients ----------------------------------------------------------------------------------
