@@ -165,27 +165,15 @@ class Connection:
         ):
             self.send(text)
             return
-        self._writing = True
-        self._write_started = time.monotonic()
         try:
-            await self._ws.send_str(text)
-        except UnicodeEncodeError:
-            log.warning("frame with unencodable text replaced")
-            await self._ws.send_str(text.encode("utf-8", "replace").decode("utf-8"))
-        except (ConnectionError, RuntimeError):
-            self._closed = True
-            self._writable.set()
-            self._wake.set()
-            return
+            written = await self._write(text)
         finally:
-            self._writing = False
-            self._write_started = None
             if self._wake_after_write:
                 self._wake_after_write = False
                 self._wake.set()
-        self.frames_sent += 1
-        self.bytes_sent += len(text)
-        self._metrics.frame_out(text)
+        if not written:
+            self._wake.set()  # the writer sees the connection closed and ends
+            return
         self._direct_run += 1
         if self._direct_run == 1:  # reset once the loop runs its next iteration
             asyncio.get_running_loop().call_soon(self._end_direct_run)
@@ -331,33 +319,40 @@ class Connection:
                 text = self._next_frame()
                 if text is None:
                     break
-                self._writing = True
-                self._write_started = time.monotonic()
-                try:
-                    if isinstance(text, bytes):  # already UTF-8 (terminal output)
-                        await ws.send_frame(text, WSMsgType.TEXT)
-                    else:
-                        await ws.send_str(text)
-                except UnicodeEncodeError:
-                    # A lone surrogate (e.g. an undecodable file name) must not kill the writer.
-                    log.warning("frame with unencodable text replaced")
-                    assert isinstance(text, str)  # bytes are encoded already
-                    await ws.send_str(text.encode("utf-8", "replace").decode("utf-8"))
-                except (ConnectionError, RuntimeError):
-                    self._closed = True
-                    self._writable.set()
+                if not await self._write(text):
                     return
-                finally:
-                    self._writing = False
-                    self._write_started = None
-                self.frames_sent += 1
-                self.bytes_sent += len(text)
-                self._metrics.frame_out(text)
                 if self._window and self._streamed - self._pinged_at >= self._window // 2:
                     await self._window_ping(ws)
                 # send_str on loopback rarely yields; without this one busy stream
                 # would starve every other task on the loop.
                 await asyncio.sleep(0)
+
+    async def _write(self, text: str | bytes) -> bool:
+        """Write one frame (the writer's or `send_now`'s) and count it; False once the
+        connection is gone (then marked closed)."""
+        self._writing = True
+        self._write_started = time.monotonic()
+        try:
+            if isinstance(text, bytes):  # already UTF-8 (terminal output)
+                await self._ws.send_frame(text, WSMsgType.TEXT)
+            else:
+                await self._ws.send_str(text)
+        except UnicodeEncodeError:
+            # A lone surrogate (e.g. an undecodable file name) must not kill the writer.
+            log.warning("frame with unencodable text replaced")
+            assert isinstance(text, str)  # bytes are encoded already
+            await self._ws.send_str(text.encode("utf-8", "replace").decode("utf-8"))
+        except (ConnectionError, RuntimeError):
+            self._closed = True
+            self._writable.set()
+            return False
+        finally:
+            self._writing = False
+            self._write_started = None
+        self.frames_sent += 1
+        self.bytes_sent += len(text)
+        self._metrics.frame_out(text)
+        return True
 
     async def _window_ping(self, ws: web.WebSocketResponse) -> None:
         """Ping with the stream position: its pong says the client has read that far."""
