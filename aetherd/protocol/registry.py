@@ -128,7 +128,11 @@ class Handler:
     reply: Any = None
     errors: tuple[ErrorCode, ...] = ()
     adapter: TypeAdapter[Any] | None = None
-    key: tuple[str] = ("",)  # the metrics' label values: (channel,)
+    key: tuple[str] = field(init=False, repr=False, compare=False)  # metrics' labels
+
+    def __post_init__(self) -> None:
+        # The request metrics' label values, `(channel,)`, built once, not per request.
+        object.__setattr__(self, "key", (self.channel,))
 
     def encode_data(self, data: Any) -> str:
         """A handler's result as JSON, checked against its declared `reply` type.
@@ -205,15 +209,7 @@ class Channel:
                 )
             adapter = _deferred_adapter(reply) if reply is not None else None
             self.handlers[type_] = Handler(
-                self.name,
-                type_,
-                model,
-                func,
-                concurrent,
-                reply,
-                tuple(errors),
-                adapter,
-                (self.name,),
+                self.name, type_, model, func, concurrent, reply, tuple(errors), adapter
             )
             return func
 
